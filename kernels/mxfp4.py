@@ -1,0 +1,54 @@
+"""MXFP4 (OCP microscaling FP4) packing: the storage format of gpt-oss expert weights.
+
+A row of K values is stored as K/32 blocks. Each block has 32 e2m1 values packed two per byte (low nibble first,
+16 bytes) and one shared e8m0 scale byte (a power of two, biased by 127). This module is the definition of the
+format: the writer quantizes with it, the torch reference dequantizes with it, and Triton kernels are tested against it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+BLOCK = 32
+BYTES_PER_BLOCK = BLOCK // 2
+SCALE_BIAS = 127
+# e2m1 code -> value; bit 3 is the sign.
+FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
+FP4_MAX = 6.0
+
+
+def dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """[..., G, 16] uint8 blocks + [..., G] uint8 scales -> [..., G * 32] values of `dtype`."""
+    if blocks.dtype != torch.uint8 or scales.dtype != torch.uint8:
+        raise TypeError(f"MXFP4 blocks and scales must be uint8, got {blocks.dtype} and {scales.dtype}")
+    if blocks.shape[-1] != BYTES_PER_BLOCK or blocks.shape[:-1] != scales.shape:
+        raise ValueError(f"MXFP4 shapes do not match: blocks {tuple(blocks.shape)}, scales {tuple(scales.shape)}")
+    lut = torch.tensor(FP4_VALUES, dtype=torch.float32, device=blocks.device)
+    low = lut[(blocks & 0x0F).long()]
+    high = lut[(blocks >> 4).long()]
+    values = torch.stack((low, high), dim=-1).flatten(-2)  # [..., G, 32], low nibble first
+    exponents = scales.to(torch.int32) - SCALE_BIAS
+    values = torch.ldexp(values, exponents.unsqueeze(-1))
+    return values.flatten(-2).to(dtype)
+
+
+def quantize_mxfp4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[..., K] float -> ([..., K/32, 16] uint8 blocks, [..., K/32] uint8 scales), round to nearest e2m1.
+
+    The shared scale is the smallest power of two that brings the block's largest magnitude within e2m1's range
+    (6.0), so no value saturates.
+    """
+    if weight.shape[-1] % BLOCK:
+        raise ValueError(f"last dimension {weight.shape[-1]} is not a multiple of the MXFP4 block size {BLOCK}")
+    w = weight.float().reshape(*weight.shape[:-1], weight.shape[-1] // BLOCK, BLOCK)
+    amax = w.abs().amax(dim=-1, keepdim=True)
+    # exponent e with amax / 2**e <= 6; blocks of zeros get the smallest scale.
+    exponent = torch.ceil(torch.log2(amax.clamp_min(2.0**-126) / FP4_MAX)).clamp(-SCALE_BIAS, 127)
+    scaled = torch.ldexp(w, -exponent.to(torch.int32))
+    magnitudes = torch.tensor(FP4_VALUES[:8], dtype=torch.float32, device=w.device)
+    midpoints = (magnitudes[1:] + magnitudes[:-1]) / 2
+    codes = torch.bucketize(scaled.abs(), midpoints).to(torch.uint8)  # ties round toward the larger magnitude
+    codes |= (scaled < 0).to(torch.uint8) << 3
+    packed = codes[..., 0::2] | (codes[..., 1::2] << 4)
+    scales = (exponent.squeeze(-1) + SCALE_BIAS).to(torch.uint8)
+    return packed.contiguous(), scales.contiguous()

@@ -1,0 +1,136 @@
+"""The offline API: load a checkpoint, generate from text, token ids or chat conversations, read logits.
+
+    from workers import LLM, SamplingParams
+    llm = LLM(model="/path/to/gpt-oss-20b")
+    out = llm.generate(["Hello"], SamplingParams(temperature=0, max_tokens=32))[0]
+    print(out.text)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from workers.checkpoint import open_checkpoint
+from workers.harmony import ParsedMessage, get_tokenizer, parse_completion, render_chat
+from workers.model import GptOssModel
+from workers.sampling import SamplingParams, sample_token
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "auto": torch.bfloat16}
+
+Prompt = str | Sequence[int] | Sequence[dict[str, Any]]
+
+
+@dataclass
+class CompletionOutput:
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    text: str
+    finish_reason: str  # "stop" (a stop token) or "length" (max_tokens)
+    # Chat prompts only: the generated tokens parsed into harmony messages (analysis / commentary / final).
+    messages: list[ParsedMessage] = field(default_factory=list)
+
+
+class LLM:
+    def __init__(self, model: str | Path, dtype: str | torch.dtype = "auto", progress: bool = True) -> None:
+        if isinstance(dtype, str):
+            if dtype not in DTYPES:
+                raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+            dtype = DTYPES[dtype]
+        if dtype not in (torch.float32, torch.bfloat16):
+            raise ValueError(f"dtype must be float32 or bfloat16, got {dtype}")
+        self.tokenizer = get_tokenizer()
+        with open_checkpoint(model) as reader:
+            self.config = reader.config
+            self.model = GptOssModel.from_checkpoint(reader, dtype=dtype, progress=progress)
+
+    # ------------------------------------------------------------------------------------------------ prompts
+    def _prompt_token_ids(self, prompt: Prompt) -> tuple[list[int], bool]:
+        """(token ids, is_chat) for a text, a token-id list, or a chat conversation (a list of message dicts)."""
+        if isinstance(prompt, str):
+            if not prompt:
+                raise ValueError("prompt is empty")
+            return self.tokenizer.encode(prompt), False
+        prompt = list(prompt)
+        if not prompt:
+            raise ValueError("prompt is empty")
+        if all(isinstance(m, dict) for m in prompt):
+            return render_chat(prompt), True
+        self._check_token_ids(prompt)
+        return [int(t) for t in prompt], False
+
+    def _check_token_ids(self, token_ids: Sequence[int]) -> None:
+        if len(token_ids) == 0:
+            raise ValueError("token_ids is empty")
+        vocab = self.config.vocab_size
+        for i, token in enumerate(token_ids):
+            if isinstance(token, bool) or not isinstance(token, int) or not 0 <= token < vocab:
+                raise ValueError(f"token id {token!r} at position {i} is outside the vocabulary [0, {vocab})")
+        if len(token_ids) > self.config.max_position_embeddings:
+            raise ValueError(f"{len(token_ids)} tokens exceed the context of {self.config.max_position_embeddings}")
+
+    # ------------------------------------------------------------------------------------------------ API
+    def forward_logits(self, token_ids: Sequence[int]) -> torch.Tensor:
+        """float32 logits [len, vocab] of a whole sequence, for verification against other implementations."""
+        token_ids = list(token_ids)
+        self._check_token_ids(token_ids)
+        ids = torch.tensor(token_ids, dtype=torch.long, device=self.model.device)
+        cache = self.model.new_kv_cache(len(token_ids))
+        return self.model(ids, cache, logits_at=torch.arange(len(token_ids), device=self.model.device))
+
+    def generate(self, prompts: Prompt | Sequence[Prompt],
+                 sampling_params: SamplingParams | Sequence[SamplingParams] | None = None) -> list[CompletionOutput]:
+        if isinstance(prompts, str) or (isinstance(prompts, Sequence) and prompts and not isinstance(
+                prompts[0], (str, list, tuple))):
+            prompts = [prompts]  # one prompt: a text, a token-id list or a conversation
+        prompts = list(prompts)
+        if not prompts:
+            raise ValueError("no prompts given")
+        if sampling_params is None:
+            sampling_params = SamplingParams()
+        if isinstance(sampling_params, SamplingParams):
+            sampling_params = [sampling_params] * len(prompts)
+        sampling_params = list(sampling_params)
+        if len(sampling_params) != len(prompts):
+            raise ValueError(f"{len(sampling_params)} sampling params for {len(prompts)} prompts")
+        # Validate every prompt before running any, so one bad prompt costs no compute.
+        encoded = [self._prompt_token_ids(p) for p in prompts]
+        for (ids, _), params in zip(encoded, sampling_params, strict=True):
+            if len(ids) + params.max_tokens > self.config.max_position_embeddings:
+                raise ValueError(f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) exceed the context "
+                                 f"of {self.config.max_position_embeddings}")
+        return [self._generate_one(ids, is_chat, params)
+                for (ids, is_chat), params in zip(encoded, sampling_params, strict=True)]
+
+    def _generate_one(self, prompt_ids: list[int], is_chat: bool, params: SamplingParams) -> CompletionOutput:
+        stop_ids = set(params.stop_token_ids)
+        if not params.ignore_eos:
+            # Chat ends on harmony's assistant-action stops (<|return|>, <|call|>), never on <|end|>.
+            stop_ids |= set(self.tokenizer.stop_token_ids_for_chat) if is_chat else {self.config.eos_token_id}
+        generator = params.make_generator()
+        cache = self.model.new_kv_cache(len(prompt_ids) + params.max_tokens)
+        logits = self.model(torch.tensor(prompt_ids, device=self.model.device), cache)
+        generated: list[int] = []
+        finish_reason = "length"
+        while True:
+            token = sample_token(logits[-1], params, generator)
+            generated.append(token)
+            if token in stop_ids:
+                finish_reason = "stop"
+                break
+            if len(generated) >= params.max_tokens:
+                break
+            logits = self.model(torch.tensor([token], device=self.model.device), cache)
+        text_ids = generated[:-1] if finish_reason == "stop" else generated
+        return CompletionOutput(
+            prompt_token_ids=prompt_ids,
+            token_ids=generated,
+            text=self.tokenizer.decode(text_ids),
+            finish_reason=finish_reason,
+            messages=parse_completion(generated) if is_chat else [],
+        )

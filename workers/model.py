@@ -1,0 +1,269 @@
+"""The gpt-oss forward pass: embedding, alternating sliding/full attention blocks with sinks, MXFP4 MoE, unembedding.
+
+One rank's shard of the model lives here (rank 0 of 1 holds everything). Under tensor/expert parallelism rank r holds
+query and KV heads [r·n/G, (r+1)·n/G), experts [r·E/G, (r+1)·E/G) and a vocab slice; the partial results meet in
+`Collective.all_reduce` / `all_gather`. All math goes through the `Kernels` bundle picked in kernels/dispatch.py.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from kernels.dispatch import Kernels, select_kernels
+from kernels.reference import rope_cos_sin, yarn_inv_freq
+from workers.config import ModelConfig
+
+
+class Collective(Protocol):
+    """The collectives a shard needs; identity for a single process."""
+
+    def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor: ...
+
+    def all_gather(self, tensor: torch.Tensor, dim: int) -> torch.Tensor: ...
+
+
+class SingleProcess:
+    def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor
+
+    def all_gather(self, tensor: torch.Tensor, dim: int) -> torch.Tensor:
+        return tensor
+
+
+@dataclass(frozen=True)
+class ShardSpec:
+    """Which slice of the model this process holds."""
+
+    rank: int = 0
+    world_size: int = 1
+
+    def span(self, total: int, what: str) -> tuple[int, int]:
+        """[start, stop) of this rank's equal share of `total` items."""
+        if total % self.world_size:
+            raise ValueError(f"{self.world_size} shards do not divide the {total} {what}")
+        size = total // self.world_size
+        return self.rank * size, (self.rank + 1) * size
+
+    def validate(self, config: ModelConfig) -> None:
+        if not 0 <= self.rank < self.world_size:
+            raise ValueError(f"shard rank {self.rank} is outside [0, {self.world_size})")
+        self.span(config.num_key_value_heads, "KV heads")
+        self.span(config.num_experts, "experts")
+        self.span(config.vocab_size, "vocabulary entries")
+
+
+class KVCache:
+    """Contiguous keys and values of one sequence, all layers: [capacity, local KV heads, head_dim] per layer.
+
+    The paged, batched cache of the engine implements the same `attend` call.
+    """
+
+    def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device,
+                 capacity: int = 256) -> None:
+        shape = (capacity, num_kv_heads, head_dim)
+        self.keys = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.values = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.length = 0  # tokens whose keys are complete in every layer
+
+    def _reserve(self, layer: int, needed: int) -> None:
+        capacity = self.keys[layer].shape[0]
+        if needed > capacity:
+            new_capacity = max(needed, 2 * capacity)
+            for store in (self.keys, self.values):
+                grown = store[layer].new_empty((new_capacity, *store[layer].shape[1:]))
+                grown[:capacity] = store[layer]
+                store[layer] = grown
+
+    def attend(self, kernels: Kernels, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               positions: torch.Tensor, sinks: torch.Tensor, sliding_window: int | None, scale: float) -> torch.Tensor:
+        """Append this step's k, v [T, Hkv, D] for `layer` and attend q [T, Hq, D] over everything so far."""
+        start, stop = self.length, self.length + q.shape[0]
+        self._reserve(layer, stop)
+        self.keys[layer][start:stop] = k
+        self.values[layer][start:stop] = v
+        key_start = 0
+        if sliding_window is not None:  # keys older than the window are invisible to every query of this step
+            key_start = max(0, start - sliding_window + 1)
+        key_positions = torch.arange(key_start, stop, device=q.device)
+        return kernels.attention(q, self.keys[layer][key_start:stop], self.values[layer][key_start:stop], sinks,
+                                 positions, key_positions, sliding_window, scale)
+
+    def advance(self, num_tokens: int) -> None:
+        self.length += num_tokens
+
+
+class AttentionBlock(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int, shard: ShardSpec, dtype: torch.dtype) -> None:
+        super().__init__()
+        q0, q1 = shard.span(config.num_attention_heads, "attention heads")
+        kv0, kv1 = shard.span(config.num_key_value_heads, "KV heads")
+        self.num_heads, self.num_kv_heads, self.head_dim = q1 - q0, kv1 - kv0, config.head_dim
+        self.sliding_window = config.sliding_window if config.is_sliding(layer) else None
+        self.scale = config.head_dim**-0.5
+        qkv_rows = (self.num_heads + 2 * self.num_kv_heads) * self.head_dim
+        self.register_buffer("norm_weight", torch.empty(config.hidden_size, dtype=torch.float32))
+        self.register_buffer("qkv_weight", torch.empty(qkv_rows, config.hidden_size, dtype=dtype))
+        self.register_buffer("qkv_bias", torch.empty(qkv_rows, dtype=dtype))
+        self.register_buffer("sinks", torch.empty(self.num_heads, dtype=torch.float32))
+        self.register_buffer("out_weight", torch.empty(config.hidden_size, self.num_heads * self.head_dim, dtype=dtype))
+        self.register_buffer("out_bias", torch.empty(config.hidden_size, dtype=dtype))
+
+    def forward(self, model: GptOssModel, layer: int, x: torch.Tensor, positions: torch.Tensor,
+                cos: torch.Tensor, sin: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        k_ = model.kernels
+        h = k_.rms_norm(x, self.norm_weight, model.config.rms_norm_eps)
+        qkv = nn.functional.linear(h, self.qkv_weight, self.qkv_bias)
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        # [T, (Hq + 2 Hkv) D] -> q [T, Hq, D], k/v [T, Hkv, D]
+        q = qkv[:, :q_size].view(-1, self.num_heads, self.head_dim)
+        k = qkv[:, q_size:q_size + kv_size].view(-1, self.num_kv_heads, self.head_dim)
+        v = qkv[:, q_size + kv_size:].view(-1, self.num_kv_heads, self.head_dim)
+        q, k = k_.apply_rope(q, cos, sin), k_.apply_rope(k, cos, sin)
+        attn = cache.attend(k_, layer, q, k, v, positions, self.sinks, self.sliding_window, self.scale)
+        out = nn.functional.linear(attn.reshape(attn.shape[0], -1), self.out_weight)
+        # The o-projection is row-split across ranks: sum the partials, then add the bias once.
+        return x + model.collective.all_reduce(out) + self.out_bias
+
+
+class MLPBlock(nn.Module):
+    def __init__(self, config: ModelConfig, shard: ShardSpec, dtype: torch.dtype) -> None:
+        super().__init__()
+        e0, e1 = shard.span(config.num_experts, "experts")
+        self.first_expert, num_local = e0, e1 - e0
+        hidden, inter = config.hidden_size, config.intermediate_size
+        self.register_buffer("norm_weight", torch.empty(hidden, dtype=torch.float32))
+        self.register_buffer("router_weight", torch.empty(config.num_experts, hidden, dtype=dtype))
+        self.register_buffer("router_bias", torch.empty(config.num_experts, dtype=dtype))
+        # Experts stay packed as MXFP4: [E_local, rows, K/32, 16] uint8 + [E_local, rows, K/32] uint8 scales.
+        self.register_buffer("gate_up_blocks", torch.empty(num_local, 2 * inter, hidden // 32, 16, dtype=torch.uint8))
+        self.register_buffer("gate_up_scales", torch.empty(num_local, 2 * inter, hidden // 32, dtype=torch.uint8))
+        self.register_buffer("gate_up_bias", torch.empty(num_local, 2 * inter, dtype=dtype))
+        self.register_buffer("down_blocks", torch.empty(num_local, hidden, inter // 32, 16, dtype=torch.uint8))
+        self.register_buffer("down_scales", torch.empty(num_local, hidden, inter // 32, dtype=torch.uint8))
+        self.register_buffer("down_bias", torch.empty(num_local, hidden, dtype=dtype))
+
+    def forward(self, model: GptOssModel, layer: int, x: torch.Tensor) -> torch.Tensor:
+        k_, cfg = model.kernels, model.config
+        h = k_.rms_norm(x, self.norm_weight, cfg.rms_norm_eps)
+        router_logits = nn.functional.linear(h, self.router_weight, self.router_bias)
+        weights, expert_ids = k_.route(router_logits, cfg.experts_per_token)
+        if model.expert_counts is not None:
+            model.expert_counts[layer] += torch.bincount(expert_ids.flatten(), minlength=cfg.num_experts).cpu()
+        out = k_.moe_experts(h, weights, expert_ids, self.gate_up_blocks, self.gate_up_scales, self.gate_up_bias,
+                             self.down_blocks, self.down_scales, self.down_bias, cfg.swiglu_limit, cfg.swiglu_alpha,
+                             self.first_expert)
+        return x + model.collective.all_reduce(out)
+
+
+class GptOssModel(nn.Module):
+    def __init__(self, config: ModelConfig, dtype: torch.dtype = torch.bfloat16, shard: ShardSpec | None = None,
+                 kernels: Kernels | None = None, collective: Collective | None = None) -> None:
+        super().__init__()
+        self.shard = shard or ShardSpec()
+        self.shard.validate(config)
+        self.config, self.dtype = config, dtype
+        self.kernels = kernels or select_kernels("cpu")
+        self.collective = collective or SingleProcess()
+        self.vocab_start, self.vocab_stop = self.shard.span(config.vocab_size, "vocabulary entries")
+        vocab_local = self.vocab_stop - self.vocab_start
+        self.register_buffer("embedding", torch.empty(vocab_local, config.hidden_size, dtype=dtype))
+        self.attention = nn.ModuleList(AttentionBlock(config, i, self.shard, dtype)
+                                       for i in range(config.num_hidden_layers))
+        self.mlp = nn.ModuleList(MLPBlock(config, self.shard, dtype) for _ in range(config.num_hidden_layers))
+        self.register_buffer("norm_weight", torch.empty(config.hidden_size, dtype=torch.float32))
+        self.register_buffer("unembedding", torch.empty(vocab_local, config.hidden_size, dtype=dtype))
+        inv_freq, self.rope_scaling = yarn_inv_freq(
+            config.head_dim, config.rope_theta, config.rope_scaling_factor, config.rope_original_context,
+            config.rope_beta_fast, config.rope_beta_slow, config.rope_truncate,
+        )
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        # Routed-token counts per layer and expert, read by the engine's statistics (None = not counting).
+        self.expert_counts: torch.Tensor | None = None
+
+    @property
+    def device(self) -> torch.device:
+        return self.embedding.device
+
+    def new_kv_cache(self, capacity: int = 256) -> KVCache:
+        return KVCache(self.config.num_hidden_layers, self.attention[0].num_kv_heads, self.config.head_dim,
+                       self.dtype, self.device, capacity)
+
+    def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """Vocab-parallel lookup: each rank embeds the ids in its slice, zeros elsewhere, then the ranks sum."""
+        local = token_ids - self.vocab_start
+        inside = (local >= 0) & (local < self.embedding.shape[0])
+        x = self.embedding[local.clamp(0, self.embedding.shape[0] - 1)] * inside[:, None].to(self.dtype)
+        return self.collective.all_reduce(x)
+
+    @torch.inference_mode()
+    def forward(self, token_ids: torch.Tensor, cache: KVCache, logits_at: torch.Tensor | None = None) -> torch.Tensor:
+        """token_ids [T] continuing `cache` -> float32 logits [N, vocab] at rows `logits_at` (default: the last).
+
+        Only positions that are sampled need the unembedding, the largest matmul of a small model.
+        """
+        positions = torch.arange(cache.length, cache.length + token_ids.shape[0], device=self.device)
+        cos, sin = rope_cos_sin(positions, self.inv_freq, self.rope_scaling, self.dtype)
+        x = self.embed(token_ids)
+        for layer in range(self.config.num_hidden_layers):
+            x = self.attention[layer](self, layer, x, positions, cos, sin, cache)
+            x = self.mlp[layer](self, layer, x)
+        cache.advance(token_ids.shape[0])
+        if logits_at is None:
+            logits_at = torch.tensor([token_ids.shape[0] - 1], device=self.device)
+        h = self.kernels.rms_norm(x[logits_at], self.norm_weight, self.config.rms_norm_eps)
+        logits = nn.functional.linear(h, self.unembedding).float()
+        return self.collective.all_gather(logits, dim=-1)
+
+    # ------------------------------------------------------------------------------------------------ loading
+    @classmethod
+    def from_checkpoint(cls, reader, dtype: torch.dtype = torch.bfloat16, shard: ShardSpec | None = None,
+                        kernels: Kernels | None = None, collective: Collective | None = None,
+                        device: torch.device | str = "cpu", progress: bool = True) -> GptOssModel:
+        """Build the model reading only this shard's slices from an open `CheckpointReader`."""
+        config = reader.config
+        with torch.device("meta"):
+            model = cls(config, dtype, shard, kernels, collective)
+        model.to_empty(device=device)
+        model.inv_freq.copy_(yarn_inv_freq(config.head_dim, config.rope_theta, config.rope_scaling_factor,
+                                           config.rope_original_context, config.rope_beta_fast, config.rope_beta_slow,
+                                           config.rope_truncate)[0])
+        shard = model.shard
+        rows = lambda start_stop: (slice(*start_stop),)  # noqa: E731
+        head_dim = config.head_dim
+        q_heads = shard.span(config.num_attention_heads, "attention heads")
+        kv_heads = shard.span(config.num_key_value_heads, "KV heads")
+        q_rows = rows(tuple(h * head_dim for h in q_heads))
+        kv_rows = rows(tuple(h * head_dim for h in kv_heads))
+        experts = rows(shard.span(config.num_experts, "experts"))
+        vocab = rows((model.vocab_start, model.vocab_stop))
+
+        def load(target: torch.Tensor, name: str, index: tuple[slice, ...] | None = None) -> None:
+            target.copy_(reader.read(name, index))
+
+        load(model.embedding, "model.embed_tokens.weight", vocab)
+        for i in tqdm(range(config.num_hidden_layers), desc="loading layers", disable=not progress, unit="layer"):
+            p = f"model.layers.{i}."
+            attn, mlp = model.attention[i], model.mlp[i]
+            load(attn.norm_weight, p + "input_layernorm.weight")
+            for part in ("weight", "bias"):
+                pieces = [reader.read(f"{p}self_attn.{proj}_proj.{part}", r)
+                          for proj, r in (("q", q_rows), ("k", kv_rows), ("v", kv_rows))]
+                getattr(attn, f"qkv_{part}").copy_(torch.cat(pieces, dim=0))
+            load(attn.sinks, p + "self_attn.sinks", rows(q_heads))
+            load(attn.out_weight, p + "self_attn.o_proj.weight", (slice(None), q_rows[0]))
+            load(attn.out_bias, p + "self_attn.o_proj.bias")
+            load(mlp.norm_weight, p + "post_attention_layernorm.weight")
+            load(mlp.router_weight, p + "mlp.router.weight")
+            load(mlp.router_bias, p + "mlp.router.bias")
+            for proj in ("gate_up_proj", "down_proj"):
+                short = proj.removesuffix("_proj")
+                for suffix in ("blocks", "scales", "bias"):
+                    load(getattr(mlp, f"{short}_{suffix}"), f"{p}mlp.experts.{proj}_{suffix}", experts)
+        load(model.norm_weight, "model.norm.weight")
+        load(model.unembedding, "lm_head.weight", vocab)
+        return model.eval()
