@@ -17,7 +17,7 @@ import torch
 
 from workers.checkpoint import open_checkpoint
 from workers.harmony import ParsedMessage, get_tokenizer, parse_completion, render_chat
-from workers.model import GptOssModel
+from workers.model import GptOssModel, KVCache
 from workers.sampling import SamplingParams, sample_token
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -79,9 +79,18 @@ class LLM:
         """float32 logits [len, vocab] of a whole sequence, for verification against other implementations."""
         token_ids = list(token_ids)
         self._check_token_ids(token_ids)
-        ids = torch.tensor(token_ids, dtype=torch.long, device=self.model.device)
         cache = self.model.new_kv_cache(len(token_ids))
-        return self.model(ids, cache, logits_at=torch.arange(len(token_ids), device=self.model.device))
+        return self._forward(token_ids, cache, all_logits=True)
+
+    def _forward(self, token_ids: list[int], cache: KVCache, all_logits: bool = False) -> torch.Tensor:
+        """Run `token_ids` continuing `cache`; logits of every position, or of the last only."""
+        device = self.model.device
+        n = len(token_ids)
+        logits_at = torch.arange(n, device=device) if all_logits else torch.tensor([n - 1], device=device)
+        logits = self.model(torch.tensor(token_ids, dtype=torch.long, device=device), cache.positions(n), cache,
+                            logits_at)
+        cache.advance(n)
+        return logits
 
     def generate(self, prompts: Prompt | Sequence[Prompt],
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None) -> list[CompletionOutput]:
@@ -114,7 +123,7 @@ class LLM:
             stop_ids |= set(self.tokenizer.stop_token_ids_for_chat) if is_chat else {self.config.eos_token_id}
         generator = params.make_generator()
         cache = self.model.new_kv_cache(len(prompt_ids) + params.max_tokens)
-        logits = self.model(torch.tensor(prompt_ids, device=self.model.device), cache)
+        logits = self._forward(prompt_ids, cache)
         generated: list[int] = []
         finish_reason = "length"
         while True:
@@ -125,7 +134,7 @@ class LLM:
                 break
             if len(generated) >= params.max_tokens:
                 break
-            logits = self.model(torch.tensor([token], device=self.model.device), cache)
+            logits = self._forward([token], cache)
         text_ids = generated[:-1] if finish_reason == "stop" else generated
         return CompletionOutput(
             prompt_token_ids=prompt_ids,

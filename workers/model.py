@@ -57,10 +57,19 @@ class ShardSpec:
         self.span(config.vocab_size, "vocabulary entries")
 
 
+class KVStore(Protocol):
+    """Where attention keys/values live during a forward: stores this step's k/v of `layer`, returns attention."""
+
+    def attend(self, kernels: Kernels, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               positions: torch.Tensor, sinks: torch.Tensor, sliding_window: int | None,
+               scale: float) -> torch.Tensor: ...
+
+
 class KVCache:
     """Contiguous keys and values of one sequence, all layers: [capacity, local KV heads, head_dim] per layer.
 
-    The paged, batched cache of the engine implements the same `attend` call.
+    The simplest KVStore; the engine's paged, batched cache implements the same `attend`. The caller advances
+    `length` once a forward over new tokens has finished.
     """
 
     def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device,
@@ -93,6 +102,10 @@ class KVCache:
         return kernels.attention(q, self.keys[layer][key_start:stop], self.values[layer][key_start:stop], sinks,
                                  positions, key_positions, sliding_window, scale)
 
+    def positions(self, num_tokens: int) -> torch.Tensor:
+        """Positions of the next `num_tokens` tokens of this sequence."""
+        return torch.arange(self.length, self.length + num_tokens, device=self.keys[0].device)
+
     def advance(self, num_tokens: int) -> None:
         self.length += num_tokens
 
@@ -114,7 +127,7 @@ class AttentionBlock(nn.Module):
         self.register_buffer("out_bias", torch.empty(config.hidden_size, dtype=dtype))
 
     def forward(self, model: GptOssModel, layer: int, x: torch.Tensor, positions: torch.Tensor,
-                cos: torch.Tensor, sin: torch.Tensor, cache: KVCache) -> torch.Tensor:
+                cos: torch.Tensor, sin: torch.Tensor, kv: KVStore) -> torch.Tensor:
         k_ = model.kernels
         h = k_.rms_norm(x, self.norm_weight, model.config.rms_norm_eps)
         qkv = nn.functional.linear(h, self.qkv_weight, self.qkv_bias)
@@ -124,7 +137,7 @@ class AttentionBlock(nn.Module):
         k = qkv[:, q_size:q_size + kv_size].view(-1, self.num_kv_heads, self.head_dim)
         v = qkv[:, q_size + kv_size:].view(-1, self.num_kv_heads, self.head_dim)
         q, k = k_.apply_rope(q, cos, sin), k_.apply_rope(k, cos, sin)
-        attn = cache.attend(k_, layer, q, k, v, positions, self.sinks, self.sliding_window, self.scale)
+        attn = kv.attend(k_, layer, q, k, v, positions, self.sinks, self.sliding_window, self.scale)
         out = nn.functional.linear(attn.reshape(attn.shape[0], -1), self.out_weight)
         # The o-projection is row-split across ranks: sum the partials, then add the bias once.
         return x + model.collective.all_reduce(out) + self.out_bias
@@ -201,20 +214,19 @@ class GptOssModel(nn.Module):
         return self.collective.all_reduce(x)
 
     @torch.inference_mode()
-    def forward(self, token_ids: torch.Tensor, cache: KVCache, logits_at: torch.Tensor | None = None) -> torch.Tensor:
-        """token_ids [T] continuing `cache` -> float32 logits [N, vocab] at rows `logits_at` (default: the last).
+    def forward(self, token_ids: torch.Tensor, positions: torch.Tensor, kv: KVStore,
+                logits_at: torch.Tensor) -> torch.Tensor:
+        """Flat tokens [T] at `positions` [T] -> float32 logits [len(logits_at), vocab] at rows `logits_at`.
 
-        Only positions that are sampled need the unembedding, the largest matmul of a small model.
+        `kv` stores each layer's new keys and values and runs attention over what it holds: one contiguous sequence
+        (KVCache) or the engine's paged batch of many. Only sampled rows need the unembedding, the largest matmul of
+        a small model.
         """
-        positions = torch.arange(cache.length, cache.length + token_ids.shape[0], device=self.device)
         cos, sin = rope_cos_sin(positions, self.inv_freq, self.rope_scaling, self.dtype)
         x = self.embed(token_ids)
         for layer in range(self.config.num_hidden_layers):
-            x = self.attention[layer](self, layer, x, positions, cos, sin, cache)
+            x = self.attention[layer](self, layer, x, positions, cos, sin, kv)
             x = self.mlp[layer](self, layer, x)
-        cache.advance(token_ids.shape[0])
-        if logits_at is None:
-            logits_at = torch.tensor([token_ids.shape[0] - 1], device=self.device)
         h = self.kernels.rms_norm(x[logits_at], self.norm_weight, self.config.rms_norm_eps)
         logits = nn.functional.linear(h, self.unembedding).float()
         return self.collective.all_gather(logits, dim=-1)
