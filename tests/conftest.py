@@ -1,0 +1,34 @@
+"""Shared fixtures: small checkpoints in both real layouts, written once per test session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("GPTOSS_NO_PROGRESS", "1")
+
+from workers.checkpoint import write_checkpoint  # noqa: E402
+from workers.config import ModelConfig  # noqa: E402
+
+# A second small shape, different in every dimension the first one fixes: odd layer count, MHA-ish GQA ratio,
+# head_dim 64, top-3 of 6 experts, a 32-token window.
+TINY_B = ModelConfig.preset(
+    "tiny", num_hidden_layers=3, hidden_size=256, intermediate_size=128, head_dim=64, num_attention_heads=4,
+    num_key_value_heads=2, num_experts=6, experts_per_token=3, sliding_window=32,
+)
+
+
+@pytest.fixture(scope="session")
+def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """{'tiny-hf', 'tiny-original', 'tinyb-hf'}: the same seed in both layouts, and a second shape."""
+    root = tmp_path_factory.mktemp("checkpoints")
+    paths = {
+        "tiny-hf": write_checkpoint(ModelConfig.preset("tiny"), root / "tiny-hf", layout="hf", seed=0,
+                                    progress=False),
+        "tiny-original": write_checkpoint(ModelConfig.preset("tiny"), root / "tiny-original", layout="original",
+                                          seed=0, progress=False),
+        "tinyb-hf": write_checkpoint(TINY_B, root / "tinyb-hf", layout="hf", seed=1, progress=False),
+    }
+    return {name: Path(path) for name, path in paths.items()}
