@@ -33,7 +33,7 @@ def dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dt
 
 
 def quantize_mxfp4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """[..., K] float -> ([..., K/32, 16] uint8 blocks, [..., K/32] uint8 scales), round to nearest e2m1.
+    """[..., K] float -> ([..., K/32, 16] uint8 blocks, [..., K/32] uint8 scales), round to nearest (even) e2m1.
 
     The shared scale is the smallest power of two that brings the block's largest magnitude within e2m1's range
     (6.0), so no value saturates.
@@ -44,10 +44,14 @@ def quantize_mxfp4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     amax = w.abs().amax(dim=-1, keepdim=True)
     # exponent e with amax / 2**e <= 6; blocks of zeros get the smallest scale.
     exponent = torch.ceil(torch.log2(amax.clamp_min(2.0**-126) / FP4_MAX)).clamp(-SCALE_BIAS, 127)
-    scaled = torch.ldexp(w, -exponent.to(torch.int32))
-    magnitudes = torch.tensor(FP4_VALUES[:8], dtype=torch.float32, device=w.device)
-    midpoints = (magnitudes[1:] + magnitudes[:-1]) / 2
-    codes = torch.bucketize(scaled.abs(), midpoints).to(torch.uint8)  # ties round toward the larger magnitude
+    scaled = w * torch.exp2(-exponent)  # exact: a power-of-two scale
+    magnitude = scaled.abs()
+    # e2m1 code of the magnitude = how many rounding midpoints it passes; a tie goes to the even code
+    # (round-to-nearest-even, as the OCP MX spec converts). Seven comparisons beat torch.bucketize here.
+    codes = torch.zeros(magnitude.shape, dtype=torch.uint8, device=w.device)
+    for upper_code in range(1, 8):
+        midpoint = (FP4_VALUES[upper_code - 1] + FP4_VALUES[upper_code]) / 2
+        codes += magnitude >= midpoint if upper_code % 2 == 0 else magnitude > midpoint
     codes |= (scaled < 0).to(torch.uint8) << 3
     packed = codes[..., 0::2] | (codes[..., 1::2] << 4)
     scales = (exponent.squeeze(-1) + SCALE_BIAS).to(torch.uint8)

@@ -19,6 +19,14 @@ def test_mxfp4_layout_low_nibble_first_and_scale_bias():
     assert values[0].item() == -12.0 and values[1].item() == 2.0 and values[2:].abs().sum() == 0
 
 
+def test_mxfp4_ties_round_to_even_code():
+    # with scale 1 (amax 6): 0.25 -> 0, 0.75 -> 1.0, 1.25 -> 1.0, 1.75 -> 2.0, 2.5 -> 2.0, 3.5 -> 4.0, 5.0 -> 4.0
+    w = torch.zeros(32)
+    w[:8] = torch.tensor([6.0, 0.25, 0.75, 1.25, 1.75, 2.5, 3.5, -5.0])
+    back = dequantize_mxfp4(*quantize_mxfp4(w))
+    assert back[:8].tolist() == [6.0, 0.0, 1.0, 1.0, 2.0, 2.0, 4.0, -4.0]
+
+
 def test_mxfp4_quantize_round_trip_and_error_bound():
     torch.manual_seed(0)
     w = torch.randn(4, 7, 96) * 3
