@@ -6,13 +6,14 @@ and call through it; both implementations share these signatures.
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
-from kernels import reference
+from kernels import paged, reference
 
 BACKENDS = ("torch", "triton")
 
@@ -25,6 +26,7 @@ class Kernels:
     attention: Callable[..., torch.Tensor]
     route: Callable[..., tuple[torch.Tensor, torch.Tensor]]
     moe_experts: Callable[..., torch.Tensor]
+    paged_attention: Callable[..., torch.Tensor]
 
 
 TORCH_KERNELS = Kernels(
@@ -34,6 +36,7 @@ TORCH_KERNELS = Kernels(
     attention=reference.attention_with_sinks,
     route=reference.route,
     moe_experts=reference.moe_experts,
+    paged_attention=paged.paged_attention,
 )
 
 
@@ -45,4 +48,36 @@ def select_kernels(device: torch.device | str = "cpu", backend: str | None = Non
         raise ValueError(f"GPTOSS_KERNELS must be one of {', '.join(BACKENDS)}, got {backend!r}")
     if backend == "torch":
         return TORCH_KERNELS
-    raise ValueError("the Triton kernels are not available in this build yet; use GPTOSS_KERNELS=torch")
+    bundle = _triton_kernels()
+    from kernels.triton import interpreting
+
+    if device.type != "cuda" and not interpreting():
+        raise ValueError(f"the Triton kernels run on CUDA devices, not {device.type}; use GPTOSS_KERNELS=torch there "
+                         "(or TRITON_INTERPRET=1 to run them on CPU through the Triton interpreter, for tests)")
+    return bundle
+
+
+@functools.cache
+def _triton_kernels() -> Kernels:
+    """The Triton bundle; kernels.triton (and triton itself) is imported on first use only."""
+    try:
+        from kernels import triton as tk
+    except ImportError as exc:
+        raise RuntimeError(f"GPTOSS_KERNELS=triton needs the triton package, which does not import here ({exc}); "
+                           "install triton or use GPTOSS_KERNELS=torch") from exc
+    return Kernels(
+        name="triton",
+        rms_norm=tk.rms_norm,
+        apply_rope=tk.apply_rope,
+        attention=tk.attention_with_sinks,
+        route=tk.route,
+        moe_experts=tk.moe_experts,
+        paged_attention=tk.paged_attention,
+    )
+
+
+def __getattr__(name: str):
+    """kernels.dispatch.TRITON_KERNELS, built lazily so that importing dispatch never needs triton."""
+    if name == "TRITON_KERNELS":
+        return _triton_kernels()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
