@@ -298,6 +298,8 @@ class CheckpointReader:
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
         self._handles: dict[Path, Any] = {}
+        self._fds: dict[Path, int] = {}  # plain descriptors for pread: reads that leave no file mapping resident
+        self._data_start: dict[Path, int] = {}
         self._closed = False
         try:
             self._open()
@@ -329,6 +331,9 @@ class CheckpointReader:
             entries, size = _read_header(file)
             self._headers[file] = entries
             self.file_size_bytes += size
+            # the data section ends the file (checked by _read_header), so it starts this far in
+            self._data_start[file] = size - max((e.end for e in entries.values()), default=0)
+            self._fds[file] = os.open(file, os.O_RDONLY)
         for file in files:
             try:
                 from safetensors import safe_open
@@ -450,8 +455,12 @@ class CheckpointReader:
         return self._locate(name)[1]
 
     # ------------------------------------------------------------------------------------------ reading
-    def read(self, name: str, index: tuple[slice, ...] | None = None, *, copy: bool = True) -> torch.Tensor:
+    def read(self, name: str, index: tuple[slice, ...] | None = None, *, copy: bool = True,
+             out: torch.Tensor | None = None) -> torch.Tensor:
         """The tensor `name` (canonical, or a stored name), or only `index` of it, in its stored dtype.
+
+        With `out`, the values land in that tensor (converted to its dtype) and it is returned; a row range of the
+        stored dtype is read from disk straight into it.
 
         `index` is a tuple of slices applied to the leading dimensions (the rest are taken whole); only those bytes are
         read from disk (the files are memory-mapped). safetensors hands back tensors that view the file mapping
@@ -477,11 +486,42 @@ class CheckpointReader:
             r0 = loc.rows[0]
             first = full[0] if full else slice(0, shape[0], 1)
             full = [slice(first.start + r0, first.stop + r0, first.step), *full[1:]]
+        while len(full) > 1 and full[-1] == slice(0, shape[len(full) - 1], 1):
+            full.pop()  # a trailing whole dimension is no slicing at all
+        if all(s.step == 1 for s in full[:1]) and len(full) <= 1:
+            return self._pread_rows(file, loc.name, full[0] if full else None, out)
         try:
             tensor = self._handles[file].get_slice(loc.name)[tuple(full)]
         except Exception as exc:
             raise CheckpointError(f"{file}: cannot read tensor '{loc.name}' ({exc})") from None
-        return tensor.clone(memory_format=torch.contiguous_format) if copy else tensor
+        tensor = tensor.clone(memory_format=torch.contiguous_format) if copy else tensor
+        if out is not None:
+            return out.copy_(tensor)
+        return tensor
+
+    def _pread_rows(self, file: Path, stored: str, rows: slice | None, out: torch.Tensor | None) -> torch.Tensor:
+        """Rows [start, stop) of a stored tensor are one contiguous byte range: read it with pread, straight into
+        `out` when it fits. Unlike the safetensors memory map, this leaves no file pages resident in the process,
+        so loading a model costs its size in memory and no more."""
+        entry = self._headers[file][stored]
+        dtype = _ST_DTYPES[entry.dtype]
+        start, stop = (rows.start, rows.stop) if rows is not None else (0, entry.shape[0] if entry.shape else 1)
+        row_bytes = math.prod(entry.shape[1:]) * dtype.itemsize
+        shape = (stop - start, *entry.shape[1:]) if entry.shape else ()
+        direct = (out is not None and out.dtype == dtype and tuple(out.shape) == shape and out.is_contiguous()
+                  and out.device.type == "cpu")
+        target = out if direct else torch.empty(shape, dtype=dtype)
+        view = memoryview(target.view(-1).view(torch.uint8).numpy()) if target.numel() else memoryview(b"")
+        offset = self._data_start[file] + entry.begin + start * row_bytes
+        done = 0
+        while done < len(view):
+            got = os.preadv(self._fds[file], [view[done:]], offset + done)
+            if got <= 0:
+                raise CheckpointError(f"{file}: truncated while reading tensor '{stored}'")
+            done += got
+        if out is not None and not direct:
+            return out.copy_(target)
+        return target
 
     def slice_nbytes(self, name: str, index: tuple[slice, ...] | None = None) -> int:
         shape = list(self.shape(name))
@@ -517,6 +557,10 @@ class CheckpointReader:
         for handle in handles.values():
             with contextlib.suppress(Exception):
                 handle.__exit__(None, None, None)
+        fds, self._fds = getattr(self, "_fds", {}), {}
+        for fd in fds.values():
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
     def __enter__(self) -> CheckpointReader:
         return self
