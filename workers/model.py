@@ -238,9 +238,10 @@ class GptOssModel(nn.Module):
                         device: torch.device | str = "cpu", progress: bool = True) -> GptOssModel:
         """Build the model reading only this shard's slices from an open `CheckpointReader`."""
         config = reader.config
-        with torch.device("meta"):
+        # Buffers are torch.empty on the target device: allocated once, filled below (a meta-device detour costs
+        # seconds of torch._refs imports per process, which every shard of a replica pays at start).
+        with torch.device(device):
             model = cls(config, dtype, shard, kernels, collective)
-        model.to_empty(device=device)
         model.inv_freq.copy_(yarn_inv_freq(config.head_dim, config.rope_theta, config.rope_scaling_factor,
                                            config.rope_original_context, config.rope_beta_fast, config.rope_beta_slow,
                                            config.rope_truncate)[0])
@@ -255,7 +256,7 @@ class GptOssModel(nn.Module):
         vocab = rows((model.vocab_start, model.vocab_stop))
 
         def load(target: torch.Tensor, name: str, index: tuple[slice, ...] | None = None) -> None:
-            target.copy_(reader.read(name, index))
+            reader.read(name, index, out=target)  # straight into the buffer: no second copy of the model
 
         load(model.embedding, "model.embed_tokens.weight", vocab)
         for i in tqdm(range(config.num_hidden_layers), desc="loading layers", disable=not progress, unit="layer"):
