@@ -23,13 +23,13 @@ def dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dt
         raise TypeError(f"MXFP4 blocks and scales must be uint8, got {blocks.dtype} and {scales.dtype}")
     if blocks.shape[-1] != BYTES_PER_BLOCK or blocks.shape[:-1] != scales.shape:
         raise ValueError(f"MXFP4 shapes do not match: blocks {tuple(blocks.shape)}, scales {tuple(scales.shape)}")
-    lut = torch.tensor(FP4_VALUES, dtype=torch.float32, device=blocks.device)
-    low = lut[(blocks & 0x0F).long()]
-    high = lut[(blocks >> 4).long()]
-    values = torch.stack((low, high), dim=-1).flatten(-2)  # [..., G, 32], low nibble first
-    exponents = scales.to(torch.int32) - SCALE_BIAS
-    values = torch.ldexp(values, exponents.unsqueeze(-1))
-    return values.flatten(-2).to(dtype)
+    # bf16 shares float32's exponent range, so e2m1 values times a power of two are exact in either.
+    compute = dtype if dtype in (torch.float32, torch.bfloat16) else torch.float32
+    lut = torch.tensor(FP4_VALUES, dtype=compute, device=blocks.device)
+    byte_to_pair = torch.stack((lut.repeat(16), lut.repeat_interleave(16)), dim=-1)  # byte -> (low, high nibble)
+    values = torch.index_select(byte_to_pair, 0, blocks.reshape(-1).int()).reshape(*blocks.shape[:-1], BLOCK)
+    scale = torch.exp2(scales.to(torch.float32) - SCALE_BIAS).to(compute).unsqueeze(-1)
+    return (values * scale).flatten(-2).to(dtype)
 
 
 def quantize_mxfp4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
