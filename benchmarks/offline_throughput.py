@@ -1,0 +1,324 @@
+"""Offline throughput: our engine against transformers' `generate` (static batches) and transformers' continuous
+batching, same checkpoint, same workload, interleaved runs, each run in its own process (for its peak RSS).
+
+Workload: N requests (default 64) of random prompt ids, prompt and output lengths drawn uniformly from 16..256
+(fixed seed), exact output lengths (EOS ignored), greedy, float32, all submitted at once.
+
+    .venv/bin/python benchmarks/offline_throughput.py                      # writes the tiny checkpoint if missing
+    .venv/bin/python benchmarks/offline_throughput.py --reps 3 --modes engine,hf-cb --profile
+
+Prints one line per run, then medians, ratios, the engine's step-time breakdown (scheduling + batch layout,
+model forward, sampling, output processing) and the fraction of the unembedding ceiling reached (fp32 unembedding of
+every output token at the matmul rate measured on this machine in the same process).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+DEFAULT_CHECKPOINT = Path(os.environ.get("TMPDIR", "/tmp")) / "gptoss-bench" / "tiny-hf"
+MODES = ("engine", "hf-static", "hf-cb")
+
+
+def workload(num_requests: int, lo: int, hi: int, seed: int, vocab: int) -> list[tuple[list[int], int]]:
+    rng = random.Random(seed)
+    out = []
+    for _ in range(num_requests):
+        prompt_len, output_len = rng.randint(lo, hi), rng.randint(lo, hi)
+        out.append(([rng.randrange(vocab) for _ in range(prompt_len)], output_len))
+    return out
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def cpu_seconds() -> float:
+    """CPU time of this process, every thread (user + system): the work done, whatever else shares the cores."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def unembed_rate(hidden: int, vocab: int, rows: int) -> float:
+    """GFLOP/s of a [rows, hidden] x [hidden, vocab] fp32 matmul (the unembedding of one decode step)."""
+    import torch
+
+    w = torch.randn(vocab, hidden)
+    h = torch.randn(rows, hidden)
+    torch.nn.functional.linear(h, w)
+    best = float("inf")
+    for _ in range(5):
+        t = time.perf_counter()
+        torch.nn.functional.linear(h, w)
+        best = min(best, time.perf_counter() - t)
+    return 2 * rows * hidden * vocab / best / 1e9
+
+
+# ---------------------------------------------------------------------------------------------------- workers
+def run_engine(args, requests) -> dict:
+    import torch
+
+    from workers.engine import Engine, EngineConfig
+    from workers.sampling import SamplingParams
+
+    config = EngineConfig(block_size=16, num_blocks=args.num_blocks, max_num_seqs=args.num_requests,
+                          max_num_batched_tokens=args.max_batched_tokens, enable_prefix_caching=True)
+    engine = Engine.from_checkpoint(args.checkpoint, dtype=torch.float32, config=config, progress=False)
+    # warm-up: one short request (first-call allocations, thread pools)
+    engine.generate([([1, 2, 3, 4], SamplingParams(temperature=0, max_tokens=2, ignore_eos=True))])
+    engine.kv.reset_prefix_cache()
+    before = engine.stats()
+    batch = [(ids, SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)) for ids, n in requests]
+    profiler = None
+    if args.profile:
+        import cProfile
+
+        profiler = cProfile.Profile()
+        profiler.enable()
+    t, cpu = time.perf_counter(), cpu_seconds()
+    results = engine.generate(batch)
+    elapsed, cpu = time.perf_counter() - t, cpu_seconds() - cpu
+    if profiler is not None:
+        profiler.disable()
+    stats = engine.stats()
+    assert [len(r.token_ids) for r in results] == [n for _, n in requests], "output lengths differ"
+    out = {
+        "output_tokens": sum(n for _, n in requests),
+        "seconds": elapsed,
+        "cpu_seconds": cpu,
+        "steps": stats.num_steps - before.num_steps,
+        "kv_blocks": stats.kv_blocks_total,
+        "time_schedule_s": stats.time_schedule_s - before.time_schedule_s,
+        "time_execute_s": stats.time_execute_s - before.time_execute_s,
+        "time_sample_s": stats.time_sample_s - before.time_sample_s,
+        "time_output_s": stats.time_output_s - before.time_output_s,
+        "preemptions": stats.num_preemptions,
+    }
+    if profiler is not None:
+        import io
+        import pstats
+
+        buf = io.StringIO()
+        pstats.Stats(profiler, stream=buf).sort_stats("cumulative").print_stats(args.profile_lines)
+        out["profile"] = buf.getvalue()
+    model_config = engine.model_config
+    out["unembed_gflops"] = unembed_rate(model_config.hidden_size, model_config.vocab_size, 64)
+    return out
+
+
+def load_hf(path: str):
+    import torch
+    import transformers
+
+    model = transformers.GptOssForCausalLM.from_pretrained(
+        path, quantization_config=transformers.Mxfp4Config(dequantize=True), dtype=torch.float32,
+        attn_implementation="eager")
+    return model.eval()
+
+
+def run_hf_static(args, requests) -> dict:
+    import torch
+
+    model = load_hf(args.checkpoint)
+    pad = model.config.pad_token_id
+    with torch.inference_mode():  # warm-up
+        model.generate(torch.tensor([[1, 2, 3, 4]]), do_sample=False, max_new_tokens=2, min_new_tokens=2)
+    t, cpu = time.perf_counter(), cpu_seconds()
+    useful = wasted = 0
+    with torch.inference_mode():
+        for start in range(0, len(requests), args.hf_batch):
+            chunk = requests[start:start + args.hf_batch]
+            width = max(len(ids) for ids, _ in chunk)
+            # left padding; every row runs to the batch's longest output, each request keeps its own length
+            input_ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(chunk), width), dtype=torch.long)
+            for i, (ids, _) in enumerate(chunk):
+                input_ids[i, width - len(ids):] = torch.tensor(ids)
+                mask[i, width - len(ids):] = 1
+            longest = max(n for _, n in chunk)
+            out = model.generate(input_ids, attention_mask=mask, do_sample=False, max_new_tokens=longest,
+                                 min_new_tokens=longest, pad_token_id=pad)
+            assert out.shape[1] - width == longest
+            useful += sum(n for _, n in chunk)
+            wasted += sum(longest - n for _, n in chunk)
+    elapsed, cpu = time.perf_counter() - t, cpu_seconds() - cpu
+    return {"output_tokens": useful, "seconds": elapsed, "cpu_seconds": cpu, "padded_tokens_discarded": wasted}
+
+
+def run_hf_cb(args, requests) -> dict:
+    import torch
+    import transformers
+    from transformers import ContinuousBatchingConfig, GenerationConfig
+
+    model = transformers.GptOssForCausalLM.from_pretrained(
+        args.checkpoint, quantization_config=transformers.Mxfp4Config(dequantize=True), dtype=torch.float32,
+        attn_implementation="paged|eager").eval()
+    gen_config = GenerationConfig(do_sample=False, max_new_tokens=max(n for _, n in requests), eos_token_id=-1,
+                                  pad_token_id=model.config.pad_token_id)
+    # The same KV capacity as the engine's pool (its pages hold 256 tokens; left alone it takes 90 % of free memory)
+    pages = -(-args.num_blocks * 16 // 256)
+    cb_config = ContinuousBatchingConfig(max_batch_tokens=args.max_batched_tokens, num_blocks=pages,
+                                         auto_switch_to_flash=False, use_cuda_graph=False, use_async_batching=False)
+    manager = model.init_continuous_batching(generation_config=gen_config, continuous_batching_config=cb_config)
+    manager.start()
+    try:
+        # warm-up
+        manager.add_request([1, 2, 3, 4], request_id="warmup", max_new_tokens=2, eos_token_id=-1)
+        while True:
+            result = manager.get_result(timeout=60)
+            if result is not None and result.is_finished():
+                break
+        t, cpu = time.perf_counter(), cpu_seconds()
+        for i, (ids, n) in enumerate(requests):
+            manager.add_request(ids, request_id=f"r{i}", max_new_tokens=n, eos_token_id=-1)
+        lengths = {}
+        while len(lengths) < len(requests):
+            result = manager.get_result(timeout=600)
+            if result is None:
+                raise RuntimeError("transformers' continuous batching stopped answering")
+            if result.is_finished():
+                lengths[result.request_id] = len(result.generated_tokens)
+        elapsed, cpu = time.perf_counter() - t, cpu_seconds() - cpu
+    finally:
+        manager.stop(block=True, timeout=60)
+    assert [lengths[f"r{i}"] for i in range(len(requests))] == [n for _, n in requests], "output lengths differ"
+    return {"output_tokens": sum(lengths.values()), "seconds": elapsed, "cpu_seconds": cpu}
+
+
+def worker(args) -> None:
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from workers.config import ModelConfig
+
+    vocab = ModelConfig.from_json(Path(args.checkpoint) / "config.json").vocab_size
+    requests = workload(args.num_requests, args.min_len, args.max_len, args.seed, min(vocab, 200000))
+    result = {"engine": run_engine, "hf-static": run_hf_static, "hf-cb": run_hf_cb}[args.worker](args, requests)
+    result["mode"] = args.worker
+    result["tok_s"] = result["output_tokens"] / result["seconds"]
+    result["tok_per_cpu_s"] = result["output_tokens"] / result["cpu_seconds"]
+    result["peak_rss_mib"] = peak_rss_mib()
+    result["threads"] = torch.get_num_threads()
+    print("RESULT " + json.dumps(result))
+
+
+# ---------------------------------------------------------------------------------------------------- driver
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT))
+    parser.add_argument("--num-requests", type=int, default=64)
+    parser.add_argument("--min-len", type=int, default=16)
+    parser.add_argument("--max-len", type=int, default=256)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--reps", type=int, default=2)
+    parser.add_argument("--modes", default=",".join(MODES))
+    parser.add_argument("--hf-batch", type=int, default=16)
+    parser.add_argument("--num-blocks", type=int, default=4096)
+    parser.add_argument("--max-batched-tokens", type=int, default=2048)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads per run (0: torch's default)")
+    parser.add_argument("--profile", action="store_true", help="cProfile the engine run(s)")
+    parser.add_argument("--profile-lines", type=int, default=25)
+    parser.add_argument("--json", help="also write every run's figures to this file")
+    parser.add_argument("--worker", choices=MODES, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        worker(args)
+        return
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    for m in modes:
+        if m not in MODES:
+            parser.error(f"unknown mode {m!r}; choose from {', '.join(MODES)}")
+    if not (Path(args.checkpoint) / "config.json").exists():
+        from workers.checkpoint import write_checkpoint
+        from workers.config import ModelConfig
+
+        print(f"writing the tiny checkpoint to {args.checkpoint}", flush=True)
+        write_checkpoint(ModelConfig.preset("tiny"), args.checkpoint, layout="hf", seed=0, progress=False)
+
+    runs: list[dict] = []
+    passthrough = ["--checkpoint", args.checkpoint, "--num-requests", str(args.num_requests), "--min-len",
+                   str(args.min_len), "--max-len", str(args.max_len), "--seed", str(args.seed), "--hf-batch",
+                   str(args.hf_batch), "--num-blocks", str(args.num_blocks), "--max-batched-tokens",
+                   str(args.max_batched_tokens), "--threads", str(args.threads),
+                   "--profile-lines", str(args.profile_lines)]
+    # Every mode runs with the same allocator settings: glibc would otherwise mmap / munmap (and page-fault) each
+    # step's ~50 MB logits tensor afresh; keeping such blocks in the heap is the usual CPU-inference tuning.
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(1 << 30), MALLOC_TRIM_THRESHOLD_=str(1 << 31))
+    for rep in range(args.reps):
+        for mode in modes:  # interleaved: machine speed drifts between runs
+            cmd = [sys.executable, __file__, "--worker", mode, *passthrough]
+            if args.profile and mode == "engine" and rep == 0:
+                cmd.append("--profile")
+            proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
+            line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
+            if proc.returncode or line is None:
+                print(f"[{mode} run {rep}] failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}", flush=True)
+                continue
+            result = json.loads(line[len("RESULT "):])
+            result["rep"] = rep
+            runs.append(result)
+            print(f"[rep {rep}] {mode:9s} {result['tok_s']:8.1f} output tok/s  {result['seconds']:7.1f} s  "
+                  f"{result['tok_per_cpu_s']:7.1f} tok/CPU-s  peak RSS {result['peak_rss_mib']:7.0f} MiB", flush=True)
+            if "profile" in result:
+                print(result.pop("profile"), flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(runs, indent=2))
+    report(runs, modes)
+
+
+def report(runs: list[dict], modes: list[str]) -> None:
+    def med(mode: str, key: str) -> float | None:
+        values = [r[key] for r in runs if r["mode"] == mode and key in r]
+        return statistics.median(values) if values else None
+
+    print("\nmedian over runs:")
+    for mode in modes:
+        if med(mode, "tok_s") is not None:
+            print(f"  {mode:9s} {med(mode, 'tok_s'):8.1f} output tok/s  {med(mode, 'tok_per_cpu_s'):7.1f} tok/CPU-s  "
+                  f"peak RSS {med(mode, 'peak_rss_mib'):7.0f} MiB")
+    engine = med("engine", "tok_s")
+    hf = [m for m in ("hf-static", "hf-cb") if med(m, "tok_s") is not None]
+    if engine is not None and hf:
+        for m in hf:
+            print(f"  engine / {m}: {engine / med(m, 'tok_s'):.2f}x wall-clock, "
+                  f"{med('engine', 'tok_per_cpu_s') / med(m, 'tok_per_cpu_s'):.2f}x per CPU-second")
+        best = max(hf, key=lambda m: med(m, "tok_s"))
+        print(f"  engine / best transformers mode ({best}): {engine / med(best, 'tok_s'):.2f}x")
+        # paired ratios (same rep: the runs next to each other in time)
+        for m in hf:
+            pairs = [e["tok_s"] / h["tok_s"] for e in runs if e["mode"] == "engine"
+                     for h in runs if h["mode"] == m and h["rep"] == e["rep"]]
+            if pairs:
+                print(f"  paired engine / {m} per rep: {', '.join(f'{p:.2f}x' for p in pairs)}")
+    if engine is not None:
+        parts = {k: med("engine", k) for k in ("time_schedule_s", "time_execute_s", "time_sample_s",
+                                                 "time_output_s")}
+        total = sum(parts.values())
+        print("\nengine step time breakdown (median run):")
+        for k, v in parts.items():
+            print(f"  {k[5:-2]:10s} {v:7.2f} s  {100 * v / total:5.1f} %")
+        print(f"  overhead outside the model forward: {100 * (1 - parts['time_execute_s'] / total):.1f} %")
+        rate = med("engine", "unembed_gflops")
+        from workers.config import ModelConfig
+
+        cfg = ModelConfig.preset("tiny")
+        ceiling = rate * 1e9 / (2 * cfg.hidden_size * cfg.vocab_size)
+        print(f"\nunembedding ceiling at the measured {rate:.1f} GFLOP/s (64-row fp32 matmul): {ceiling:.0f} tok/s; "
+              f"engine reaches {100 * engine / ceiling:.0f} %")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,28 @@
+"""The engine core of one replica: scheduler, paged KV cache with prefix caching, batched sampler, step loop.
+
+    engine = Engine.from_model(model, EngineConfig(num_blocks=2048))
+    results = engine.generate([(prompt_ids, SamplingParams(temperature=0, max_tokens=32))])
+    # or, inside asyncio: async for delta in engine.add_request(prompt_ids, params): ...
+"""
+
+from workers.engine.config import EngineConfig
+from workers.engine.engine import Engine, EngineStats, RequestStream
+from workers.engine.executor import Executor, LocalExecutor, StepPlan
+from workers.engine.kv_cache import KVCacheLayout, KVCacheManager, PagedKVStore
+from workers.engine.request import (
+    FinishReason,
+    GenerationResult,
+    Request,
+    RequestOutput,
+    RequestStatus,
+    TokenLogprob,
+    Usage,
+)
+from workers.engine.sampler import Sampler
+from workers.engine.scheduler import Scheduler, SchedulerOutput
+
+__all__ = [
+    "Engine", "EngineConfig", "EngineStats", "Executor", "FinishReason", "GenerationResult", "KVCacheLayout",
+    "KVCacheManager", "LocalExecutor", "PagedKVStore", "Request", "RequestOutput", "RequestStatus", "RequestStream",
+    "Sampler", "Scheduler", "SchedulerOutput", "StepPlan", "TokenLogprob", "Usage",
+]

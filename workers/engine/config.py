@@ -1,0 +1,56 @@
+"""EngineConfig: the knobs of one replica's engine core (could move next to ModelConfig in workers/config.py)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """How one replica batches, caches and schedules.
+
+    KV capacity: `num_blocks` fixes the pool size; left None, the pool takes `kv_memory_fraction` of the memory the
+    executor reports free (device memory on CUDA, MemAvailable on CPU). `max_model_len` defaults to the model's
+    context. With `enable_chunked_prefill` off a prompt runs in one step, so it must fit `max_num_batched_tokens`
+    (a preempted request's recomputation is still chunked). `scheduling_policy` "priority" serves lower `priority`
+    values first (ties by arrival) and preempts the highest value (newest first); "fcfs" ignores priorities.
+    `seed` drives the sampling of requests without a seed of their own. `dequantize_experts` lets a local executor
+    keep a dense copy of small models' MXFP4 experts (dequantized once instead of every step).
+    """
+
+    block_size: int = 16
+    num_blocks: int | None = None
+    kv_memory_fraction: float = 0.5
+    max_num_batched_tokens: int = 2048
+    max_num_seqs: int = 64
+    max_model_len: int | None = None
+    enable_prefix_caching: bool = True
+    enable_chunked_prefill: bool = True
+    scheduling_policy: str = "fcfs"
+    seed: int = 0
+    count_expert_tokens: bool = True
+    dequantize_experts: bool | None = None  # None: when the torch kernels run and dense experts fit in 1 GiB
+
+    def __post_init__(self) -> None:
+        for name in ("block_size", "max_num_batched_tokens", "max_num_seqs"):
+            _positive_int(name, getattr(self, name))
+        for name in ("num_blocks", "max_model_len"):
+            if getattr(self, name) is not None:
+                _positive_int(name, getattr(self, name))
+        fraction = self.kv_memory_fraction
+        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
+            raise ValueError(f"kv_memory_fraction must be in (0, 1], got {fraction!r}")
+        if self.scheduling_policy not in ("fcfs", "priority"):
+            raise ValueError(f"scheduling_policy must be 'fcfs' or 'priority', got {self.scheduling_policy!r}")
+        for name in ("enable_prefix_caching", "enable_chunked_prefill", "count_expert_tokens"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if self.dequantize_experts not in (None, True, False):
+            raise ValueError(f"dequantize_experts must be true, false or null, got {self.dequantize_experts!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ValueError(f"seed must be an integer, got {self.seed!r}")
+
+
+def _positive_int(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")

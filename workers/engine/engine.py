@@ -1,0 +1,597 @@
+"""The engine core of one replica: the step loop, streaming, aborts and statistics.
+
+Each `step()` asks the scheduler what runs, lays the batch out for the executor (flat tokens, positions, block
+tables, slot mappings, the rows to sample), has the executor run the model, samples every finished row at once, and
+turns the new tokens into per-request deltas (stop tokens, stop strings, max_tokens, incremental text).
+
+Two ways in, over the same core:
+- synchronous: `submit(...)` then `step()` until idle, or `generate([...])` (the offline LLM);
+- asynchronous: `add_request(...)` returns an async iterator of `RequestOutput` deltas; a background task runs the
+  steps in a worker thread, so `abort()` and new requests land while a step executes.
+
+`abort(request_id)` ends a request at once, wherever it is: its blocks return to the pool immediately (a step in
+flight that still writes into them finishes before any block is handed out again), its stream ends with finish
+reason "aborted", and whatever the in-flight step produced for it is dropped. The id is free for reuse as soon as
+the request has ended.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from workers.config import ModelConfig
+from workers.engine.config import EngineConfig
+from workers.engine.executor import Executor, LocalExecutor, StepPlan
+from workers.engine.kv_cache import KVCacheLayout, KVCacheManager
+from workers.engine.request import (
+    GenerationResult,
+    Request,
+    RequestOutput,
+    RequestStatus,
+    TokenLogprob,
+)
+from workers.engine.sampler import Sampler
+from workers.engine.scheduler import Scheduler, SchedulerOutput
+from workers.sampling import SamplingParams
+
+logger = logging.getLogger("gptoss.engine")
+
+
+@dataclass
+class EngineStats:
+    """A snapshot of the engine (every counter since start)."""
+
+    num_running: int
+    num_waiting: int
+    kv_block_size: int
+    kv_blocks_total: int
+    kv_blocks_free: int
+    kv_usage: float  # fraction of blocks referenced by requests (free blocks may still hold cached prefixes)
+    kv_capacity_tokens: int
+    kv_cached_blocks: int
+    prefix_cache_queries: int  # tokens looked up at admission
+    prefix_cache_hits: int  # of which served from the cache
+    prefix_cache_query_requests: int
+    prefix_cache_hit_requests: int
+    num_preemptions: int
+    num_steps: int
+    num_prefill_tokens: int  # tokens computed for prompts (and recomputation), excluding prefix hits
+    num_decode_tokens: int  # tokens generated
+    num_finished: int
+    num_aborted: int
+    last_step_tokens: int
+    last_step_time_s: float
+    mean_tokens_per_step: float
+    mean_step_time_s: float
+    time_schedule_s: float  # scheduling + laying out the batch (block tables, slot mappings)
+    time_execute_s: float  # the model forward (executor)
+    time_sample_s: float
+    time_output_s: float  # stop checks, detokenization, deltas
+    expert_counts: torch.Tensor | None = None  # int64 [layers, experts]: routed tokens
+
+    @property
+    def overhead_fraction(self) -> float:
+        """Share of step time spent outside the model forward."""
+        total = self.time_schedule_s + self.time_execute_s + self.time_sample_s + self.time_output_s
+        return 0.0 if total == 0 else 1.0 - self.time_execute_s / total
+
+    @property
+    def prefix_cache_hit_rate(self) -> float:
+        return 0.0 if not self.prefix_cache_queries else self.prefix_cache_hits / self.prefix_cache_queries
+
+
+class RequestStream:
+    """The async iterator `Engine.add_request` returns: `RequestOutput` deltas until one has `finished`."""
+
+    def __init__(self, engine: Engine, request_id: str, loop: asyncio.AbstractEventLoop) -> None:
+        self.engine = engine
+        self.request_id = request_id
+        self._loop = loop
+        self._queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
+        self._done = False
+
+    def _put(self, item: RequestOutput | BaseException) -> None:
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is self._loop:
+            self._queue.put_nowait(item)
+        else:
+            self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
+
+    def __aiter__(self) -> RequestStream:
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if self._done:
+            raise StopAsyncIteration
+        item = await self._queue.get()
+        if isinstance(item, BaseException):
+            self._done = True
+            raise item
+        if item.finished:
+            self._done = True
+        return item
+
+    def abort(self) -> bool:
+        return self.engine.abort(self.request_id)
+
+
+@dataclass
+class _Timers:
+    schedule: float = 0.0
+    execute: float = 0.0
+    sample: float = 0.0
+    output: float = 0.0
+    steps: int = 0
+    tokens: int = 0
+    last_tokens: int = 0
+    last_time: float = 0.0
+    prefill_tokens: int = 0
+    decode_tokens: int = 0
+    finished: int = 0
+    aborted: int = 0
+
+
+class Engine:
+    def __init__(self, executor: Executor, model_config: ModelConfig, config: EngineConfig | None = None,
+                 tokenizer: Any = None) -> None:
+        self.config = config or EngineConfig()
+        self.model_config = model_config
+        self.executor = executor
+        self.tokenizer = tokenizer
+        self.max_model_len = min(self.config.max_model_len or model_config.max_position_embeddings,
+                                 model_config.max_position_embeddings)
+        self.layout = KVCacheLayout.from_model_config(model_config, self.config.block_size)
+        self.kv_block_bytes = executor.kv_block_bytes(self.layout)
+        if self.config.num_blocks is not None:
+            num_blocks = self.config.num_blocks
+        else:
+            num_blocks = int(self.config.kv_memory_fraction * executor.available_kv_memory()) // self.kv_block_bytes
+            if num_blocks < 1:
+                raise ValueError(f"kv_memory_fraction {self.config.kv_memory_fraction} of the free memory holds no KV "
+                                 f"block of {self.kv_block_bytes} bytes")
+        executor.initialize_cache(self.layout, num_blocks)
+        logger.info("KV cache: %d blocks of %d tokens (%d tokens, %.1f MiB per shard), %d layer groups",
+                    num_blocks, self.config.block_size, num_blocks * self.config.block_size,
+                    num_blocks * self.kv_block_bytes / 2**20, len(self.layout.groups))
+        self.kv = KVCacheManager(self.layout, num_blocks, self.config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.config, self.kv, self.max_model_len)
+        self.sampler = Sampler(self.config.seed)
+        self.requests: dict[str, Request] = {}  # live (unfinished) requests by id
+        self._lock = threading.RLock()  # guards scheduler / KV / request state
+        self._step_lock = threading.Lock()  # one step at a time
+        self._pending: list[RequestOutput] = []  # outputs of requests without a stream, for the next step()
+        self._streams: dict[Request, RequestStream] = {}
+        self._timers = _Timers()
+        self._loop_task: asyncio.Task[None] | None = None
+        self._wakeup: asyncio.Event | None = None
+        self._detokenizers: dict[Request, Any] = {}
+        self._idle_step = False
+
+    # ------------------------------------------------------------------------------------------------ builders
+    @classmethod
+    def from_model(cls, model: Any, config: EngineConfig | None = None, tokenizer: Any = None) -> Engine:
+        config = config or EngineConfig()
+        executor = LocalExecutor(model, config.count_expert_tokens, config.dequantize_experts)
+        return cls(executor, model.config, config, tokenizer)
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, dtype: torch.dtype = torch.bfloat16, config: EngineConfig | None = None,
+                        tokenizer: Any = None, device: str | torch.device = "cpu", progress: bool = True) -> Engine:
+        from workers.checkpoint import open_checkpoint
+        from workers.model import GptOssModel
+
+        with open_checkpoint(path) as reader:
+            model = GptOssModel.from_checkpoint(reader, dtype=dtype, device=device, progress=progress)
+        return cls.from_model(model, config, tokenizer)
+
+    @property
+    def num_kv_blocks(self) -> int:
+        return self.kv.num_blocks
+
+    # ------------------------------------------------------------------------------------------------ requests
+    def _make_request(self, prompt_token_ids: Sequence[int], params: SamplingParams | dict[str, Any] | None,
+                      request_id: str | None, priority: int, eos_token_ids: Sequence[int] | None) -> Request:
+        if params is None:
+            params = SamplingParams()
+        elif isinstance(params, dict):
+            params = SamplingParams(**params)
+        elif not isinstance(params, SamplingParams):
+            raise ValueError(f"sampling params must be SamplingParams or a dict, got {type(params).__name__}")
+        if request_id is None:
+            request_id = uuid.uuid4().hex
+        elif not isinstance(request_id, str) or not request_id:
+            raise ValueError(f"request_id must be a non-empty string, got {request_id!r}")
+        if isinstance(priority, bool) or not isinstance(priority, int):
+            raise ValueError(f"priority must be an integer, got {priority!r}")
+        if isinstance(prompt_token_ids, (str, bytes)):
+            raise ValueError("the engine takes token ids; tokenize the prompt first")
+        prompt = list(prompt_token_ids)
+        if not prompt:
+            raise ValueError("prompt_token_ids is empty")
+        vocab = self.model_config.vocab_size
+        for i, token in enumerate(prompt):
+            if isinstance(token, bool) or not isinstance(token, (int, np.integer)) or not 0 <= token < vocab:
+                raise ValueError(f"token id {token!r} at position {i} is outside the vocabulary [0, {vocab})")
+        prompt = [int(t) for t in prompt]
+        for token in params.stop_token_ids:
+            if token >= vocab:
+                raise ValueError(f"stop token id {token} is outside the vocabulary [0, {vocab})")
+        if params.stop and self.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer; this engine was built without one")
+        if eos_token_ids is None:
+            eos_token_ids = (self.model_config.eos_token_id,)
+        self.scheduler.check_request(len(prompt), params.max_tokens)
+        return Request(request_id, prompt, params, eos_token_ids=tuple(eos_token_ids), priority=priority)
+
+    def submit(self, prompt_token_ids: Sequence[int], params: SamplingParams | dict[str, Any] | None = None,
+               request_id: str | None = None, *, priority: int = 0,
+               eos_token_ids: Sequence[int] | None = None) -> str:
+        """Queue a request (synchronous use: its outputs come back from `step()`); returns its id.
+
+        `eos_token_ids` are the tokens that end it unless `params.ignore_eos` (default: the model's EOS; pass
+        harmony's stop tokens for chat). Invalid input raises ValueError and changes nothing.
+        """
+        return self._add(prompt_token_ids, params, request_id, priority, eos_token_ids, None).request_id
+
+    def add_request(self, prompt_token_ids: Sequence[int], params: SamplingParams | dict[str, Any] | None = None,
+                    request_id: str | None = None, *, priority: int = 0,
+                    eos_token_ids: Sequence[int] | None = None) -> RequestStream:
+        """Queue a request and return an async iterator of its deltas (call from inside a running event loop)."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            raise RuntimeError("add_request streams to an asyncio event loop; without one use submit() + step() "
+                               "or generate()") from None
+        request = self._add(prompt_token_ids, params, request_id, priority, eos_token_ids, loop)
+        self._ensure_loop(loop)
+        return self._streams[request]
+
+    def _add(self, prompt_token_ids: Sequence[int], params: Any, request_id: str | None, priority: int,
+             eos_token_ids: Sequence[int] | None, loop: asyncio.AbstractEventLoop | None) -> Request:
+        request = self._make_request(prompt_token_ids, params, request_id, priority, eos_token_ids)
+        self._register(request, loop)
+        if self._wakeup is not None and loop is not None:
+            self._wakeup.set()
+        return request
+
+    def _register(self, request: Request, loop: asyncio.AbstractEventLoop | None) -> None:
+        with self._lock:
+            if request.request_id in self.requests:
+                raise ValueError(f"request id {request.request_id!r} is already in use by an unfinished request")
+            self.scheduler.add(request)
+            self.requests[request.request_id] = request
+            if loop is not None:
+                self._streams[request] = RequestStream(self, request.request_id, loop)
+            if self.tokenizer is not None:
+                from workers.harmony import IncrementalDetokenizer
+
+                self._detokenizers[request] = IncrementalDetokenizer(self.tokenizer)
+
+    def abort(self, request_id: str) -> bool:
+        """End a request now (finish reason "aborted") and free its blocks; False if no such live request."""
+        with self._lock:
+            request = self.requests.get(request_id)
+            if request is None:
+                return False
+            self._finish(request, RequestStatus.FINISHED_ABORTED)
+            self._emit(request, self._delta(request, [], None, finished=True))
+            return True
+
+    def has_unfinished_requests(self) -> bool:
+        with self._lock:
+            return bool(self.requests)
+
+    # ------------------------------------------------------------------------------------------------ the step
+    def step(self) -> list[RequestOutput]:
+        """Run one scheduling step; returns the deltas of requests without a stream (submit()-ed)."""
+        with self._step_lock:
+            t0 = time.perf_counter()
+            with self._lock:
+                sched = self.scheduler.schedule()
+                self._idle_step = not sched.scheduled
+                if not sched.scheduled:
+                    return self._take_pending()
+                plan, sampled = self._build_plan(sched)
+            t1 = time.perf_counter()
+            logits = self.executor.execute(plan)
+            t2 = time.perf_counter()
+            with self._lock:
+                with torch.inference_mode():
+                    tokens, logprobs = (self.sampler.sample(logits, [s.request for s in sampled]) if sampled
+                                        else ([], []))
+                t3 = time.perf_counter()
+                self._process(sched, sampled, tokens, logprobs)
+                outputs = self._take_pending()
+            t4 = time.perf_counter()
+            tm = self._timers
+            tm.schedule += t1 - t0
+            tm.execute += t2 - t1
+            tm.sample += t3 - t2
+            tm.output += t4 - t3
+            tm.steps += 1
+            tm.last_tokens = plan.num_tokens
+            tm.tokens += plan.num_tokens
+            tm.last_time = t4 - t0
+            return outputs
+
+    def _build_plan(self, sched: SchedulerOutput) -> tuple[StepPlan, list]:
+        items = sched.scheduled
+        bs = self.layout.block_size
+        starts = np.fromiter((s.start for s in items), dtype=np.int64, count=len(items))
+        counts = np.fromiter((s.num_new_tokens for s in items), dtype=np.int64, count=len(items))
+        query_start_loc = np.zeros(len(items) + 1, dtype=np.int64)
+        np.cumsum(counts, out=query_start_loc[1:])
+        num_tokens = int(query_start_loc[-1])
+        token_ids: list[int] = []
+        for s in items:
+            if s.num_new_tokens == 1:
+                token_ids.append(s.request.token_ids[s.start])
+            else:
+                token_ids.extend(s.request.token_ids[s.start:s.start + s.num_new_tokens])
+        rows = np.repeat(np.arange(len(items)), counts)
+        positions = np.arange(num_tokens, dtype=np.int64) - np.repeat(query_start_loc[:-1] - starts, counts)
+        seq_lens = starts + counts
+        block_index = positions // bs
+        offset = positions % bs
+        block_tables, slot_mappings = [], []
+        for g in range(len(self.layout.groups)):
+            tables = [self.kv.block_ids(s.request, g) for s in items]
+            width = max(len(t) for t in tables)
+            table = np.zeros((len(items), width), dtype=np.int32)
+            for i, ids in enumerate(tables):
+                table[i, :len(ids)] = ids
+            slot_mappings.append(torch.from_numpy(table[rows, block_index].astype(np.int64) * bs + offset))
+            block_tables.append(torch.from_numpy(table))
+        sampled = [s for s in items if s.samples]
+        logits_indices = np.fromiter((query_start_loc[i + 1] - 1 for i, s in enumerate(items) if s.samples),
+                                     dtype=np.int64)
+        plan = StepPlan(
+            token_ids=torch.tensor(token_ids, dtype=torch.long),
+            positions=torch.from_numpy(positions),
+            query_start_loc=torch.from_numpy(query_start_loc.astype(np.int32)),
+            seq_lens=torch.from_numpy(seq_lens.astype(np.int32)),
+            block_tables=block_tables,
+            slot_mappings=slot_mappings,
+            logits_indices=torch.from_numpy(logits_indices),
+        )
+        return plan, sampled
+
+    def _process(self, sched: SchedulerOutput, sampled: list, tokens: list[int],
+                 logprobs: list[TokenLogprob | None]) -> None:
+        sampled_at = {id(s): k for k, s in enumerate(sampled)}
+        tm = self._timers
+        for s in sched.scheduled:
+            request = s.request
+            if request.is_finished or request.status is not RequestStatus.RUNNING:
+                continue  # aborted while the step ran: drop what it produced
+            request.num_computed_tokens = s.start + s.num_new_tokens
+            k = sampled_at.get(id(s))
+            if k is None:
+                tm.prefill_tokens += s.num_new_tokens
+                self.kv.register_computed(request)
+                continue
+            if s.num_new_tokens > 1 or s.start < request.num_prompt_tokens:
+                tm.prefill_tokens += s.num_new_tokens
+            token = tokens[k]
+            request.token_ids.append(token)
+            tm.decode_tokens += 1
+            if request.first_token_time is None:
+                request.first_token_time = time.monotonic()
+            if request.logprobs is not None and logprobs[k] is not None:
+                request.logprobs.append(logprobs[k])
+            status = self._check_stop(request, token)
+            self.kv.register_computed(request)
+            if status is not None:
+                self._finish(request, status)
+            self._emit(request, self._delta(request, [token], logprobs[k], finished=status is not None))
+
+    def _check_stop(self, request: Request, token: int) -> RequestStatus | None:
+        params = request.params
+        n_out = request.num_output_tokens
+        detok = self._detokenizers.get(request)
+        if token in request.stop_token_ids and n_out > params.min_tokens:
+            request.stop_reason = token
+            if detok is not None:
+                request.text += detok.flush()
+            return RequestStatus.FINISHED_STOPPED
+        if detok is not None:
+            before = len(request.text)
+            request.text += detok.add(token)
+            if params.stop and n_out >= params.min_tokens:
+                longest = max(len(s) for s in params.stop)
+                search_from = max(0, before - longest + 1)
+                hit = None
+                for stop in params.stop:
+                    at = request.text.find(stop, search_from)
+                    if at >= 0 and (hit is None or at < hit[0]):
+                        hit = (at, stop)
+                if hit is not None:
+                    at, stop = hit
+                    request.text = request.text[:at + (len(stop) if params.include_stop_str_in_output else 0)]
+                    request.stop_reason = stop
+                    return RequestStatus.FINISHED_STOPPED
+        if n_out >= params.max_tokens or request.num_tokens >= self.max_model_len:
+            if detok is not None:
+                request.text += detok.flush()
+            return RequestStatus.FINISHED_LENGTH
+        return None
+
+    def _finish(self, request: Request, status: RequestStatus) -> None:
+        self.scheduler.finish(request, status)
+        if self.requests.get(request.request_id) is request:
+            del self.requests[request.request_id]
+        self._detokenizers.pop(request, None)
+        if status is RequestStatus.FINISHED_ABORTED:
+            self._timers.aborted += 1
+        else:
+            self._timers.finished += 1
+
+    def _delta(self, request: Request, new_tokens: list[int], logprob: TokenLogprob | None,
+               finished: bool) -> RequestOutput:
+        params = request.params
+        if finished or not params.stop:
+            text_end = len(request.text)
+        else:  # hold back what could still become a stop string
+            text_end = max(request.num_sent_text, len(request.text) - max(len(s) for s in params.stop) + 1)
+        text = request.text[request.num_sent_text:text_end]
+        request.num_sent_text = text_end
+        request.num_sent_tokens += len(new_tokens)
+        return RequestOutput(
+            request_id=request.request_id,
+            new_token_ids=new_tokens,
+            text=text,
+            logprobs=([logprob] if logprob is not None else []) if params.logprobs is not None else None,
+            finished=finished,
+            finish_reason=request.finish_reason if finished else None,
+            stop_reason=request.stop_reason if finished else None,
+            usage=request.usage(),
+        )
+
+    def _emit(self, request: Request, output: RequestOutput) -> None:
+        stream = self._streams.get(request)
+        if stream is not None:
+            stream._put(output)
+            if output.finished:
+                del self._streams[request]
+        else:
+            self._pending.append(output)
+
+    def _take_pending(self) -> list[RequestOutput]:
+        out, self._pending = self._pending, []
+        return out
+
+    # ------------------------------------------------------------------------------------------------ sync API
+    def generate(self, requests: Sequence[tuple], eos_token_ids: Sequence[int] | None = None
+                 ) -> list[GenerationResult]:
+        """Run requests to completion together; results in input order.
+
+        Each request is `(prompt_token_ids, params)` or `(prompt_token_ids, params, eos_token_ids)` (the latter
+        overrides `eos_token_ids` for that request, e.g. harmony's stop tokens for a chat prompt). Every request is
+        validated before any runs (a bad one raises ValueError and nothing is queued).
+        """
+        prepared = []
+        for item in requests:
+            if not isinstance(item, (tuple, list)) or len(item) not in (2, 3):
+                raise ValueError("each request is (prompt_token_ids, params) or (prompt_token_ids, params, eos_ids)")
+            eos = item[2] if len(item) == 3 else eos_token_ids
+            prepared.append(self._make_request(item[0], item[1], None, 0, eos))
+        for request in prepared:
+            self._register(request, None)
+        ids = [r.request_id for r in prepared]
+        wanted = {r.request_id: r for r in prepared}
+        done: dict[str, GenerationResult] = {}
+        try:
+            while len(done) < len(wanted):
+                for out in self.step():
+                    if out.finished and out.request_id in wanted:
+                        request = wanted[out.request_id]
+                        done[out.request_id] = self.result(request)
+                if not self.has_unfinished_requests() and len(done) < len(wanted):
+                    break
+        except BaseException:
+            for request in prepared:
+                self.abort(request.request_id)
+            raise
+        return [done[i] for i in ids]
+
+    @staticmethod
+    def result(request: Request) -> GenerationResult:
+        return GenerationResult(
+            request_id=request.request_id,
+            prompt_token_ids=request.prompt_token_ids,
+            token_ids=request.output_token_ids,
+            text=request.text,
+            finish_reason=request.finish_reason or "",
+            stop_reason=request.stop_reason,
+            logprobs=request.logprobs,
+            usage=request.usage(),
+        )
+
+    # ------------------------------------------------------------------------------------------------ async loop
+    def _ensure_loop(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self._loop_task is None or self._loop_task.done():
+            self._wakeup = asyncio.Event()
+            self._loop_task = loop.create_task(self._run())
+        else:
+            self._wakeup.set()
+
+    async def _run(self) -> None:
+        assert self._wakeup is not None
+        while True:
+            if not self.has_unfinished_requests():
+                self._wakeup.clear()
+                if not self.has_unfinished_requests():
+                    await self._wakeup.wait()
+                continue
+            try:
+                outputs = await asyncio.to_thread(self.step)
+            except Exception as exc:  # a broken step fails every live request rather than hanging their streams
+                self._fail_all(exc)
+                continue
+            del outputs  # only submit()-ed requests have no stream: do not mix submit()/step() with this loop
+            await asyncio.sleep(0.001 if self._idle_step else 0)
+
+    def _fail_all(self, exc: BaseException) -> None:
+        with self._lock:
+            for request in list(self.requests.values()):
+                stream = self._streams.pop(request, None)
+                self._finish(request, RequestStatus.FINISHED_ABORTED)
+                if stream is not None:
+                    stream._put(RuntimeError(f"engine step failed: {exc!r}"))
+
+    async def shutdown(self) -> None:
+        task, self._loop_task = self._loop_task, None
+        if task is not None:
+            task.cancel()
+            try:
+                await task
+            except asyncio.CancelledError:
+                pass
+
+    # ------------------------------------------------------------------------------------------------ stats
+    def stats(self) -> EngineStats:
+        with self._lock:
+            tm, kv = self._timers, self.kv
+            return EngineStats(
+                num_running=len(self.scheduler.running),
+                num_waiting=len(self.scheduler.waiting),
+                kv_block_size=self.layout.block_size,
+                kv_blocks_total=kv.num_blocks,
+                kv_blocks_free=kv.num_free_blocks,
+                kv_usage=kv.usage,
+                kv_capacity_tokens=kv.num_blocks * self.layout.block_size,
+                kv_cached_blocks=len(kv.pool.cached),
+                prefix_cache_queries=kv.prefix_query_tokens,
+                prefix_cache_hits=kv.prefix_hit_tokens,
+                prefix_cache_query_requests=kv.prefix_query_requests,
+                prefix_cache_hit_requests=kv.prefix_hit_requests,
+                num_preemptions=self.scheduler.num_preemptions,
+                num_steps=tm.steps,
+                num_prefill_tokens=tm.prefill_tokens,
+                num_decode_tokens=tm.decode_tokens,
+                num_finished=tm.finished,
+                num_aborted=tm.aborted,
+                last_step_tokens=tm.last_tokens,
+                last_step_time_s=tm.last_time,
+                mean_tokens_per_step=tm.tokens / tm.steps if tm.steps else 0.0,
+                mean_step_time_s=(tm.schedule + tm.execute + tm.sample + tm.output) / tm.steps if tm.steps else 0.0,
+                time_schedule_s=tm.schedule,
+                time_execute_s=tm.execute,
+                time_sample_s=tm.sample,
+                time_output_s=tm.output,
+                expert_counts=self.executor.expert_counts(),
+            )

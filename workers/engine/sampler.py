@@ -1,0 +1,150 @@
+"""The batched sampler: one step's logits rows -> one token per request, the math vectorized over the batch.
+
+Order of operations per row: raw logprobs (for `logprobs`) -> repetition, frequency and presence penalties ->
+stop tokens masked below `min_tokens` -> greedy argmax, or temperature, top-k, top-p, min-p and an exponential race
+(`argmax p_i / E_i` with E_i ~ Exp(1) picks i with probability p_i). A seeded request draws its noise from its own
+generator, a full vocabulary row per step, so its tokens do not depend on what else is in the batch; unseeded rows
+share the engine's generator.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from workers.engine.request import Request, TokenLogprob
+from workers.sampling import SamplingParams
+
+
+class Sampler:
+    def __init__(self, seed: int = 0) -> None:
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def sample(self, logits: torch.Tensor, requests: Sequence[Request]) -> tuple[list[int], list[TokenLogprob | None]]:
+        """logits [S, V] float32 (row i belongs to requests[i]; modified in place) -> token ids and logprobs."""
+        params = [r.params for r in requests]
+        num_rows, vocab = logits.shape
+        logprob_rows = [i for i, p in enumerate(params) if p.logprobs is not None]
+        raw_logprobs = torch.log_softmax(logits[logprob_rows], dim=-1) if logprob_rows else None
+
+        penalized = [i for i, p in enumerate(params) if p.has_penalties]
+        if penalized:
+            apply_penalties(logits, penalized, requests)
+        for i, request in enumerate(requests):
+            if request.stop_token_ids and request.num_output_tokens < request.params.min_tokens:
+                ids = [t for t in request.stop_token_ids if t < vocab]
+                logits[i, ids] = float("-inf")
+
+        tokens = sample_rows(logits, params, [r.generator for r in requests], self.generator)
+
+        logprobs: list[TokenLogprob | None] = [None] * num_rows
+        if raw_logprobs is not None:
+            sampled = torch.tensor([tokens[i] for i in logprob_rows], device=raw_logprobs.device)
+            chosen = raw_logprobs.gather(1, sampled[:, None])[:, 0].tolist()
+            max_n = max(params[i].logprobs for i in logprob_rows)
+            top_values, top_ids = (raw_logprobs.topk(max_n, dim=-1) if max_n else (None, None))
+            for j, i in enumerate(logprob_rows):
+                n = params[i].logprobs
+                top = (list(zip(top_ids[j, :n].tolist(), top_values[j, :n].tolist(), strict=True)) if n else [])
+                logprobs[i] = TokenLogprob(tokens[i], chosen[j], top)
+        return tokens, logprobs
+
+
+def apply_penalties(logits: torch.Tensor, rows: Sequence[int], requests: Sequence[Request]) -> None:
+    """Repetition (prompt + output tokens), then frequency and presence (output tokens), in place on `rows`."""
+    vocab = logits.shape[1]
+    device = logits.device
+    flat = logits.view(-1)
+    rep_rows = [i for i in rows if requests[i].params.repetition_penalty != 1.0]
+    if rep_rows:
+        keys = torch.cat([torch.as_tensor(requests[i].token_ids, dtype=torch.long) + i * vocab for i in rep_rows])
+        keys = torch.unique(keys).to(device)
+        penalty = torch.tensor([r.params.repetition_penalty for r in requests], dtype=logits.dtype,
+                               device=device)[keys // vocab]
+        values = flat[keys]
+        flat[keys] = torch.where(values > 0, values / penalty, values * penalty)
+    add_rows = [i for i in rows if requests[i].params.frequency_penalty or requests[i].params.presence_penalty]
+    add_rows = [i for i in add_rows if requests[i].num_output_tokens]
+    if add_rows:
+        keys = torch.cat([torch.as_tensor(requests[i].output_token_ids, dtype=torch.long) + i * vocab
+                          for i in add_rows])
+        keys, counts = torch.unique(keys, return_counts=True)
+        keys, counts = keys.to(device), counts.to(device)
+        row = keys // vocab
+        frequency = torch.tensor([r.params.frequency_penalty for r in requests], dtype=logits.dtype, device=device)
+        presence = torch.tensor([r.params.presence_penalty for r in requests], dtype=logits.dtype, device=device)
+        flat[keys] -= frequency[row] * counts.to(logits.dtype) + presence[row]
+
+
+def sample_rows(logits: torch.Tensor, params: Sequence[SamplingParams], generators: Sequence[torch.Generator | None],
+                default_generator: torch.Generator | None) -> list[int]:
+    """One token per row of logits [S, V]: greedy rows by argmax, the others by temperature / top-k / top-p / min-p
+    and an exponential race (row i's noise from generators[i], else from `default_generator`)."""
+    num_rows, vocab = logits.shape
+    device = logits.device
+    greedy = [i for i, p in enumerate(params) if p.temperature == 0]
+    if len(greedy) == num_rows:
+        return argmax_rows(logits).tolist()
+    out = torch.empty(num_rows, dtype=torch.long, device=device)
+    if greedy:
+        index = torch.tensor(greedy, device=device)
+        out[index] = argmax_rows(logits[index])
+    rand = [i for i, p in enumerate(params) if p.temperature != 0]
+    rand_params = [params[i] for i in rand]
+    index = torch.tensor(rand, device=device)
+    x = logits if len(rand) == num_rows else logits[index]
+    x = x / torch.tensor([p.temperature for p in rand_params], dtype=x.dtype, device=device)[:, None]
+
+    ks = [p.top_k if 0 < p.top_k < vocab else 0 for p in rand_params]
+    if any(ks):
+        k = torch.tensor(ks, device=device)
+        top_values = x.topk(max(ks), dim=-1).values
+        kth = top_values.gather(1, (k - 1).clamp(min=0)[:, None])
+        kth = kth.masked_fill((k == 0)[:, None], float("-inf"))
+        x = x.masked_fill(x < kth, float("-inf"))
+    probs = torch.softmax(x, dim=-1)
+
+    top_p_rows = [j for j, p in enumerate(rand_params) if p.top_p < 1]
+    if top_p_rows:
+        sub_index = torch.tensor(top_p_rows, device=device)
+        sub = probs[sub_index]
+        sorted_probs, order = torch.sort(sub, dim=-1, descending=True)
+        top_p = torch.tensor([rand_params[j].top_p for j in top_p_rows], dtype=probs.dtype, device=device)
+        # keep the smallest prefix whose mass reaches top_p (the first token always stays)
+        drop = (torch.cumsum(sorted_probs, dim=-1) - sorted_probs) >= top_p[:, None]
+        sorted_probs = sorted_probs.masked_fill(drop, 0.0)
+        probs[sub_index] = torch.zeros_like(sub).scatter_(-1, order, sorted_probs)
+    if any(p.min_p > 0 for p in rand_params):
+        min_p = torch.tensor([p.min_p for p in rand_params], dtype=probs.dtype, device=device)
+        probs = probs.masked_fill(probs < min_p[:, None] * probs.amax(dim=-1, keepdim=True), 0.0)
+
+    noise = torch.empty_like(probs)
+    unseeded = []
+    for j, i in enumerate(rand):
+        generator = generators[i]
+        if generator is None:
+            unseeded.append(j)
+        else:  # a fresh full row from the request's own generator: independent of the batch around it
+            noise[j] = torch.empty(vocab).exponential_(1.0, generator=generator).to(device)
+    if len(unseeded) == len(rand):
+        noise = _exponential(noise.shape, default_generator, device)
+    elif unseeded:
+        noise[torch.tensor(unseeded, device=device)] = _exponential((len(unseeded), vocab), default_generator, device)
+    out[index] = argmax_rows(probs / noise)
+    return out.tolist()
+
+
+def _exponential(shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
+    if generator is None or generator.device == torch.device(device):
+        return torch.empty(shape, device=device).exponential_(1.0, generator=generator)
+    return torch.empty(shape).exponential_(1.0, generator=generator).to(device)
+
+
+def argmax_rows(x: torch.Tensor) -> torch.Tensor:
+    """Index of each row's maximum (the first one on ties, as torch.argmax). On CPU numpy's SIMD argmax is ~3x
+    faster than torch's over a 200k vocabulary, which matters: greedy sampling reads every logit once."""
+    if x.device.type == "cpu" and x.dtype == torch.float32 and x.is_contiguous():
+        return torch.from_numpy(np.argmax(x.numpy(), axis=1))
+    return x.argmax(dim=-1)
