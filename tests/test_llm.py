@@ -78,7 +78,7 @@ def test_chat_stops_on_return_not_end(checkpoints):
             "<|return|>")
     script = tok.encode(text, allow_special_tokens=True) + tok.encode(" never reached")
     llm = LLM(checkpoints["tiny-hf"], dtype="float32", progress=False)
-    llm.model = ScriptedModel(llm.model, script)
+    llm.engine.executor.model = ScriptedModel(llm.model, script)
     out = llm.generate([[{"role": "user", "content": "2+2?"}]], SamplingParams(temperature=0, max_tokens=64))[0]
     assert tok.token_id("<|end|>") in out.token_ids  # went on past <|end|>
     assert out.token_ids[-1] == tok.token_id("<|return|>") and out.finish_reason == "stop"

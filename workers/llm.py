@@ -16,9 +16,10 @@ from typing import Any
 import torch
 
 from workers.checkpoint import open_checkpoint
+from workers.engine import Engine, EngineConfig
 from workers.harmony import ParsedMessage, get_tokenizer, parse_completion, render_chat
 from workers.model import GptOssModel, KVCache
-from workers.sampling import SamplingParams, sample_token
+from workers.sampling import SamplingParams
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "auto": torch.bfloat16}
@@ -37,7 +38,13 @@ class CompletionOutput:
 
 
 class LLM:
-    def __init__(self, model: str | Path, dtype: str | torch.dtype = "auto", progress: bool = True) -> None:
+    def __init__(self, model: str | Path, dtype: str | torch.dtype = "auto", progress: bool = True,
+                 engine_config: EngineConfig | None = None, num_shards: int = 1, placement_strategy: str = "PACK",
+                 **executor_kwargs: Any) -> None:
+        """`num_shards` > 1 splits the model over that many ShardWorker actors (a RayExecutor, as in a served
+        replica): on the Ray this process is connected to, else $RAY_ADDRESS, else a local Ray started on loopback
+        (and stopped by `shutdown()`). `executor_kwargs` go to `make_executor` (device, cpus_per_shard,
+        placement_group, timeouts, ...)."""
         if isinstance(dtype, str):
             if dtype not in DTYPES:
                 raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
@@ -45,9 +52,35 @@ class LLM:
         if dtype not in (torch.float32, torch.bfloat16):
             raise ValueError(f"dtype must be float32 or bfloat16, got {dtype}")
         self.tokenizer = get_tokenizer()
+        if num_shards != 1:
+            from workers.engine.ray_executor import make_executor
+
+            executor = make_executor(model, num_shards, dtype=dtype, placement_strategy=placement_strategy,
+                                     **executor_kwargs)
+            self.config, self.model = executor.model_config, None  # the model lives in the shards
+            try:
+                self.engine = Engine(executor, self.config, engine_config, tokenizer=self.tokenizer)
+            except BaseException:
+                executor.shutdown()
+                raise
+            return
+        if executor_kwargs:
+            raise TypeError(f"{', '.join(executor_kwargs)}: executor options, for num_shards > 1 only")
         with open_checkpoint(model) as reader:
             self.config = reader.config
             self.model = GptOssModel.from_checkpoint(reader, dtype=dtype, progress=progress)
+        # generate() runs on the serving engine (continuous batching, paged KV, prefix cache, full sampling).
+        self.engine = Engine.from_model(self.model, engine_config, tokenizer=self.tokenizer)
+
+    def shutdown(self) -> None:
+        """Stop the shards (and the Ray this LLM started, if it did); a no-op for the in-process model."""
+        self.engine.executor.shutdown()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
 
     # ------------------------------------------------------------------------------------------------ prompts
     def _prompt_token_ids(self, prompt: Prompt) -> tuple[list[int], bool]:
@@ -79,6 +112,10 @@ class LLM:
         """float32 logits [len, vocab] of a whole sequence, for verification against other implementations."""
         token_ids = list(token_ids)
         self._check_token_ids(token_ids)
+        if self.model is None:  # sharded: one forward through the executor
+            from workers.engine.ray_executor import engine_forward_logits
+
+            return engine_forward_logits(self.engine, token_ids)
         cache = self.model.new_kv_cache(len(token_ids))
         return self._forward(token_ids, cache, all_logits=True)
 
@@ -113,33 +150,23 @@ class LLM:
             if len(ids) + params.max_tokens > self.config.max_position_embeddings:
                 raise ValueError(f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) exceed the context "
                                  f"of {self.config.max_position_embeddings}")
-        return [self._generate_one(ids, is_chat, params)
-                for (ids, is_chat), params in zip(encoded, sampling_params, strict=True)]
+        # Chat ends on harmony's assistant-action stops (<|return|>, <|call|>), never on <|end|>.
+        requests = [(ids, params, tuple(self.tokenizer.stop_token_ids_for_chat) if is_chat
+                     else (self.config.eos_token_id,))
+                    for (ids, is_chat), params in zip(encoded, sampling_params, strict=True)]
+        results = self.engine.generate(requests)
+        return [CompletionOutput(
+            prompt_token_ids=list(result.prompt_token_ids),
+            token_ids=list(result.token_ids),
+            text=result.text if result.text is not None else self.tokenizer.decode(result.token_ids),
+            finish_reason=result.finish_reason,
+            messages=_parse_or_empty(result.token_ids) if is_chat else [],
+        ) for result, (_, is_chat) in zip(results, encoded, strict=True)]
 
-    def _generate_one(self, prompt_ids: list[int], is_chat: bool, params: SamplingParams) -> CompletionOutput:
-        stop_ids = set(params.stop_token_ids)
-        if not params.ignore_eos:
-            # Chat ends on harmony's assistant-action stops (<|return|>, <|call|>), never on <|end|>.
-            stop_ids |= set(self.tokenizer.stop_token_ids_for_chat) if is_chat else {self.config.eos_token_id}
-        generator = params.make_generator()
-        cache = self.model.new_kv_cache(len(prompt_ids) + params.max_tokens)
-        logits = self._forward(prompt_ids, cache)
-        generated: list[int] = []
-        finish_reason = "length"
-        while True:
-            token = sample_token(logits[-1], params, generator)
-            generated.append(token)
-            if token in stop_ids:
-                finish_reason = "stop"
-                break
-            if len(generated) >= params.max_tokens:
-                break
-            logits = self._forward([token], cache)
-        text_ids = generated[:-1] if finish_reason == "stop" else generated
-        return CompletionOutput(
-            prompt_token_ids=prompt_ids,
-            token_ids=generated,
-            text=self.tokenizer.decode(text_ids),
-            finish_reason=finish_reason,
-            messages=parse_completion(generated) if is_chat else [],
-        )
+
+def _parse_or_empty(token_ids: Sequence[int]) -> list[ParsedMessage]:
+    """Harmony messages of a completion; a random or cut-off model output may not parse, which is not an error."""
+    try:
+        return parse_completion(token_ids)
+    except ValueError:
+        return []
