@@ -23,23 +23,33 @@ sys.path.insert(0, str(ROOT))
 
 
 def measure(checkpoint: str, tokens: int, dtype: str) -> dict:
-    """Runs in the child: load, then prefill + decode `tokens` tokens greedily."""
+    """Runs in the child: load through the checkpoint reader, then prefill a short prompt and decode greedily."""
     import torch
 
-    from workers import LLM, SamplingParams
+    from workers.checkpoint import open_checkpoint
+    from workers.llm import DTYPES
+    from workers.model import GptOssModel
 
     start = time.perf_counter()
-    llm = LLM(checkpoint, dtype=dtype, progress=False)
+    with open_checkpoint(checkpoint) as reader:
+        model = GptOssModel.from_checkpoint(reader, dtype=DTYPES[dtype], progress=False)
     load_s = time.perf_counter() - start
     peak_after_load = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    prompt = llm.tokenizer.encode("The quick brown fox jumps over the lazy dog. " * 4)
+    prompt = torch.tensor([200006, 1428, 200008, 12194])  # <|start|>user<|message|>Hi
+    cache = model.new_kv_cache(len(prompt) + tokens)
+
+    def step(ids: torch.Tensor) -> int:
+        logits = model(ids, cache.positions(len(ids)), cache, torch.tensor([len(ids) - 1]))
+        cache.advance(len(ids))
+        return int(logits[0].argmax())
+
     start = time.perf_counter()
-    llm.generate([prompt], SamplingParams(temperature=0, max_tokens=1, ignore_eos=True))
+    token = step(prompt)
     prefill_s = time.perf_counter() - start
     start = time.perf_counter()
-    out = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=tokens + 1, ignore_eos=True))[0]
-    total_s = time.perf_counter() - start
-    decode_s = max(total_s - prefill_s, 1e-9)
+    for _ in range(tokens):
+        token = step(torch.tensor([token]))
+    decode_s = time.perf_counter() - start
     return {
         "load_s": load_s,
         "peak_rss_after_load_bytes": peak_after_load,
@@ -48,7 +58,6 @@ def measure(checkpoint: str, tokens: int, dtype: str) -> dict:
         "prefill_s": prefill_s,
         "decode_tokens": tokens,
         "decode_tokens_per_s": tokens / decode_s,
-        "generated": len(out.token_ids),
         "threads": torch.get_num_threads(),
     }
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import time
 from collections import Counter
@@ -112,10 +113,34 @@ def _is_loopback(address: str) -> bool:
     return host in ("localhost", "127.0.0.1", "::1") or host.startswith("127.")
 
 
+def _have_ray_token() -> bool:
+    """Whether a Ray auth token is at hand where Ray looks: $RAY_AUTH_TOKEN, $RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token."""
+    if os.environ.get("RAY_AUTH_TOKEN", "").strip():
+        return True
+    path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
+    try:
+        return bool(path.read_text().strip())
+    except OSError:
+        return False
+
+
+def _token_auth_for_explicit_address() -> None:
+    """Ray sends its token to an explicitly named cluster only when RAY_AUTH_MODE says so; with a token at hand and
+    no mode set, say so (as cluster/app.py does), so joining a token-auth cluster just works."""
+    if "RAY_AUTH_MODE" in os.environ or not _have_ray_token():
+        return
+    try:
+        from ray._private.authentication.authentication_token_setup import _enable_token_auth
+
+        _enable_token_auth()  # sets RAY_AUTH_MODE=token and refreshes Ray's cached config
+    except ImportError:
+        os.environ["RAY_AUTH_MODE"] = "token"
+
+
 def connect_ray(address: str | None = None, num_cpus: int | None = None, **init_kwargs: Any) -> bool:
     """Make sure this process is connected to Ray: nothing when it already is; join `address` (or $RAY_ADDRESS);
-    otherwise start a local Ray on loopback (no dashboard). Returns True when this call connected (the caller owns
-    the connection and may `ray.shutdown()` it)."""
+    otherwise start a local Ray on loopback (no dashboard, token auth on). Returns True when this call connected
+    (the caller owns the connection and may `ray.shutdown()` it)."""
     import ray
 
     if ray.is_initialized():
@@ -123,6 +148,7 @@ def connect_ray(address: str | None = None, num_cpus: int | None = None, **init_
     address = address or os.environ.get("RAY_ADDRESS")
     init_kwargs.setdefault("logging_level", logging.WARNING)
     if address and address != "local":
+        _token_auth_for_explicit_address()
         ctx = _loopback_ray() if _is_loopback(address) else contextlib.nullcontext()
         with ctx:
             ray.init(address=address, **init_kwargs)
@@ -210,7 +236,10 @@ class RayExecutor(Executor):
         import ray
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-        self.owns_ray = connect_ray(ray_address)  # connected here (no Ray yet): shutdown() disconnects
+        # Connected here (no Ray yet: the offline LLM) -> shutdown() disconnects. A Ray started here gets at least
+        # a logical CPU per shard (plus one), however few cores the machine has.
+        self.owns_ray = connect_ray(ray_address, num_cpus=max(os.cpu_count() or 1,
+                                                               math.ceil(num_shards * cpus_per_shard) + 1))
         try:
             bundle = {"GPU": 1.0, "CPU": 1.0} if device == "cuda" else {"CPU": float(cpus_per_shard)}
             if placement_group is None:
@@ -474,6 +503,36 @@ def _first_line(err: BaseException) -> str:
         text = f"{type(cause).__name__}: {cause}".strip()
     line = text.splitlines()[0] if text else type(err).__name__
     return line if len(line) <= 300 else line[:297] + "..."
+
+
+# ---------------------------------------------------------------------------------------------------- verification
+def engine_forward_logits(engine: Any, token_ids: list[int]) -> torch.Tensor:
+    """float32 logits [len, vocab] of one whole sequence run through `engine`'s executor (any executor: for the
+    sharded LLM's `forward_logits`). Borrows ceil(len / block_size) KV blocks per layer group from the engine's pool
+    for the one forward and gives them back; no request, no sampling, the engine's requests untouched."""
+    bs = engine.layout.block_size
+    n = len(token_ids)
+    per_group, groups = -(-n // bs), len(engine.layout.groups)
+    positions = torch.arange(n)
+    with engine._step_lock, engine._lock:
+        pool = engine.kv.pool
+        if per_group * groups > pool.num_free:
+            raise ValueError(f"{n} tokens need {per_group * groups} free KV blocks; the pool has {pool.num_free} "
+                             f"free (of {pool.num_blocks})")
+        blocks = pool.allocate(per_group * groups)
+        try:
+            tables, slots = [], []
+            for g in range(groups):
+                ids = torch.tensor([b.block_id for b in blocks[g * per_group:(g + 1) * per_group]], dtype=torch.int32)
+                tables.append(ids[None, :])
+                slots.append(ids[positions // bs].long() * bs + positions % bs)
+            plan = StepPlan(token_ids=torch.tensor(token_ids, dtype=torch.long), positions=positions,
+                            query_start_loc=torch.tensor([0, n], dtype=torch.int32),
+                            seq_lens=torch.tensor([n], dtype=torch.int32), block_tables=tables,
+                            slot_mappings=slots, logits_indices=torch.arange(n))
+            return engine.executor.execute(plan)
+        finally:
+            pool.release(blocks)
 
 
 # ---------------------------------------------------------------------------------------------------- factory

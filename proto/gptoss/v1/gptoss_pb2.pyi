@@ -289,7 +289,7 @@ class ListReplicasRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ReplicaInfo(_message.Message):
-    __slots__ = ("replica_id", "state", "running_requests", "waiting_requests", "kv_usage_ratio", "num_shards", "kv_blocks_total", "kv_blocks_free", "prefix_cache_hits", "prefix_cache_queries")
+    __slots__ = ("replica_id", "state", "running_requests", "waiting_requests", "kv_usage_ratio", "num_shards", "kv_blocks_total", "kv_blocks_free", "prefix_cache_hits", "prefix_cache_queries", "requests_total", "generated_tokens", "outstanding_tokens")
     REPLICA_ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     RUNNING_REQUESTS_FIELD_NUMBER: _ClassVar[int]
@@ -300,6 +300,9 @@ class ReplicaInfo(_message.Message):
     KV_BLOCKS_FREE_FIELD_NUMBER: _ClassVar[int]
     PREFIX_CACHE_HITS_FIELD_NUMBER: _ClassVar[int]
     PREFIX_CACHE_QUERIES_FIELD_NUMBER: _ClassVar[int]
+    REQUESTS_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    GENERATED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    OUTSTANDING_TOKENS_FIELD_NUMBER: _ClassVar[int]
     replica_id: str
     state: str
     running_requests: int
@@ -310,7 +313,10 @@ class ReplicaInfo(_message.Message):
     kv_blocks_free: int
     prefix_cache_hits: int
     prefix_cache_queries: int
-    def __init__(self, replica_id: _Optional[str] = ..., state: _Optional[str] = ..., running_requests: _Optional[int] = ..., waiting_requests: _Optional[int] = ..., kv_usage_ratio: _Optional[float] = ..., num_shards: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., kv_blocks_free: _Optional[int] = ..., prefix_cache_hits: _Optional[int] = ..., prefix_cache_queries: _Optional[int] = ...) -> None: ...
+    requests_total: int
+    generated_tokens: int
+    outstanding_tokens: int
+    def __init__(self, replica_id: _Optional[str] = ..., state: _Optional[str] = ..., running_requests: _Optional[int] = ..., waiting_requests: _Optional[int] = ..., kv_usage_ratio: _Optional[float] = ..., num_shards: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., kv_blocks_free: _Optional[int] = ..., prefix_cache_hits: _Optional[int] = ..., prefix_cache_queries: _Optional[int] = ..., requests_total: _Optional[int] = ..., generated_tokens: _Optional[int] = ..., outstanding_tokens: _Optional[int] = ...) -> None: ...
 
 class ListReplicasResponse(_message.Message):
     __slots__ = ("replicas",)

@@ -1,0 +1,216 @@
+"""Which ModelReplica serves a request: prefix-cache affinity bounded by load, else least outstanding tokens.
+
+`AffinityPolicy` is the decision, free of Ray: it hashes the prompt's leading KV blocks with the engine's own hash
+chain (`workers.engine.kv_cache.hash_block`, so "same hash" means "the replica's prefix cache can hold it"),
+remembers which replica each hashed prefix was last sent to, and keeps an estimate of every replica's outstanding
+tokens (prompt + max_tokens of the requests it routed that have not finished; replicas also report their own figure
+through Serve's routing stats, and the larger of the two counts). For a request it ranks the replicas:
+
+1. the replica that holds the longest matching prefix, if its load is within bounds
+   (`load <= load_factor * mean load + slack_tokens`, consistent hashing with bounded loads); otherwise
+2. the replica with the fewest outstanding tokens, then the rest by load.
+
+Replicas named in the request's `exclude_replicas` (the router's retry after a replica failed) are skipped while
+any other is left.
+
+`PrefixAffinityRouter` plugs the policy into Ray Serve 2.60 as a custom request router (`ray.serve.request_router.
+RequestRouter`): set on the ModelReplica deployment with
+`request_router_config=RequestRouterConfig(request_router_class=PrefixAffinityRouter, request_router_kwargs={...})`.
+Serve then probes the ranked replicas' queue lengths in order and picks the first rank with a replica below its
+`max_ongoing_requests`, so a full replica is passed over without waiting.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+from collections import OrderedDict
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, RunningReplica
+
+from workers.engine.kv_cache import hash_block
+
+__all__ = ["AffinityPolicy", "PrefixAffinityRouter", "prefix_hashes", "request_cost"]
+
+
+def prefix_hashes(token_ids: Sequence[int], block_size: int, max_blocks: int) -> list[bytes]:
+    """Hash chain of the prompt's leading full KV blocks (at most `max_blocks`), as the engine computes it."""
+    out: list[bytes] = []
+    parent = b""
+    for i in range(min(len(token_ids) // block_size, max_blocks)):
+        parent = hash_block(parent, token_ids[i * block_size:(i + 1) * block_size])
+        out.append(parent)
+    return out
+
+
+def request_cost(request: Mapping[str, Any]) -> int:
+    """Tokens a request may occupy on its replica: prompt + max_tokens."""
+    prompt = request.get("prompt_token_ids") or ()
+    sampling = request.get("sampling") or {}
+    return len(prompt) + int(sampling.get("max_tokens") or 0)
+
+
+class AffinityPolicy:
+    """Prefix affinity with bounded load, least outstanding tokens otherwise (thread-safe; no Ray)."""
+
+    def __init__(self, *, block_size: int = 16, max_prefix_blocks: int = 32, load_factor: float = 1.25,
+                 slack_tokens: int = 2048, max_entries: int = 200_000, seed: int | None = None) -> None:
+        if block_size < 1 or max_prefix_blocks < 0 or load_factor < 1 or slack_tokens < 0 or max_entries < 1:
+            raise ValueError("block_size >= 1, max_prefix_blocks >= 0, load_factor >= 1, slack_tokens >= 0 and "
+                             "max_entries >= 1 are required")
+        self.block_size = block_size
+        self.max_prefix_blocks = max_prefix_blocks
+        self.load_factor = load_factor
+        self.slack_tokens = slack_tokens
+        self.max_entries = max_entries
+        self._lock = threading.Lock()
+        self._owner: OrderedDict[bytes, str] = OrderedDict()  # prefix hash -> replica it was last routed to
+        self._outstanding: dict[str, int] = {}  # replica -> tokens of this router's unfinished requests
+        self._reported: dict[str, int] = {}  # replica -> outstanding tokens the replica itself reported
+        self._inflight: dict[str, tuple[str, int]] = {}  # request key -> (replica, cost)
+        self._routed: dict[str, int] = {}  # replica -> requests routed (tie-break: spread equal loads)
+        self._rng = random.Random(seed)
+        self.affinity_hits = 0
+        self.affinity_overloaded = 0
+
+    # ------------------------------------------------------------------------------------------------ inputs
+    def hashes(self, token_ids: Sequence[int]) -> list[bytes]:
+        return prefix_hashes(token_ids, self.block_size, self.max_prefix_blocks)
+
+    def report(self, replica: str, outstanding_tokens: int) -> None:
+        """The replica's own count of outstanding tokens (routing stats: every router's requests)."""
+        with self._lock:
+            self._reported[replica] = int(outstanding_tokens)
+
+    def load(self, replica: str) -> int:
+        with self._lock:
+            return self._load(replica)
+
+    def _load(self, replica: str) -> int:
+        return max(self._outstanding.get(replica, 0), self._reported.get(replica, 0))
+
+    # ------------------------------------------------------------------------------------------------ decision
+    def rank(self, candidates: Iterable[str], hashes: Sequence[bytes] = (),
+             exclude: Iterable[str] = ()) -> list[list[str]]:
+        """Candidates in preference order, as Serve's ranks: [[affine], [least loaded], [the rest]]."""
+        candidates = list(dict.fromkeys(candidates))
+        excluded = set(exclude)
+        allowed = [c for c in candidates if c not in excluded] or candidates
+        if not allowed:
+            return []
+        with self._lock:
+            loads = {c: self._load(c) for c in allowed}
+            order = sorted(allowed, key=lambda c: (loads[c], self._routed.get(c, 0), self._rng.random()))
+            affine = None
+            allowed_set = set(allowed)
+            for h in reversed(hashes):
+                owner = self._owner.get(h)
+                if owner is not None and owner in allowed_set:
+                    affine = owner
+                    break
+            if affine is not None:
+                mean = sum(loads.values()) / len(loads)
+                if loads[affine] <= self.load_factor * mean + self.slack_tokens:
+                    self.affinity_hits += 1
+                    rest = [c for c in order if c != affine]
+                    return [[affine]] + ([[rest[0]]] if rest else []) + ([rest[1:]] if len(rest) > 1 else [])
+                self.affinity_overloaded += 1
+        return [[order[0]]] + ([order[1:]] if len(order) > 1 else [])
+
+    def routed(self, key: str, replica: str, hashes: Sequence[bytes] = (), cost: int = 0) -> None:
+        """The request `key` went to `replica`: it owns the request's prefixes now and carries its cost."""
+        with self._lock:
+            previous = self._inflight.pop(key, None)
+            if previous is not None:  # routed again (a retry): move its cost
+                self._sub(*previous)
+            self._inflight[key] = (replica, cost)
+            self._outstanding[replica] = self._outstanding.get(replica, 0) + cost
+            self._routed[replica] = self._routed.get(replica, 0) + 1
+            for h in hashes:
+                self._owner[h] = replica
+                self._owner.move_to_end(h)
+            while len(self._owner) > self.max_entries:
+                self._owner.popitem(last=False)
+
+    def completed(self, key: str) -> None:
+        with self._lock:
+            entry = self._inflight.pop(key, None)
+            if entry is not None:
+                self._sub(*entry)
+
+    def _sub(self, replica: str, cost: int) -> None:
+        left = self._outstanding.get(replica, 0) - cost
+        if left > 0:
+            self._outstanding[replica] = left
+        else:
+            self._outstanding.pop(replica, None)
+
+    def forget_replicas(self, keep: Iterable[str]) -> None:
+        """Drop everything known about replicas not in `keep` (they stopped or died)."""
+        keep = set(keep)
+        with self._lock:
+            for table in (self._outstanding, self._reported, self._routed):
+                for replica in [r for r in table if r not in keep]:
+                    del table[replica]
+            for h in [h for h, r in self._owner.items() if r not in keep]:
+                del self._owner[h]
+            for key in [k for k, (r, _) in self._inflight.items() if r not in keep]:
+                del self._inflight[key]
+
+    def snapshot(self) -> dict[str, Any]:
+        with self._lock:
+            return {"outstanding": dict(self._outstanding), "reported": dict(self._reported),
+                    "prefixes": len(self._owner), "affinity_hits": self.affinity_hits,
+                    "affinity_overloaded": self.affinity_overloaded}
+
+
+def _request_of(pending_request: PendingRequest | None) -> Mapping[str, Any] | None:
+    if pending_request is None or not pending_request.args:
+        return None
+    request = pending_request.args[0]
+    return request if isinstance(request, Mapping) and "prompt_token_ids" in request else None
+
+
+class PrefixAffinityRouter(RequestRouter):
+    """Ray Serve request router of the ModelReplica deployment (see the module docstring)."""
+
+    def initialize_state(self, block_size: int = 16, max_prefix_blocks: int = 32, load_factor: float = 1.25,
+                         slack_tokens: int = 2048, **_: Any) -> None:
+        self.policy = AffinityPolicy(block_size=block_size, max_prefix_blocks=max_prefix_blocks,
+                                     load_factor=load_factor, slack_tokens=slack_tokens)
+
+    def _prepare(self, pending_request: PendingRequest | None) -> tuple[list[bytes], int, list[str]]:
+        request = _request_of(pending_request)
+        if request is None:
+            return [], 0, []
+        hashes = request.get("prefix_hashes")  # the router computes them once; else hash here
+        if hashes is None:
+            hashes = self.policy.hashes(request["prompt_token_ids"])
+        return list(hashes), request_cost(request), list(request.get("exclude_replicas") or ())
+
+    async def choose_replicas(self, candidate_replicas: list[RunningReplica],
+                              pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
+        by_id: dict[str, RunningReplica] = {}
+        for replica in candidate_replicas:
+            key = replica.replica_id.to_full_id_str()
+            by_id[key] = replica
+            stats = replica.routing_stats or {}
+            if "outstanding_tokens" in stats:
+                self.policy.report(key, stats["outstanding_tokens"])
+        hashes, _, exclude = self._prepare(pending_request)
+        return [[by_id[k] for k in rank] for rank in self.policy.rank(by_id, hashes, exclude)]
+
+    def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result: Any) -> None:
+        hashes, cost, _ = self._prepare(pending_request)
+        if _request_of(pending_request) is not None:
+            self.policy.routed(pending_request.metadata.internal_request_id, replica_id.to_full_id_str(), hashes,
+                               cost)
+
+    def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:
+        self.policy.completed(internal_request_id)
+
+    def update_replicas(self, replicas: list[RunningReplica]) -> None:
+        super().update_replicas(replicas)
+        self.policy.forget_replicas(r.replica_id.to_full_id_str() for r in replicas)

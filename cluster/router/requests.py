@@ -1,0 +1,265 @@
+"""gptoss.v1 requests -> what a replica runs, validated at the edge with messages that name the field.
+
+Every problem raises `RequestError(code, message)`; the server answers with that gRPC status and message. The checks
+need the model's facts (`vocab_size`, `context_length`), which the router learns from a replica, never from the model
+directory.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+
+from proto.gptoss.v1 import gptoss_pb2 as pb
+from workers.harmony import Tokenizer, get_tokenizer, render_chat
+from workers.sampling import SamplingParams
+
+__all__ = ["Prepared", "RequestError", "Validator", "DEFAULT_SAMPLING"]
+
+# Server defaults for fields a request leaves unset (before the deployment's `sampling_defaults`).
+DEFAULT_SAMPLING: dict[str, Any] = {"temperature": 1.0, "top_p": 1.0, "max_tokens": 256}
+_EFFORTS = {pb.REASONING_EFFORT_LOW: "low", pb.REASONING_EFFORT_MEDIUM: "medium", pb.REASONING_EFFORT_HIGH: "high"}
+_OPTIONAL_SAMPLING = ("temperature", "top_p", "top_k", "min_p", "max_tokens", "min_tokens", "seed",
+                      "presence_penalty", "frequency_penalty", "repetition_penalty", "logprobs")
+_JSON_TYPES = {"object", "array", "string", "number", "integer", "boolean", "null"}
+MAX_REQUEST_ID = 128
+
+
+class RequestError(Exception):
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def invalid(message: str) -> RequestError:
+    return RequestError(grpc.StatusCode.INVALID_ARGUMENT, message)
+
+
+@dataclass
+class Prepared:
+    """A validated request, ready for a replica (`replica_request`) and for the router's streaming side."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling: dict[str, Any]  # SamplingParams fields for the engine (stop strings stay on the router)
+    stop: tuple[str, ...] = ()
+    min_tokens: int = 0
+    priority: int = 0
+    timeout_s: float | None = None
+    eos_token_ids: list[int] | None = None
+    is_chat: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def replica_request(self, deadline: float | None) -> dict[str, Any]:
+        return {"request_id": self.request_id, "prompt_token_ids": self.prompt_token_ids, "sampling": self.sampling,
+                "priority": self.priority, "deadline": deadline, "eos_token_ids": self.eos_token_ids}
+
+
+def _check_schema(where: str, schema: Any, depth: int = 0) -> None:
+    """Structural JSON-Schema checks (the parts tool calling relies on); jsonschema's meta-check when present."""
+    if depth > 32:
+        raise invalid(f"{where}: schema nested too deeply")
+    if isinstance(schema, bool):
+        return
+    if not isinstance(schema, dict):
+        raise invalid(f"{where} must be a JSON Schema object, got {type(schema).__name__}")
+    kind = schema.get("type")
+    if kind is not None:
+        kinds = kind if isinstance(kind, list) else [kind]
+        for k in kinds:
+            if k not in _JSON_TYPES:
+                raise invalid(f"{where}.type must be one of {sorted(_JSON_TYPES)}, got {k!r}")
+    props = schema.get("properties")
+    if props is not None:
+        if not isinstance(props, dict):
+            raise invalid(f"{where}.properties must be an object, got {type(props).__name__}")
+        for name, sub in props.items():
+            _check_schema(f"{where}.properties.{name}", sub, depth + 1)
+    required = schema.get("required")
+    if required is not None and (not isinstance(required, list) or not all(isinstance(r, str) for r in required)):
+        raise invalid(f"{where}.required must be a list of property names")
+    items = schema.get("items")
+    if items is not None:
+        _check_schema(f"{where}.items", items, depth + 1)
+    enum = schema.get("enum")
+    if enum is not None and not isinstance(enum, list):
+        raise invalid(f"{where}.enum must be a list")
+
+
+def _meta_check(where: str, schema: Any) -> None:
+    try:
+        import jsonschema
+    except ImportError:
+        return
+    try:
+        jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator).check_schema(schema)
+    except jsonschema.SchemaError as exc:
+        path = "".join(f"[{p!r}]" for p in exc.path)
+        raise invalid(f"{where} is not a valid JSON Schema{' at ' + path if path else ''}: {exc.message}") from None
+
+
+class Validator:
+    """Checks and converts requests; `model` holds the served model's facts (from a replica's model_info)."""
+
+    def __init__(self, model: Mapping[str, Any], *, sampling_defaults: Mapping[str, Any] | None = None,
+                 default_reasoning_effort: str = "medium", tokenizer: Tokenizer | None = None) -> None:
+        self.model = dict(model)
+        self.vocab_size = int(model["vocab_size"])
+        self.context_length = int(model["context_length"])
+        self.eos_token_id = int(model.get("eos_token_id", 200002))
+        self.defaults = {**DEFAULT_SAMPLING, **dict(sampling_defaults or {})}
+        self.default_effort = default_reasoning_effort
+        self.tok = tokenizer or get_tokenizer()
+
+    # ------------------------------------------------------------------------------------------------ pieces
+    def request_id(self, value: str) -> str:
+        if not value:
+            return uuid.uuid4().hex
+        if len(value) > MAX_REQUEST_ID or not value.isprintable():
+            raise invalid(f"request_id must be at most {MAX_REQUEST_ID} printable characters")
+        return value
+
+    @staticmethod
+    def timeout(has: bool, value: float) -> float | None:
+        if not has:
+            return None
+        if not math.isfinite(value) or value <= 0:
+            raise invalid(f"timeout_seconds must be a positive number of seconds, got {value!r}")
+        return float(value)
+
+    def token_ids(self, ids: Any, where: str) -> list[int]:
+        out = list(ids)
+        if out and (min(out) < 0 or max(out) >= self.vocab_size):
+            i, t = next((i, t) for i, t in enumerate(out) if not 0 <= t < self.vocab_size)
+            raise invalid(f"{where}[{i}]: token id {t} is outside the vocabulary [0, {self.vocab_size})")
+        return out
+
+    def sampling(self, s: pb.SamplingParams, prompt_len: int) -> tuple[dict[str, Any], tuple[str, ...]]:
+        """proto SamplingParams + defaults -> (engine sampling fields, stop strings); checks against the context."""
+        if prompt_len >= self.context_length:
+            raise invalid(f"the prompt has {prompt_len} tokens; the context holds {self.context_length} (prompt + "
+                          "at least one generated token)")
+        values: dict[str, Any] = dict(self.defaults)
+        explicit_max = s.HasField("max_tokens")
+        for name in _OPTIONAL_SAMPLING:
+            if s.HasField(name):
+                values[name] = getattr(s, name)
+        if values.get("top_k") == 0:
+            values["top_k"] = -1
+        stops = tuple(s.stop)
+        stop_ids = self.token_ids(s.stop_token_ids, "sampling.stop_token_ids")
+        room = self.context_length - prompt_len
+        if explicit_max:
+            if values["max_tokens"] > room:
+                raise invalid(f"sampling.max_tokens: the prompt ({prompt_len} tokens) + max_tokens "
+                              f"({values['max_tokens']}) exceed the context of {self.context_length} tokens")
+        elif isinstance(values.get("max_tokens"), int) and values["max_tokens"] > room:
+            values["max_tokens"] = room  # a default never makes a request invalid: it shrinks to fit
+        try:
+            params = SamplingParams(**values, stop=stops, stop_token_ids=tuple(stop_ids), ignore_eos=s.ignore_eos)
+        except (TypeError, ValueError) as exc:
+            raise invalid(f"sampling.{exc}") from None
+        engine = {k: getattr(params, k) for k in ("temperature", "top_p", "top_k", "min_p", "max_tokens",
+                                                  "min_tokens", "seed", "presence_penalty", "frequency_penalty",
+                                                  "repetition_penalty", "logprobs", "ignore_eos")}
+        engine["stop_token_ids"] = list(params.stop_token_ids)
+        return engine, params.stop
+
+    # ------------------------------------------------------------------------------------------------ requests
+    def generate(self, req: pb.GenerateRequest) -> Prepared:
+        which = req.WhichOneof("prompt")
+        if which is None:
+            raise invalid("prompt: set text or token_ids")
+        if which == "text":
+            if not req.text:
+                raise invalid("text is empty")
+            prompt = self.tok.encode(req.text)
+        else:
+            if not req.token_ids.ids:
+                raise invalid("token_ids.ids is empty")
+            prompt = self.token_ids(req.token_ids.ids, "token_ids.ids")
+        sampling, stops = self.sampling(req.sampling, len(prompt))
+        return Prepared(self.request_id(req.request_id), prompt, sampling, stops, int(sampling["min_tokens"]),
+                        req.priority, self.timeout(req.HasField("timeout_seconds"), req.timeout_seconds))
+
+    def chat(self, req: pb.ChatRequest) -> Prepared:
+        prompt = self.render(req.messages, req.reasoning_effort, req.tools, req.builtin_tools)
+        sampling, stops = self.sampling(req.sampling, len(prompt))
+        return Prepared(self.request_id(req.request_id), prompt, sampling, stops, int(sampling["min_tokens"]),
+                        req.priority, self.timeout(req.HasField("timeout_seconds"), req.timeout_seconds),
+                        eos_token_ids=self.tok.stop_token_ids_for_chat)
+
+    def tokenize(self, req: pb.TokenizeRequest) -> list[int]:
+        which = req.WhichOneof("input")
+        if which is None:
+            raise invalid("input: set text or chat")
+        if which == "text":
+            return self.tok.encode(req.text)
+        return self.render(req.chat.messages, req.reasoning_effort, req.tools, ())
+
+    # ------------------------------------------------------------------------------------------------ chat
+    def render(self, messages: Any, effort: int, tools: Any, builtin_tools: Any) -> list[int]:
+        if not messages:
+            raise invalid("messages is empty")
+        if effort not in (pb.REASONING_EFFORT_UNSPECIFIED, *_EFFORTS):
+            raise invalid(f"reasoning_effort: unknown value {effort}")
+        try:
+            return render_chat([self.message(i, m) for i, m in enumerate(messages)],
+                               reasoning_effort=_EFFORTS.get(effort, self.default_effort),
+                               tools=[self.tool(i, t) for i, t in enumerate(tools)] or None,
+                               builtin_tools=list(builtin_tools) or None)
+        except ValueError as exc:
+            raise invalid(str(exc)) from None
+
+    @staticmethod
+    def message(i: int, m: pb.ChatMessage) -> dict[str, Any]:
+        out: dict[str, Any] = {"role": m.role}
+        if m.role == "assistant":
+            calls = []
+            for j, call in enumerate(m.tool_calls):
+                if call.arguments:
+                    try:
+                        json.loads(call.arguments)
+                    except ValueError as exc:
+                        raise invalid(f"messages[{i}].tool_calls[{j}].arguments is not valid JSON: {exc}") from None
+                calls.append({"id": call.id or f"call_{i}_{j}", "function": {"name": call.name,
+                                                                              "arguments": call.arguments}})
+            if calls:
+                out["tool_calls"] = calls
+            if m.reasoning:
+                out["reasoning"] = m.reasoning
+            if m.content or not (calls or m.reasoning):
+                out["content"] = m.content
+        else:
+            out["content"] = m.content
+            if m.role == "tool":
+                if m.name:
+                    out["name"] = m.name
+                if m.tool_call_id:
+                    out["tool_call_id"] = m.tool_call_id
+        return out
+
+    @staticmethod
+    def tool(i: int, t: pb.FunctionTool) -> dict[str, Any]:
+        out: dict[str, Any] = {"name": t.name, "description": t.description}
+        if t.parameters_json:
+            where = f"tools[{i}].parameters_json"
+            try:
+                schema = json.loads(t.parameters_json)
+            except ValueError as exc:
+                raise invalid(f"{where} is not valid JSON: {exc}") from None
+            if not isinstance(schema, dict):
+                raise invalid(f"{where} must be a JSON object (a JSON Schema), got {type(schema).__name__}")
+            _check_schema(where, schema)
+            _meta_check(where, schema)
+            out["parameters"] = schema
+        if t.strict:
+            out["strict"] = True
+        return out

@@ -1,0 +1,393 @@
+"""Sharded replicas on real Ray (CPU, gloo): `LLM(num_shards=G)` (RayExecutor + ShardWorkers) against G = 1.
+
+- sharding refused at start: a shard count that does not divide the KV heads / experts / vocabulary, more devices
+  than the cluster has, a placement group that never fits (bounded wait), a too-small given placement group;
+- G = 2 (in a given placement group laid out like a Serve replica's: shards in bundles 1..G) and G = 4 (its own
+  group) give the greedy tokens of G = 1, every step's logits and `forward_logits` within 1e-4 (float32), the same
+  routed-token counts, each rank holding 1/G of the experts, KV heads, vocabulary and KV pool; shutdown leaves no
+  actor or placement group behind;
+- a killed ShardWorker: the next step fails with ShardFailure within seconds, the health check fails, and every
+  shard actor and the executor's placement group are gone;
+- two Ray nodes (two raylets on this machine, both on 127.0.0.1), joined through $RAY_ADDRESS: STRICT_SPREAD puts
+  one shard on each and the replica serves correctly;
+- TorchDistributedCollective between two processes: values, and a stuck peer failing the collective in seconds.
+
+Ray stays on loopback throughout (see `connect_ray` and the two-node fixture) and is shut down by the fixtures.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from workers import LLM
+from workers.checkpoint import open_checkpoint
+from workers.config import ModelConfig
+from workers.engine import EngineConfig, Executor, KVCacheLayout
+from workers.engine.ray_executor import RayExecutor, ShardFailure, check_num_shards, connect_ray, make_executor
+from workers.sampling import SamplingParams
+
+ray = pytest.importorskip("ray")
+
+GREEDY = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+PROMPTS = [[200006, 1428, 200008, 12194, 17, 4, 99], list(range(1000, 1040)), [5, 6]]
+ENGINE = dict(num_blocks=32, block_size=16)
+FAST = dict(collective_timeout_s=10.0, step_timeout_s=60.0, start_timeout_s=120.0, placement_timeout_s=30.0,
+            torch_threads=1)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+class Recording(Executor):
+    """Wraps an engine's executor and keeps a copy of every step's logits."""
+
+    def __init__(self, inner: Executor) -> None:
+        self.inner, self.logits = inner, []
+
+    def kv_block_bytes(self, layout):
+        return self.inner.kv_block_bytes(layout)
+
+    def available_kv_memory(self):
+        return self.inner.available_kv_memory()
+
+    def initialize_cache(self, layout, num_blocks):
+        self.inner.initialize_cache(layout, num_blocks)
+
+    def execute(self, plan):
+        out = self.inner.execute(plan)
+        self.logits.append(out.clone())
+        return out
+
+    def expert_counts(self):
+        return self.inner.expert_counts()
+
+    def shutdown(self):
+        self.inner.shutdown()
+
+
+def run(llm: LLM) -> dict:
+    """Greedy generation (every step's logits recorded), routed-token counts, then whole-sequence logits."""
+    recording = llm.engine.executor = Recording(llm.engine.executor)
+    outs = llm.generate(PROMPTS, GREEDY)
+    counts = llm.engine.stats().expert_counts
+    llm.engine.executor = recording.inner
+    tokens = [o.token_ids for o in outs]
+    full = [llm.forward_logits(p + t) for p, t in zip(PROMPTS, tokens, strict=True)]
+    return {"tokens": tokens, "steps": recording.logits, "counts": counts, "full": full}
+
+
+def assert_same(got: dict, want: dict, what: str) -> None:
+    assert got["tokens"] == want["tokens"], what
+    assert torch.equal(got["counts"], want["counts"]), what
+    assert len(got["steps"]) == len(want["steps"]), what
+    for i, (a, b) in enumerate(zip(got["steps"] + got["full"], want["steps"] + want["full"], strict=True)):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-4, msg=lambda m, i=i: f"{what}, logits {i}: {m}")
+
+
+@pytest.fixture(scope="module")
+def tiny(checkpoints):
+    return checkpoints["tiny-hf"]  # ModelConfig.preset("tiny"): 4 KV heads, 8 experts, vocabulary 201088
+
+
+@pytest.fixture(scope="module")
+def reference(tiny):
+    """G = 1, the model in this process (no Ray)."""
+    llm = LLM(tiny, dtype="float32", progress=False, engine_config=EngineConfig(**ENGINE))
+    return {"config": llm.config, **run(llm)}
+
+
+def shard_actors() -> dict[str, str]:
+    """ShardWorker actors Ray knows of -> state (from the GCS tables: this Ray runs without a dashboard, which
+    ray.util.state's list_actors needs)."""
+    return {aid: a["State"] for aid, a in ray._private.state.actors().items() if a["ActorClassName"] == "ShardWorker"}
+
+
+def placement_groups() -> dict[str, str]:
+    return {pid: pg["state"] for pid, pg in ray.util.placement_group_table().items()}
+
+
+def wait_until(predicate, timeout_s: float = 15.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.1)
+    return predicate()
+
+
+def assert_nothing_left() -> None:
+    assert wait_until(lambda: all(s == "DEAD" for s in shard_actors().values())), shard_actors()
+    assert wait_until(lambda: all(s == "REMOVED" for s in placement_groups().values())), placement_groups()
+
+
+# ---------------------------------------------------------------------------------------------------- refusals
+def test_bad_shard_counts_are_refused_before_anything_starts(tiny):
+    was_running = ray.is_initialized()
+    config = ModelConfig.preset("tiny")
+    for g in (3, 5, 8, 16):  # 8 divides the experts but not the 4 KV heads
+        with pytest.raises(ValueError, match=rf"num_shards={g} cannot split .*do not divide the 4 KV heads"):
+            check_num_shards(config, g)
+    with pytest.raises(ValueError, match="3 shards do not divide the 4 KV heads"):
+        LLM(tiny, num_shards=3)
+    with pytest.raises(ValueError, match="num_shards must be a positive integer"):
+        LLM(tiny, num_shards=0)
+    with pytest.raises(ValueError, match="placement_strategy must be one of"):
+        LLM(tiny, num_shards=2, placement_strategy="PACKED")
+    with pytest.raises(ValueError, match="device must be one of"):
+        make_executor(tiny, num_shards=2, device="tpu")
+    with pytest.raises(TypeError, match="cpus_per_shard: executor options, for num_shards > 1 only"):
+        LLM(tiny, cpus_per_shard=2)
+    with pytest.raises(ValueError, match="6 experts"):
+        check_num_shards(ModelConfig.preset("tiny", num_experts=6, experts_per_token=2), 4)
+    assert ray.is_initialized() == was_running  # refused before Ray was even touched
+
+
+# ---------------------------------------------------------------------------------------------------- one node
+@pytest.fixture(scope="class")
+def local_ray():
+    assert not ray.is_initialized(), "another test left Ray running"
+    assert connect_ray(num_cpus=8)
+    node = ray.nodes()[0]
+    assert node["NodeManagerAddress"] == "127.0.0.1"
+    yield node
+    ray.shutdown()
+
+
+@pytest.mark.usefixtures("local_ray")
+class TestOneNode:
+    llms: dict[int, LLM] = {}
+
+    def test_sharded_equals_single(self, tiny, reference):
+        config = reference["config"]
+        layout = KVCacheLayout.from_model_config(config, ENGINE["block_size"])
+        total_blocks = sum(nbytes(t) for t in full_expert_blocks(tiny))
+        # G = 2 goes into a given group laid out like a Serve replica's (bundle 0: the replica, 1..G: the shards);
+        # G = 4 makes (and owns) its own.
+        replica_pg = ray.util.placement_group([{"CPU": 1}] * 3, strategy="PACK")
+        ray.get(replica_pg.ready(), timeout=30)
+        TestOneNode.replica_pg = replica_pg
+        for g in (4, 2):
+            given = replica_pg if g == 2 else None
+            llm = LLM(tiny, dtype="float32", engine_config=EngineConfig(**ENGINE), num_shards=g,
+                      placement_group=given, **FAST)
+            TestOneNode.llms[g] = llm
+            executor = llm.engine.executor
+            assert isinstance(executor, RayExecutor) and llm.config == config and llm.model is None
+            assert executor.owns_placement_group == (given is None) and not executor.owns_ray
+            assert_same(run(llm), reference, f"G={g}")
+
+            # Each rank holds its 1/G share: experts (MXFP4 blocks), KV heads, vocabulary rows, KV pool bytes.
+            reports = executor.memory_reports()
+            assert [r["rank"] for r in reports] == list(range(g))
+            assert [r["first_expert"] for r in reports] == [r * 8 // g for r in range(g)]
+            for r in reports:
+                assert r["num_local_experts"] == 8 // g and r["num_kv_heads"] == 4 // g
+                assert r["expert_block_bytes"] * g == total_blocks
+                assert r["vocab_rows"] * g == config.vocab_size
+                assert r["kv_bytes"] == ENGINE["num_blocks"] * executor.kv_block_bytes(layout)
+                assert r["rss_bytes"] > 0
+            assert executor.kv_block_bytes(layout) * g == layout.block_bytes(4, config.head_dim, torch.float32)
+            assert len(set(executor.node_ids)) == 1
+            executor.check_health()
+        # The shards sit in bundles 1 and 2 of the replica's group; bundle 0 stays free for the replica.
+        pg_id = replica_pg.id.hex()
+        assert wait_until(lambda: [ray.available_resources().get(f"CPU_group_{i}_{pg_id}", 0.0) for i in range(3)]
+                          == [1.0, 0.0, 0.0]), ray.available_resources()
+        # A clean shutdown leaves none of G = 4's actors nor its placement group.
+        with TestOneNode.llms.pop(4) as four:
+            executor = four.engine.executor
+            four_ids = {w._actor_id.hex() for w in executor.workers}
+            four_pg = executor.placement_group.id.hex()
+        four.shutdown()  # idempotent
+        assert wait_until(lambda: all(shard_actors()[a] == "DEAD" for a in four_ids))
+        assert wait_until(lambda: placement_groups()[four_pg] == "REMOVED")
+        assert sum(s == "ALIVE" for s in shard_actors().values()) == 2  # G = 2 lives on, for the next test
+        assert ray.is_initialized()  # not the LLM's Ray to stop
+        with pytest.raises(RuntimeError, match="shut down"):
+            executor.check_health()
+
+    def test_killed_shard_fails_fast_and_tears_down(self, reference):
+        llm = TestOneNode.llms.pop(2, None)
+        if llm is None:
+            pytest.skip("needs the G = 2 LLM of test_sharded_equals_single")
+        executor = llm.engine.executor
+        assert llm.generate([PROMPTS[0]], GREEDY)[0].token_ids == reference["tokens"][0]
+        executor.check_health()
+        ray.kill(executor.workers[1], no_restart=True)
+        start = time.monotonic()
+        with pytest.raises(ShardFailure, match=r"shard 1 of 2 died"):
+            llm.generate([PROMPTS[1]], GREEDY)
+        assert time.monotonic() - start < 30
+        with pytest.raises(ShardFailure, match="shard 1 of 2 died"):
+            executor.check_health()
+        with pytest.raises(ShardFailure):
+            executor.execute(None)  # refused at once, nothing sent
+        assert executor.workers == [] and executor.placement_group is None
+        assert wait_until(lambda: all(s == "DEAD" for s in shard_actors().values())), shard_actors()
+        llm.shutdown()
+        # The replica's own group is the replica's to remove, not the executor's.
+        assert placement_groups()[TestOneNode.replica_pg.id.hex()] == "CREATED"
+        ray.util.remove_placement_group(TestOneNode.replica_pg)
+        assert_nothing_left()
+
+    def test_more_devices_than_the_cluster_has(self, tiny):
+        before = set(placement_groups())
+        with pytest.raises(RuntimeError, match=r"2 shards need 2 × \{1 GPU, 1 CPU\}.*cluster has 8 CPU, 0 GPU"):
+            LLM(tiny, num_shards=2, device="cuda")
+        with pytest.raises(RuntimeError, match=r"2 shards need 2 × \{16 CPU\}.*cluster has 8 CPU"):
+            make_executor(tiny, num_shards=2, cpus_per_shard=16)
+        with pytest.raises(RuntimeError, match="on as many distinct nodes.*STRICT_SPREAD.*1 node"):
+            make_executor(tiny, num_shards=2, placement_strategy="STRICT_SPREAD")
+        assert set(placement_groups()) == before  # refused before any placement group was made
+        # Fits the cluster, but not what is free now (a group holds 6 of the 8 CPUs): a bounded wait, then an error.
+        blocker = ray.util.placement_group([{"CPU": 6}])
+        ray.get(blocker.ready(), timeout=30)
+        try:
+            start = time.monotonic()
+            with pytest.raises(RuntimeError, match=r"not placed within 1 s.*8 CPU, 0 GPU in all, 2 CPU, 0 GPU free"):
+                make_executor(tiny, num_shards=2, cpus_per_shard=2, placement_timeout_s=1.0)
+            assert time.monotonic() - start < 15
+            # A given group with too few bundles for bundle_offset + G.
+            with pytest.raises(ValueError, match=r"need bundles 1..2 of the placement group, which has 1 bundle"):
+                make_executor(tiny, num_shards=2, placement_group=blocker)
+        finally:
+            ray.util.remove_placement_group(blocker)
+        assert_nothing_left()
+        assert ray.is_initialized()
+
+
+def nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def full_expert_blocks(path) -> list[torch.Tensor]:
+    with open_checkpoint(path) as reader:
+        return [reader.read(f"model.layers.{i}.mlp.experts.{p}_proj_blocks")
+                for i in range(reader.config.num_hidden_layers) for p in ("gate_up", "down")]
+
+
+# ---------------------------------------------------------------------------------------------------- two nodes
+@pytest.fixture(scope="class")
+def two_nodes(tmp_path_factory):
+    """Two raylets on this machine, both on 127.0.0.1 (ray.cluster_utils.Cluster).
+
+    Not `ray start`: it rewrites a loopback --node-ip-address to the host's routable address, and a joined node's
+    servers then listen on every interface; `ray stop` would kill every Ray process on the machine, other tests'
+    included. Cluster starts both nodes as children of this process with node_ip_address=127.0.0.1 (their servers
+    bind loopback only) and `shutdown()` kills exactly those processes (Ray's reaper does it should pytest die).
+    """
+    from ray._private.authentication.authentication_token_setup import (
+        enable_token_auth_by_default,
+        ensure_token_if_auth_enabled,
+    )
+    from ray.cluster_utils import Cluster
+
+    assert not ray.is_initialized(), "another test left Ray running"
+    enable_token_auth_by_default()  # token auth on, as for a fresh local Ray (no-op when RAY_AUTH_MODE is set)
+    ensure_token_if_auth_enabled(None, create_token_if_missing=True)
+    temp_dir = tmp_path_factory.mktemp("ray2n")
+    if len(str(temp_dir)) > 60:  # unix socket paths are limited to 107 bytes
+        import tempfile
+
+        temp_dir = tempfile.mkdtemp(prefix="ray2n")
+    cluster = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 2, "resources": {"node_a": 1}, "node_ip_address": "127.0.0.1", "include_dashboard": False,
+        "temp_dir": str(temp_dir)})
+    try:
+        ray._common.utils.reset_ray_address()  # no `ray.init(address="auto")` elsewhere should find this cluster
+        cluster.add_node(num_cpus=2, resources={"node_b": 1}, node_ip_address="127.0.0.1", temp_dir=str(temp_dir))
+        yield cluster
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
+        cluster.shutdown()
+
+
+class TestTwoNodes:
+    def test_strict_spread_puts_one_shard_per_node(self, two_nodes, tiny, reference, monkeypatch):
+        address = two_nodes.address
+        assert address.startswith("127.0.0.1:")
+        monkeypatch.setenv("RAY_ADDRESS", address)
+        monkeypatch.delenv("RAY_AUTH_MODE", raising=False)  # connect_ray turns it on for the token at hand
+        llm = LLM(tiny, dtype="float32", engine_config=EngineConfig(**ENGINE), num_shards=2,
+                  placement_strategy="STRICT_SPREAD", **FAST)
+        executor = llm.engine.executor
+        assert executor.owns_ray  # the LLM joined $RAY_ADDRESS itself
+        try:
+            nodes = {n["NodeID"]: n for n in ray.nodes() if n["Alive"]}
+            assert len(nodes) == 2 and all(n["NodeManagerAddress"] == "127.0.0.1" for n in nodes.values())
+            on = [nodes[node_id]["Resources"] for node_id in executor.node_ids]
+            assert ("node_a" in on[0]) != ("node_a" in on[1]) and ("node_b" in on[0]) != ("node_b" in on[1])
+            assert executor.rank0_ip == "127.0.0.1"
+            assert_same(run(llm), reference, "two nodes")
+            executor.check_health()
+            actor_ids = {w._actor_id.hex() for w in executor.workers}
+            pg_id = executor.placement_group.id.hex()
+        finally:
+            llm.shutdown()
+        assert not ray.is_initialized()  # the LLM's own connection ended with it
+        connect_ray()  # look again from outside: nothing of that replica is left on the cluster
+        assert wait_until(lambda: all(shard_actors()[a] == "DEAD" for a in actor_ids))
+        assert wait_until(lambda: placement_groups()[pg_id] == "REMOVED")
+
+
+# ---------------------------------------------------------------------------------------------------- collectives
+def _collective_rank(rank: int, port: int, results) -> None:
+    """One of two processes: the collectives' values, then a peer that stops answering."""
+    try:
+        from workers.parallel import TorchDistributedCollective, destroy_process_group, init_process_group
+
+        torch.set_num_threads(1)
+        coll = init_process_group(rank, 2, "127.0.0.1", port, "gloo", timeout_s=3.0, local_ip="127.0.0.1")
+        out = {"sum": coll.all_reduce(torch.full((2, 3), float(rank + 1))).tolist(),
+               "gather": coll.all_gather(torch.full((1, 2), float(rank)), dim=-1).tolist()}
+        to_zero = TorchDistributedCollective(gather_dst=0).all_gather(torch.full((1, 2), float(rank)), dim=1)
+        out["to_zero"] = to_zero.tolist() if rank == 0 else list(to_zero.shape)
+        if rank == 1:
+            time.sleep(8)  # alive, but never joins rank 0's next collective
+        else:
+            start = time.monotonic()
+            try:
+                coll.all_reduce(torch.ones(4))
+                out["stuck"] = "returned"
+            except Exception as exc:  # noqa: BLE001
+                out["stuck"] = (type(exc).__name__, time.monotonic() - start)
+        results.put((rank, out))
+        destroy_process_group()
+    except BaseException as exc:  # noqa: BLE001
+        results.put((rank, repr(exc)))
+
+
+def test_torch_distributed_collective_and_timeout():
+    import multiprocessing
+
+    from workers.parallel import find_free_port
+
+    ctx = multiprocessing.get_context("fork")  # torch is imported already: no seconds-long re-import per rank
+    results = ctx.Queue()
+    port = find_free_port("127.0.0.1")
+    procs = [ctx.Process(target=_collective_rank, args=(r, port, results), daemon=True) for r in range(2)]
+    for p in procs:
+        p.start()
+    try:
+        got = dict(results.get(timeout=60) for _ in procs)
+    finally:
+        for p in procs:
+            p.join(timeout=15)
+            if p.is_alive():
+                p.kill()
+    assert isinstance(got[0], dict) and isinstance(got[1], dict), got
+    for rank in (0, 1):
+        assert got[rank]["sum"] == [[3.0] * 3] * 2
+        assert got[rank]["gather"] == [[0.0, 0.0, 1.0, 1.0]]
+    assert got[0]["to_zero"] == [[0.0, 0.0, 1.0, 1.0]] and got[1]["to_zero"] == [1, 4]
+    error, waited = got[0]["stuck"]
+    assert waited < 3.0 + 5.0, got[0]  # the 3 s collective timeout, not forever

@@ -1,0 +1,551 @@
+"""The gRPC router over real gRPC on loopback, without Ray: the tiny model in-process (ReplicaCore) and scripted
+replicas (exact harmony token sequences), through the same GptossServer the Router deployment runs.
+
+Covers: Generate / Chat streaming, harmony channel deltas and tool calls, Tokenize against openai-harmony,
+validation errors, cancellation and deadlines freeing KV blocks, health (readiness, draining), reflection, auth,
+message size limits, metrics, and the retry on another replica before the first token.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import urllib.request
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+from openai_harmony import (
+    Conversation,
+    DeveloperContent,
+    Message,
+    ReasoningEffort,
+    Role,
+    SystemContent,
+    ToolDescription,
+)
+
+from cluster.client import Client
+from cluster.metrics import Metrics
+from cluster.replica import ReplicaCore, ReplicaSettings
+from cluster.router.server import INFERENCE_SERVICE, RouterSettings
+from cluster.router.testing import ScriptedReplica, ServerThread
+from proto.gptoss.v1 import gptoss_pb2 as pb
+from workers.harmony import get_encoding, get_tokenizer
+
+WEATHER = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+CONTEXT = 1024
+
+
+def _encode(text: str) -> list[int]:
+    return get_tokenizer().encode(text, allow_special_tokens=True)
+
+
+ANALYSIS_THEN_FINAL = ("<|channel|>analysis<|message|>The user greets.<|end|>"
+                       "<|start|>assistant<|channel|>final<|message|>Hello there!<|return|>")
+FUNCTION_CALL = ("<|channel|>analysis<|message|>Need the weather.<|end|>"
+                 "<|start|>assistant<|channel|>commentary to=functions.get_weather <|constrain|>json"
+                 "<|message|>{\"city\": \"Paris\"}<|call|>")
+BROWSER_CALL = "<|channel|>analysis to=browser.search code<|message|>{\"query\": \"gpt-oss\"}<|call|>"
+
+
+# ------------------------------------------------------------------------------------------------ fixtures
+@pytest.fixture(scope="module")
+def tiny(checkpoints):
+    """Two in-process replicas of the tiny model behind one router (real engine, real KV cache)."""
+    settings = ReplicaSettings(model=str(checkpoints["tiny-hf"]), dtype="float32",
+                               engine={"num_blocks": 256, "max_model_len": CONTEXT, "max_num_seqs": 32})
+    from workers.engine import LocalExecutor
+
+    first = ReplicaCore(settings, replica_id="app#ModelReplica#r0")
+    # the second replica shares the weights but has its own KV pools and engine
+    second = ReplicaCore(settings, replica_id="app#ModelReplica#r1",
+                         executor=LocalExecutor(first.executor.model, True), model_config=first.model_config)
+    metrics = Metrics()
+    st = ServerThread()
+    address = st.start([first, second], RouterSettings(host="127.0.0.1", port=0, health_interval_s=0.1,
+                                                       metrics_port=0), metrics)
+    yield {"address": address, "st": st, "cores": [first, second], "metrics": metrics}
+    for core in (first, second):
+        st.run(core.shutdown())
+    st.stop()
+
+
+@pytest.fixture(scope="module")
+def client(tiny):
+    with Client(tiny["address"], timeout=60) as c:
+        yield c
+
+
+def _scripted_server(*replicas, **settings):
+    st = ServerThread()
+    address = st.start(list(replicas), RouterSettings(host="127.0.0.1", port=0, health_interval_s=0.05,
+                                                      **settings))
+    return st, address
+
+
+def _collect(stream):
+    out = list(stream)
+    ids = [t for r in out for t in r.token_ids]
+    return out, ids
+
+
+def _wait_free(client, timeout=15.0):
+    """Until every replica holds no request and all KV blocks are free again (bounded)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        replicas = client.list_replicas()
+        if all(r.running_requests == 0 and r.waiting_requests == 0 and r.kv_blocks_free == r.kv_blocks_total
+               for r in replicas):
+            return replicas
+        time.sleep(0.05)
+    raise AssertionError(f"KV blocks not freed: {client.list_replicas()}")
+
+
+# ------------------------------------------------------------------------------------------------ Generate
+def test_generate_token_ids_streams_exactly_max_tokens(client):
+    out, ids = _collect(client.generate([200006, 1428, 200008, 13225], max_tokens=13, ignore_eos=True,
+                                        temperature=0))
+    assert len(ids) == 13
+    assert out[-1].finish_reason == pb.FINISH_REASON_LENGTH
+    assert out[-1].usage.prompt_tokens == 4 and out[-1].usage.completion_tokens == 13
+    assert all(r.finish_reason == pb.FINISH_REASON_UNSPECIFIED for r in out[:-1])
+    assert "".join(r.text for r in out) == get_tokenizer().decode(ids)
+    assert len({r.request_id for r in out}) == 1 and out[0].request_id
+
+
+def test_generate_text_greedy_is_deterministic_and_stop_strings_cut(client):
+    _, first = _collect(client.generate("The capital of France is", max_tokens=24, temperature=0, ignore_eos=True))
+    _, again = _collect(client.generate("The capital of France is", max_tokens=24, temperature=0, ignore_eos=True))
+    assert first == again
+    text = get_tokenizer().decode(first)
+    stop = text[len(text) // 2:len(text) // 2 + 3]
+    assert stop.strip()
+    out, _ = _collect(client.generate("The capital of France is", max_tokens=24, temperature=0, ignore_eos=True,
+                                      stop=[stop]))
+    streamed = "".join(r.text for r in out)
+    assert streamed == text[:text.index(stop)]
+    assert out[-1].finish_reason == pb.FINISH_REASON_STOP
+
+
+def test_generate_logprobs_and_seed(client):
+    out, ids = _collect(client.generate([1, 2, 3], max_tokens=5, ignore_eos=True, logprobs=3, seed=7,
+                                        temperature=0.8))
+    lps = [lp for r in out for lp in r.logprobs]
+    assert [lp.token_id for lp in lps] == ids
+    assert all(len(lp.top) == 3 and lp.logprob <= 0 for lp in lps)
+    _, again = _collect(client.generate([1, 2, 3], max_tokens=5, ignore_eos=True, seed=7, temperature=0.8))
+    assert again == ids
+
+
+# ------------------------------------------------------------------------------------------------ Chat
+def test_chat_on_the_tiny_model_ends_with_usage(client):
+    messages = [{"role": "user", "content": "What is 2+2?"}]
+    out, ids = _collect(client.chat(messages, max_tokens=12, temperature=0))
+    final = out[-1]
+    assert final.finish_reason in (pb.FINISH_REASON_LENGTH, pb.FINISH_REASON_STOP, pb.FINISH_REASON_TOOL_CALL)
+    assert final.usage.prompt_tokens == len(client.tokenize(messages=messages))
+    assert final.usage.completion_tokens == len(ids) <= 12
+
+
+def test_chat_channel_deltas_and_reasoning_usage():
+    script = _encode(ANALYSIS_THEN_FINAL)
+    st, address = _scripted_server(ScriptedReplica(script))
+    try:
+        with Client(address, timeout=30) as c:
+            out, ids = _collect(c.chat("hi", max_tokens=100))
+    finally:
+        st.stop()
+    assert ids == script  # every token exactly once, in order
+    text = {ch: "".join(r.text for r in out if r.channel == ch) for ch in (pb.CHANNEL_ANALYSIS, pb.CHANNEL_FINAL)}
+    assert text == {pb.CHANNEL_ANALYSIS: "The user greets.", pb.CHANNEL_FINAL: "Hello there!"}
+    channels = [r.channel for r in out if r.text]
+    assert channels == sorted(channels)  # analysis deltas, then final deltas
+    final = out[-1]
+    assert final.finish_reason == pb.FINISH_REASON_STOP
+    analysis_tokens = _encode("<|channel|>analysis<|message|>The user greets.<|end|>")
+    assert final.usage.reasoning_tokens == len(analysis_tokens)
+    assert final.usage.completion_tokens == len(script)
+
+
+@pytest.mark.parametrize(("script", "name", "channel", "arguments"), [
+    (FUNCTION_CALL, "get_weather", pb.CHANNEL_COMMENTARY, {"city": "Paris"}),
+    (BROWSER_CALL, "browser.search", pb.CHANNEL_ANALYSIS, {"query": "gpt-oss"}),
+])
+def test_chat_tool_call(script, name, channel, arguments):
+    tokens = _encode(script)
+    replica = ScriptedReplica(tokens)
+    st, address = _scripted_server(replica)
+    try:
+        with Client(address, timeout=30) as c:
+            out, ids = _collect(c.chat("Weather in Paris?", tools=[{"name": "get_weather", "description": "Weather",
+                                                                    "parameters": WEATHER}],
+                                       builtin_tools=["browser"], max_tokens=200))
+    finally:
+        st.stop()
+    assert ids == tokens
+    calls = [r for r in out if r.HasField("tool_call")]
+    assert calls and calls[0].tool_call.name == name and calls[0].tool_call.id.startswith("call_")
+    assert all(r.tool_call.index == 0 and r.channel == channel for r in calls)
+    assert all(not r.tool_call.name for r in calls[1:])
+    assert json.loads("".join(r.tool_call.arguments_delta for r in calls)) == arguments
+    assert out[-1].finish_reason == pb.FINISH_REASON_TOOL_CALL
+    # chat requests stop on harmony's <|return|> and <|call|>
+    assert sorted(replica.started[0]["eos_token_ids"]) == [200002, 200012]
+
+
+def test_chat_garbled_output_degrades_to_plain_text():
+    tokens = [200005, 200005, 200008] + get_tokenizer().encode(" plain words")
+    st, address = _scripted_server(ScriptedReplica(tokens))
+    try:
+        with Client(address, timeout=30) as c:
+            out, ids = _collect(c.chat("hi", max_tokens=len(tokens)))
+    finally:
+        st.stop()
+    assert ids == tokens
+    assert "".join(r.text for r in out) == " plain words"
+    assert {r.channel for r in out} == {pb.CHANNEL_UNSPECIFIED}
+
+
+# ------------------------------------------------------------------------------------------------ Tokenize / info
+def test_tokenize_chat_equals_openai_harmony(client):
+    messages = [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "Weather in Paris?"}]
+    ids = client.tokenize(messages=messages, tools=[{"name": "get_weather", "description": "Gets the weather",
+                                                     "parameters": WEATHER}], reasoning_effort="high")
+    developer = DeveloperContent.new().with_instructions("Be terse.").with_function_tools(
+        [ToolDescription.new("get_weather", "Gets the weather", WEATHER)])
+    conversation = Conversation.from_messages([
+        Message.from_role_and_content(Role.SYSTEM, SystemContent.new().with_reasoning_effort(ReasoningEffort.HIGH)),
+        Message.from_role_and_content(Role.DEVELOPER, developer),
+        Message.from_role_and_content(Role.USER, "Weather in Paris?"),
+    ])
+    assert ids == get_encoding().render_conversation_for_completion(conversation, Role.ASSISTANT)
+    plain = client.tokenize(messages=[{"role": "user", "content": "hi"}])
+    reference = Conversation.from_messages([
+        Message.from_role_and_content(Role.SYSTEM, SystemContent.new().with_reasoning_effort(ReasoningEffort.MEDIUM)),
+        Message.from_role_and_content(Role.USER, "hi")])
+    assert plain == get_encoding().render_conversation_for_completion(reference, Role.ASSISTANT)
+    assert client.tokenize(text="Hello world") == get_tokenizer().encode("Hello world")
+
+
+def test_model_info(client):
+    info = client.model_info()
+    assert (info.vocab_size, info.context_length, info.num_layers, info.num_experts) == (201088, CONTEXT, 4, 8)
+    assert info.num_replicas == 2 and info.kv_block_size == 16 and info.shards_per_replica == 1
+
+
+# ------------------------------------------------------------------------------------------------ bad requests
+def _bad_generate(**kw):
+    return pb.GenerateRequest(**kw)
+
+
+BAD = [
+    ("Chat", pb.ChatRequest(), grpc.StatusCode.INVALID_ARGUMENT, "messages is empty"),
+    ("Chat", pb.ChatRequest(messages=[pb.ChatMessage(role="robot", content="x")]), grpc.StatusCode.INVALID_ARGUMENT,
+     "messages[0]: unknown role 'robot'"),
+    ("Chat", pb.ChatRequest(messages=[pb.ChatMessage(role="user", content="x")],
+                            tools=[pb.FunctionTool(name="f", parameters_json="{not json")]),
+     grpc.StatusCode.INVALID_ARGUMENT, "tools[0].parameters_json is not valid JSON"),
+    ("Chat", pb.ChatRequest(messages=[pb.ChatMessage(role="user", content="x")],
+                            tools=[pb.FunctionTool(name="f", parameters_json='{"type": "strang"}')]),
+     grpc.StatusCode.INVALID_ARGUMENT, "tools[0].parameters_json.type"),
+    ("Chat", pb.ChatRequest(messages=[pb.ChatMessage(role="user", content="x")],
+                            tools=[pb.FunctionTool(name="f", parameters_json='{"required": "city"}')]),
+     grpc.StatusCode.INVALID_ARGUMENT, "tools[0].parameters_json.required"),
+    ("Chat", pb.ChatRequest(messages=[pb.ChatMessage(role="user", content="x")],
+                            tools=[pb.FunctionTool(name="bad name!")]),
+     grpc.StatusCode.INVALID_ARGUMENT, "tools[0].name"),
+    ("Generate", _bad_generate(), grpc.StatusCode.INVALID_ARGUMENT, "prompt: set text or token_ids"),
+    ("Generate", _bad_generate(text=""), grpc.StatusCode.INVALID_ARGUMENT, "text is empty"),
+    ("Generate", _bad_generate(token_ids=pb.TokenIds(ids=[5, 201088])), grpc.StatusCode.INVALID_ARGUMENT,
+     "token_ids.ids[1]: token id 201088 is outside the vocabulary"),
+    ("Generate", _bad_generate(token_ids=pb.TokenIds(ids=[-3])), grpc.StatusCode.INVALID_ARGUMENT,
+     "token_ids.ids[0]: token id -3"),
+    ("Generate", _bad_generate(token_ids=pb.TokenIds(ids=[1] * CONTEXT)), grpc.StatusCode.INVALID_ARGUMENT,
+     f"the prompt has {CONTEXT} tokens; the context holds {CONTEXT}"),
+    ("Generate", _bad_generate(token_ids=pb.TokenIds(ids=[1] * 10), sampling=pb.SamplingParams(max_tokens=CONTEXT)),
+     grpc.StatusCode.INVALID_ARGUMENT, "sampling.max_tokens: the prompt (10 tokens) + max_tokens (1024) exceed"),
+    ("Generate", _bad_generate(text="x", sampling=pb.SamplingParams(temperature=-1)),
+     grpc.StatusCode.INVALID_ARGUMENT, "sampling.temperature"),
+    ("Generate", _bad_generate(text="x", sampling=pb.SamplingParams(top_p=0)), grpc.StatusCode.INVALID_ARGUMENT,
+     "sampling.top_p"),
+    ("Generate", _bad_generate(text="x", sampling=pb.SamplingParams(max_tokens=0)),
+     grpc.StatusCode.INVALID_ARGUMENT, "sampling.max_tokens"),
+    ("Generate", _bad_generate(text="x", sampling=pb.SamplingParams(logprobs=50)), grpc.StatusCode.INVALID_ARGUMENT,
+     "sampling.logprobs"),
+    ("Generate", _bad_generate(text="x", sampling=pb.SamplingParams(presence_penalty=3)),
+     grpc.StatusCode.INVALID_ARGUMENT, "sampling.presence_penalty"),
+    ("Generate", _bad_generate(text="x", sampling=pb.SamplingParams(stop_token_ids=[999999])),
+     grpc.StatusCode.INVALID_ARGUMENT, "sampling.stop_token_ids[0]"),
+    ("Generate", _bad_generate(text="x", timeout_seconds=-1), grpc.StatusCode.INVALID_ARGUMENT, "timeout_seconds"),
+    ("Generate", _bad_generate(text="x", request_id="x" * 500), grpc.StatusCode.INVALID_ARGUMENT, "request_id"),
+    ("Tokenize", pb.TokenizeRequest(), grpc.StatusCode.INVALID_ARGUMENT, "input: set text or chat"),
+]
+
+
+@pytest.mark.parametrize(("method", "request_", "code", "message"), BAD, ids=[b[3][:40] for b in BAD])
+def test_malformed_requests_get_a_clear_status(client, method, request_, code, message):
+    call = getattr(client.inference, method)
+    with pytest.raises(grpc.RpcError) as info:
+        result = call(request_, timeout=30)
+        if method in ("Generate", "Chat"):
+            list(result)
+    assert info.value.code() == code
+    assert message in info.value.details()
+
+
+def test_oversized_message_and_server_keeps_serving(client):
+    with pytest.raises(grpc.RpcError) as info:
+        client.tokenize(text="x" * (9 * 1024 * 1024))
+    assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    _, ids = _collect(client.generate([1, 2, 3], max_tokens=2, ignore_eos=True))
+    assert len(ids) == 2
+
+
+# ------------------------------------------------------------------------------------------------ cancel / deadline
+def test_cancel_mid_stream_frees_kv_blocks(client):
+    stream = client.generate([1, 2, 3, 4] * 20, max_tokens=600, ignore_eos=True)
+    got = 0
+    for response in stream:
+        got += len(response.token_ids)
+        if got >= 3:
+            break
+    busy = client.list_replicas()
+    assert sum(r.running_requests for r in busy) == 1
+    assert any(r.kv_blocks_free < r.kv_blocks_total for r in busy)
+    stream.cancel()
+    _wait_free(client)
+
+
+@pytest.mark.parametrize("how", ["timeout_seconds", "grpc_deadline"])
+def test_deadline_exceeded_frees_kv_blocks(client, how):
+    kw = {"timeout_seconds": 0.4} if how == "timeout_seconds" else {}
+    call = client.inference.Generate(
+        pb.GenerateRequest(token_ids=pb.TokenIds(ids=[7] * 40), sampling=pb.SamplingParams(max_tokens=900,
+                                                                                           ignore_eos=True), **kw),
+        timeout=0.4 if how == "grpc_deadline" else 30)
+    start = time.monotonic()
+    with pytest.raises(grpc.RpcError) as info:
+        list(call)
+    assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert time.monotonic() - start < 5
+    _wait_free(client)
+
+
+# ------------------------------------------------------------------------------------------------ health, reflection
+def test_health_and_reflection(tiny):
+    with grpc.insecure_channel(tiny["address"]) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        for service in ("", INFERENCE_SERVICE):
+            status = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status
+            assert status == health_pb2.HealthCheckResponse.SERVING
+        services = set(ProtoReflectionDescriptorDatabase(channel).get_services())
+    assert {"gptoss.v1.Inference", "gptoss.v1.Admin", "grpc.health.v1.Health",
+            "grpc.reflection.v1alpha.ServerReflection"} <= services
+
+
+def test_inference_health_follows_replica_readiness():
+    replica = ScriptedReplica([1, 2, 3], state="STARTING")
+    st = ServerThread()
+    address = st.start([replica], RouterSettings(host="127.0.0.1", port=0, health_interval_s=0.05),
+                       wait_ready=False)
+    try:
+        with Client(address, timeout=10) as c:
+            time.sleep(0.3)
+            assert c.health("") == "SERVING"
+            assert c.health(INFERENCE_SERVICE) == "NOT_SERVING"
+            with pytest.raises(grpc.RpcError) as info:
+                list(c.generate([1], max_tokens=1))
+            assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+            replica.state = "RUNNING"
+            deadline = time.monotonic() + 5
+            while c.health(INFERENCE_SERVICE) != "SERVING" and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert c.health(INFERENCE_SERVICE) == "SERVING"
+            replica.state = "UNHEALTHY"
+            deadline = time.monotonic() + 5
+            while c.health(INFERENCE_SERVICE) != "NOT_SERVING" and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert c.health(INFERENCE_SERVICE) == "NOT_SERVING"
+    finally:
+        st.stop()
+
+
+def test_drain_flips_health_first_and_lets_running_streams_finish():
+    replica = ScriptedReplica([11, 12, 13], step_s=0.05)
+    st, address = _scripted_server(replica)
+    try:
+        with Client(address, timeout=30) as c:
+            stream = c.generate([1, 2], max_tokens=20, ignore_eos=True)
+            first = next(stream)
+            drained: dict[str, object] = {}
+            thread = threading.Thread(target=lambda: drained.setdefault("ok", st.run(st.server.drain(10))))
+            thread.start()
+            deadline = time.monotonic() + 5
+            while not st.server.draining and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert c.health("") == "NOT_SERVING" and c.health(INFERENCE_SERVICE) == "NOT_SERVING"
+            with pytest.raises(grpc.RpcError) as info:
+                list(c.generate([1], max_tokens=1))
+            assert info.value.code() == grpc.StatusCode.UNAVAILABLE and "draining" in info.value.details()
+            rest = list(stream)  # the running stream still finishes
+            thread.join(15)
+            assert drained["ok"] is True
+            assert len(first.token_ids) + sum(len(r.token_ids) for r in rest) == 20
+            assert rest[-1].finish_reason == pb.FINISH_REASON_LENGTH
+    finally:
+        st.stop()
+
+
+# ------------------------------------------------------------------------------------------------ auth, limits
+def test_bearer_token_auth(monkeypatch):
+    monkeypatch.setenv("GPTOSS_TEST_TOKEN", "s3cret")
+    st, address = _scripted_server(ScriptedReplica([5]), auth_token_env="GPTOSS_TEST_TOKEN")
+    monkeypatch.delenv("GPTOSS_AUTH_TOKEN", raising=False)
+    try:
+        for token, ok in ((None, False), ("wrong", False), ("s3cret", True)):
+            with Client(address, token=token, timeout=10) as c:
+                assert c.health("") == "SERVING"  # health is always open
+                if ok:
+                    assert c.model_info().model == "scripted"
+                    assert len(_collect(c.generate([1], max_tokens=2))[1]) == 2
+                    continue
+                for call in (c.model_info, c.list_replicas, lambda: list(c.generate([1], max_tokens=1)),
+                             lambda: c.tokenize(text="x")):
+                    with pytest.raises(grpc.RpcError) as info:
+                        call()
+                    assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+                    assert "bearer token" in info.value.details()
+    finally:
+        st.stop()
+
+
+def test_small_message_limit_answers_resource_exhausted():
+    st, address = _scripted_server(ScriptedReplica([5]), max_message_bytes=4096)
+    try:
+        with Client(address, timeout=10) as c:
+            with pytest.raises(grpc.RpcError) as info:
+                list(c.chat("x" * 10_000, max_tokens=1))
+            assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert len(_collect(c.generate([1], max_tokens=1))[1]) == 1
+    finally:
+        st.stop()
+
+
+# ------------------------------------------------------------------------------------------------ retry, metrics
+def test_replica_failing_before_first_token_is_retried_on_another():
+    a, b = ScriptedReplica([5], replica_id="r-a"), ScriptedReplica([6], replica_id="r-b")
+    st, address = _scripted_server(a, b)
+    try:
+        with Client(address, timeout=10) as c:
+            st.backend.failing.update({"r-a", "r-b"})
+            # both fail once: the first choice fails, the retry goes to the other, which fails too -> UNAVAILABLE
+            with pytest.raises(grpc.RpcError) as info:
+                list(c.generate([1], max_tokens=2))
+            assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert not st.backend.failing
+            retried = 0
+            for _ in range(6):  # whichever replica is picked first, the request succeeds on r-b
+                st.backend.failing.add("r-a")
+                _, ids = _collect(c.generate([1], max_tokens=3))
+                assert ids == [6, 6, 6]
+                retried += "r-a" not in st.backend.failing
+            assert retried >= 1 and a.requests_total == 0
+    finally:
+        st.stop()
+
+
+def test_request_metrics_are_recorded(tiny, client):
+    _collect(client.generate([1, 2], max_tokens=3, ignore_eos=True))
+    text = tiny["metrics"].render().decode()
+    assert 'gptoss_requests_total{code="OK",method="Generate",protocol="grpc"}' in text
+    assert "gptoss_time_to_first_token_seconds_bucket" in text
+    assert 'gptoss_replicas{state="running"} 2.0' in text
+
+
+def test_metrics_port_serves_the_exposition(checkpoints):
+    metrics = Metrics()
+    st = ServerThread()
+    address = st.start([ScriptedReplica([5])], RouterSettings(host="127.0.0.1", port=0, metrics_port=0,
+                                                              health_interval_s=0.05), metrics)
+    try:
+        from cluster.metrics import start_metrics_server
+
+        server = start_metrics_server(0, "127.0.0.1", metrics=metrics)
+        with Client(address, timeout=10) as c:
+            _collect(c.generate([1], max_tokens=1))
+        body = urllib.request.urlopen(f"http://127.0.0.1:{server.port}/metrics", timeout=5).read().decode()
+        server.close()
+        assert "gptoss_requests_total" in body
+    finally:
+        st.stop()
+
+
+def test_tls(tmp_path):
+    crypto = pytest.importorskip("cryptography")
+    del crypto
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
+            .sign(key, hashes.SHA256()))
+    (tmp_path / "key.pem").write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                                         serialization.PrivateFormat.PKCS8,
+                                                         serialization.NoEncryption()))
+    pem = cert.public_bytes(serialization.Encoding.PEM)
+    (tmp_path / "cert.pem").write_bytes(pem)
+    st, address = _scripted_server(ScriptedReplica([5]), tls_cert_file=str(tmp_path / "cert.pem"),
+                                   tls_key_file=str(tmp_path / "key.pem"))
+    port = address.rsplit(":", 1)[1]
+    try:
+        with Client(f"localhost:{port}", root_certificates=pem, timeout=10) as c:
+            assert c.model_info().model == "scripted"
+            assert len(_collect(c.generate([1], max_tokens=2))[1]) == 2
+        with Client(address, timeout=5) as plain, pytest.raises(grpc.RpcError) as info:
+            plain.model_info()
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        st.stop()
+
+
+def test_replica_records_engine_stats_and_expert_counts(tiny, client):
+    core = tiny["cores"][0]
+    metrics = Metrics()
+    core.metrics, core.settings.stats_interval_s = metrics, 0.05
+    try:
+        tiny["st"].run(_start_background(core))
+        _collect(client.generate([9, 8, 7, 6], max_tokens=4, ignore_eos=True))
+        deadline = time.monotonic() + 10
+        text = ""
+        while time.monotonic() < deadline:
+            text = metrics.render().decode()
+            if "gptoss_expert_routed_tokens_total{" in text and 'replica="r0"' in text:
+                break
+            time.sleep(0.05)
+        assert 'gptoss_kv_cache_usage_ratio{replica="r0"}' in text
+        assert "gptoss_expert_routed_tokens_total{" in text
+    finally:
+        tiny["st"].run(_stop_background(core))
+        core.metrics = None
+
+
+async def _start_background(core):
+    core.start_background()
+
+
+async def _stop_background(core):
+    task, core._stats_task = core._stats_task, None
+    if task is not None:
+        task.cancel()
