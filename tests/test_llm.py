@@ -129,3 +129,18 @@ def test_bad_checkpoints(tmp_path, checkpoints):
     (broken / "config.json").write_text(json.dumps(config))
     with pytest.raises(ConfigError, match="num_attention_heads"):
         LLM(broken)
+
+
+def test_cli_generate_offline(checkpoints, capsys, tmp_path):
+    from cluster.cli import main
+
+    code = main(["generate", "--model", str(checkpoints["tiny-hf"]), "--prompt", "Hello", "--max-tokens", "3",
+                 "--temperature", "0", "--ignore-eos", "--dtype", "float32"])
+    out = capsys.readouterr()
+    assert code == 0 and "3 completion tokens" in out.err
+    llm_text = LLM(checkpoints["tiny-hf"], dtype="float32", progress=False).generate(
+        "Hello", SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))[0].text
+    assert out.out.rstrip("\n") == llm_text
+    assert main(["generate", "--model", str(tmp_path / "missing"), "--prompt", "x"]) == 2
+    assert "not a directory" in capsys.readouterr().err
+    assert main(["generate", "--model", str(checkpoints["tiny-hf"]), "--prompt", "x", "--temperature", "-1"]) == 2
