@@ -352,7 +352,7 @@ def _collective_rank(rank: int, port: int, results) -> None:
         to_zero = TorchDistributedCollective(gather_dst=0).all_gather(torch.full((1, 2), float(rank)), dim=1)
         out["to_zero"] = to_zero.tolist() if rank == 0 else list(to_zero.shape)
         if rank == 1:
-            time.sleep(8)  # alive, but never joins rank 0's next collective
+            time.sleep(4.5)  # alive (past rank 0's 3 s timeout), but never joins rank 0's next collective
         else:
             start = time.monotonic()
             try:

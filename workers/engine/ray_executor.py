@@ -12,8 +12,9 @@ LLM) the executor creates a group of G bundles ({"GPU": 1, "CPU": 1} or {"CPU": 
 node), after checking that the cluster has the devices at all, and removes it on shutdown.
 
 Start-up: rank 0 reports its node IP and a free port on it, every rank joins the torch.distributed group there (NCCL
-on CUDA, gloo otherwise) and reads only its slices of the checkpoint. Per step the plan is pickled once (a few
-hundred bytes) and sent to every rank in one round of calls; rank 0 alone returns the logits.
+on CUDA, gloo otherwise) and reads only its slices of the checkpoint. Per step the plan is pickled once (about a
+kilobyte, numpy arrays) and sent to every rank in one round of calls; rank 0 alone returns the logits rows (a numpy
+array: Ray ships its buffer as is), the other ranks None.
 
 Failure: any shard that dies, raises, or overruns `step_timeout_s` turns the step into a `ShardFailure` naming the
 shard; the whole group is torn down at once (every actor killed: survivors may sit in a collective waiting for the
