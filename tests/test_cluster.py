@@ -319,7 +319,7 @@ def test_killing_a_shard_worker_fails_its_requests_and_serve_replaces_the_replic
         except grpc.RpcError as exc:
             outcomes.append((exc.code().name, exc.details()))
 
-    threads = [threading.Thread(target=stream, args=(i,)) for i in range(6)]
+    threads = [threading.Thread(target=stream, args=(i,)) for i in range(8)]
     for t in threads:
         t.start()
     _wait(lambda: sum(r.running_requests for r in client.list_replicas()) >= 6, 60, "all streams running")
@@ -344,12 +344,13 @@ def test_scale_down_finishes_in_flight_requests(cluster):
 
     def stream(i):
         try:
-            n = sum(len(r.token_ids) for r in client.generate([300 + i, 1, 2], max_tokens=60, ignore_eos=True))
+            # long enough that every replica is still busy when the scale-down lands, even on an idle machine
+            n = sum(len(r.token_ids) for r in client.generate([300 + i, 1, 2], max_tokens=200, ignore_eos=True))
             outcomes.append(("OK", n))
         except grpc.RpcError as exc:
             outcomes.append((exc.code().name, exc.details()))
 
-    threads = [threading.Thread(target=stream, args=(i,)) for i in range(6)]
+    threads = [threading.Thread(target=stream, args=(i,)) for i in range(8)]
     for t in threads:
         t.start()
     _wait(lambda: all(r.running_requests > 0 for r in client.list_replicas()), 60, "both replicas busy",
@@ -357,7 +358,7 @@ def test_scale_down_finishes_in_flight_requests(cluster):
     scale(1, address=cluster["dashboard"])
     for t in threads:
         t.join(180)
-    assert outcomes == [("OK", 60)] * 6, outcomes
+    assert outcomes == [("OK", 200)] * 8, outcomes
     _wait(lambda: _running(client, 1), 120, "one replica left")
     states = cluster["dashboard_client"].replica_states()
     assert states.get("RUNNING") == 1
