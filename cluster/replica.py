@@ -245,10 +245,14 @@ class ReplicaCore:
         prompt = request.get("prompt_token_ids") or []
         sampling = dict(request.get("sampling") or {})
         try:
+            constraint = request.get("constraint")
+            if constraint is not None:  # compiled in a thread: a slow grammar never stalls other requests
+                constraint = await detached_thread(self.engine.prepare_constraint, constraint)
             # detached: the engine's step loop (started by the first request) must not be a child of any request
             stream = detached(self.engine.add_request, prompt, sampling, request_id,
-                              priority=int(request.get("priority") or 0), eos_token_ids=request.get("eos_token_ids"))
-        except (ValueError, TypeError) as exc:
+                              priority=int(request.get("priority") or 0), eos_token_ids=request.get("eos_token_ids"),
+                              constraint=constraint)
+        except (ValueError, TypeError, KeyError) as exc:
             yield _error("INVALID_ARGUMENT", str(exc))
             return
         self.requests_total += 1

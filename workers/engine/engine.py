@@ -43,6 +43,7 @@ from workers.engine.request import (
 )
 from workers.engine.sampler import Sampler
 from workers.engine.scheduler import Scheduler, SchedulerOutput
+from workers.engine.structured import CompiledConstraint, Constraint, StructuredDecoding
 from workers.sampling import SamplingParams
 
 logger = logging.getLogger("gptoss.engine")
@@ -180,6 +181,9 @@ class Engine:
         self._wakeup: asyncio.Event | None = None
         self._detokenizers: dict[Request, Any] = {}
         self._idle_step = False
+        self._structured: StructuredDecoding | None = None  # built on the first constrained request
+        self._structured_lock = threading.Lock()
+        self._mask_pool: Any = None  # one thread: fills the next step's token bitmasks while the model runs
 
     # ------------------------------------------------------------------------------------------------ builders
     @classmethod
@@ -202,9 +206,29 @@ class Engine:
     def num_kv_blocks(self) -> int:
         return self.kv.num_blocks
 
+    # ------------------------------------------------------------------------------------------------ constraints
+    @property
+    def structured(self) -> StructuredDecoding:
+        """The grammar compiler and harmony automaton of this engine (loads xgrammar on first use)."""
+        with self._structured_lock:
+            if self._structured is None:
+                from workers.harmony import get_tokenizer
+
+                # the engine may run without a tokenizer (the router detokenizes); gpt-oss has one vocabulary
+                self._structured = StructuredDecoding(self.tokenizer or get_tokenizer(), self.model_config.vocab_size)
+            return self._structured
+
+    def prepare_constraint(self, constraint: Constraint | CompiledConstraint | dict[str, Any]) -> CompiledConstraint:
+        """Compile a constraint (cached by its hash); thread-safe, so callers compile off the step loop.
+        Raises ValueError naming what is invalid or unsupported."""
+        if isinstance(constraint, CompiledConstraint):
+            return constraint
+        return self.structured.compile(constraint)
+
     # ------------------------------------------------------------------------------------------------ requests
     def _make_request(self, prompt_token_ids: Sequence[int], params: SamplingParams | dict[str, Any] | None,
-                      request_id: str | None, priority: int, eos_token_ids: Sequence[int] | None) -> Request:
+                      request_id: str | None, priority: int, eos_token_ids: Sequence[int] | None,
+                      constraint: Any = None) -> Request:
         if params is None:
             params = SamplingParams()
         elif isinstance(params, dict):
@@ -235,34 +259,42 @@ class Engine:
         if eos_token_ids is None:
             eos_token_ids = (self.model_config.eos_token_id,)
         self.scheduler.check_request(len(prompt), params.max_tokens)
-        return Request(request_id, prompt, params, eos_token_ids=tuple(eos_token_ids), priority=priority)
+        request = Request(request_id, prompt, params, eos_token_ids=tuple(eos_token_ids), priority=priority)
+        if constraint is not None:
+            request.constraint = self.structured.new_state(self.prepare_constraint(constraint))
+        return request
 
     def submit(self, prompt_token_ids: Sequence[int], params: SamplingParams | dict[str, Any] | None = None,
                request_id: str | None = None, *, priority: int = 0,
-               eos_token_ids: Sequence[int] | None = None) -> str:
+               eos_token_ids: Sequence[int] | None = None, constraint: Any = None) -> str:
         """Queue a request (synchronous use: its outputs come back from `step()`); returns its id.
 
         `eos_token_ids` are the tokens that end it unless `params.ignore_eos` (default: the model's EOS; pass
-        harmony's stop tokens for chat). Invalid input raises ValueError and changes nothing.
+        harmony's stop tokens for chat). `constraint` (a `Constraint`, its dict form, or what
+        `prepare_constraint` returned) shapes a harmony chat completion; compiling happens here unless done before.
+        Invalid input raises ValueError and changes nothing.
         """
-        return self._add(prompt_token_ids, params, request_id, priority, eos_token_ids, None).request_id
+        return self._add(prompt_token_ids, params, request_id, priority, eos_token_ids, None,
+                         constraint).request_id
 
     def add_request(self, prompt_token_ids: Sequence[int], params: SamplingParams | dict[str, Any] | None = None,
                     request_id: str | None = None, *, priority: int = 0,
-                    eos_token_ids: Sequence[int] | None = None) -> RequestStream:
-        """Queue a request and return an async iterator of its deltas (call from inside a running event loop)."""
+                    eos_token_ids: Sequence[int] | None = None, constraint: Any = None) -> RequestStream:
+        """Queue a request and return an async iterator of its deltas (call from inside a running event loop).
+        Pass a compiled `constraint` (`prepare_constraint`, run in a thread) so no compile blocks the loop."""
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
             raise RuntimeError("add_request streams to an asyncio event loop; without one use submit() + step() "
                                "or generate()") from None
-        request = self._add(prompt_token_ids, params, request_id, priority, eos_token_ids, loop)
+        request = self._add(prompt_token_ids, params, request_id, priority, eos_token_ids, loop, constraint)
         self._ensure_loop(loop)
         return self._streams[request]
 
     def _add(self, prompt_token_ids: Sequence[int], params: Any, request_id: str | None, priority: int,
-             eos_token_ids: Sequence[int] | None, loop: asyncio.AbstractEventLoop | None) -> Request:
-        request = self._make_request(prompt_token_ids, params, request_id, priority, eos_token_ids)
+             eos_token_ids: Sequence[int] | None, loop: asyncio.AbstractEventLoop | None,
+             constraint: Any = None) -> Request:
+        request = self._make_request(prompt_token_ids, params, request_id, priority, eos_token_ids, constraint)
         self._register(request, loop)
         if self._wakeup is not None and loop is not None:
             self._wakeup.set()
@@ -306,13 +338,15 @@ class Engine:
                 if not sched.scheduled:
                     return self._take_pending()
                 plan, sampled = self._build_plan(sched)
+                masks = self._start_masks(sampled)
             t1 = time.perf_counter()
             logits = self.executor.execute(plan)
             t2 = time.perf_counter()
             with self._lock:
                 with torch.inference_mode():
-                    tokens, logprobs = (self.sampler.sample(logits, [s.request for s in sampled]) if sampled
-                                        else ([], []))
+                    tokens, logprobs = (self.sampler.sample(logits, [s.request for s in sampled],
+                                                            masks.result() if masks is not None else None)
+                                        if sampled else ([], []))
                 t3 = time.perf_counter()
                 self._process(sched, sampled, tokens, logprobs)
                 outputs = self._take_pending()
@@ -370,6 +404,26 @@ class Engine:
         )
         return plan, sampled
 
+    def _start_masks(self, sampled: list) -> Any:
+        """The constrained rows' token bitmasks, filled in a helper thread while the model runs (the states only
+        change in `_process`, after sampling). Returns a future of (bitmask, rows, apply) or None."""
+        rows = [i for i, s in enumerate(sampled) if s.request.constraint is not None]
+        if not rows:
+            return None
+        structured = self.structured
+        states = [sampled[i].request.constraint for i in rows]
+
+        def fill() -> tuple[torch.Tensor, list[int], Any]:
+            bitmask = structured.allocate_bitmask(len(sampled))
+            structured.fill_bitmask(states, bitmask, rows)
+            return bitmask, rows, structured.apply_bitmask
+
+        if self._mask_pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._mask_pool = ThreadPoolExecutor(1, thread_name_prefix="gptoss-masks")
+        return self._mask_pool.submit(fill)
+
     def _process(self, sched: SchedulerOutput, sampled: list, tokens: list[int],
                  logprobs: list[TokenLogprob | None]) -> None:
         sampled_at = {id(s): k for k, s in enumerate(sampled)}
@@ -393,6 +447,12 @@ class Engine:
                 request.first_token_time = time.monotonic()
             if request.logprobs is not None and logprobs[k] is not None:
                 request.logprobs.append(logprobs[k])
+            if request.constraint is not None and not request.constraint.accept(token):
+                # cannot happen while the mask was applied; end this request rather than emit a broken structure
+                logger.error("request %s: token %d breaks its constraint; aborting it", request.request_id, token)
+                self._finish(request, RequestStatus.FINISHED_ABORTED)
+                self._emit(request, self._delta(request, [], None, finished=True))
+                continue
             status = self._check_stop(request, token)
             self.kv.register_computed(request)
             if status is not None:
@@ -403,7 +463,8 @@ class Engine:
         params = request.params
         n_out = request.num_output_tokens
         detok = self._detokenizers.get(request)
-        if token in request.stop_token_ids and n_out > params.min_tokens:
+        constrained_end = request.constraint is not None and request.constraint.done
+        if token in request.stop_token_ids and (n_out > params.min_tokens or constrained_end):
             request.stop_reason = token
             if detok is not None:
                 request.text += detok.flush()
@@ -479,16 +540,17 @@ class Engine:
                  ) -> list[GenerationResult]:
         """Run requests to completion together; results in input order.
 
-        Each request is `(prompt_token_ids, params)` or `(prompt_token_ids, params, eos_token_ids)` (the latter
-        overrides `eos_token_ids` for that request, e.g. harmony's stop tokens for a chat prompt). Every request is
-        validated before any runs (a bad one raises ValueError and nothing is queued).
+        Each request is `(prompt_token_ids, params)`, `(prompt_token_ids, params, eos_token_ids)` (overriding
+        `eos_token_ids` for that request, e.g. harmony's stop tokens for a chat prompt) or
+        `(prompt_token_ids, params, eos_token_ids, constraint)`. Every request is validated before any runs (a bad
+        one raises ValueError and nothing is queued).
         """
         prepared = []
         for item in requests:
-            if not isinstance(item, (tuple, list)) or len(item) not in (2, 3):
-                raise ValueError("each request is (prompt_token_ids, params) or (prompt_token_ids, params, eos_ids)")
-            eos = item[2] if len(item) == 3 else eos_token_ids
-            prepared.append(self._make_request(item[0], item[1], None, 0, eos))
+            if not isinstance(item, (tuple, list)) or len(item) not in (2, 3, 4):
+                raise ValueError("each request is (prompt_token_ids, params[, eos_token_ids[, constraint]])")
+            eos = item[2] if len(item) >= 3 and item[2] is not None else eos_token_ids
+            prepared.append(self._make_request(item[0], item[1], None, 0, eos, item[3] if len(item) == 4 else None))
         for request in prepared:
             self._register(request, None)
         ids = [r.request_id for r in prepared]

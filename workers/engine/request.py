@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -112,6 +113,7 @@ class Request:
         self.num_sent_tokens = 0
         self.num_sent_text = 0
         self.first_token_time: float | None = None
+        self.constraint: Any = None  # a structured.ConstraintState when the completion is constrained
 
     # ------------------------------------------------------------------------------------------------ views
     @property

@@ -10,6 +10,7 @@ share the engine's generator.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -22,8 +23,12 @@ class Sampler:
     def __init__(self, seed: int = 0) -> None:
         self.generator = torch.Generator().manual_seed(seed)
 
-    def sample(self, logits: torch.Tensor, requests: Sequence[Request]) -> tuple[list[int], list[TokenLogprob | None]]:
-        """logits [S, V] float32 (row i belongs to requests[i]; modified in place) -> token ids and logprobs."""
+    def sample(self, logits: torch.Tensor, requests: Sequence[Request], masks: Any = None
+               ) -> tuple[list[int], list[TokenLogprob | None]]:
+        """logits [S, V] float32 (row i belongs to requests[i]; modified in place) -> token ids and logprobs.
+
+        `masks`: (bitmask [S, words] int32, constrained rows, apply) from the engine's constraint states; applied
+        after the penalties, in one call. A constrained row decides its own end, so min_tokens does not mask it."""
         params = [r.params for r in requests]
         num_rows, vocab = logits.shape
         logprob_rows = [i for i, p in enumerate(params) if p.logprobs is not None]
@@ -33,10 +38,15 @@ class Sampler:
         if penalized:
             apply_penalties(logits, penalized, requests)
         for i, request in enumerate(requests):
+            if request.constraint is not None:
+                continue
             if request.stop_token_ids and request.num_output_tokens < request.params.min_tokens:
                 ids = [t for t in request.stop_token_ids if t < vocab]
                 logits[i, ids] = float("-inf")
 
+        if masks is not None:
+            bitmask, rows, apply = masks
+            apply(logits, bitmask, rows)
         tokens = sample_rows(logits, params, [r.generator for r in requests], self.generator)
 
         logprobs: list[TokenLogprob | None] = [None] * num_rows

@@ -165,6 +165,8 @@ downscale_delay_s: {{ int $a.downscaleDelayS }}
 {{- define "gptoss.serveConfig" -}}
 {{- $s := .Values.serve -}}
 {{- $envVars := dict "PROMETHEUS_MULTIPROC_DIR" .Values.metrics.multiprocDir -}}
+{{- /* bind addresses are machine settings, not build_app arguments: cluster.app reads them from the environment */ -}}
+{{- with $s.grpcHost }}{{ $_ := set $envVars "GPTOSS_GRPC_HOST" . }}{{ end -}}
 {{- $runtimeEnv := deepCopy $s.runtimeEnv -}}
 {{- $_ := set $runtimeEnv "env_vars" (mergeOverwrite $envVars (default (dict) $runtimeEnv.env_vars)) -}}
 proxy_location: EveryNode
