@@ -172,6 +172,12 @@ class StructuredDecoding:
         # special and unused ids are empty strings: xgrammar never lets a grammar emit them (but stop tokens)
         info = xgr.TokenizerInfo(vocab, xgr.VocabType.RAW, vocab_size=vocab_size, stop_token_ids=[self.RETURN])
         self.compiler = xgr.GrammarCompiler(info, max_threads=1)
+        # xgrammar's JSON strings admit raw control characters (a tab, say), which JSON forbids and json.loads
+        # refuses; compact JSON needs no control character anywhere, so JSON grammars get a vocabulary without them
+        json_vocab = [b"" if any(byte < 0x20 for byte in token) else token for token in vocab]
+        json_info = xgr.TokenizerInfo(json_vocab, xgr.VocabType.RAW, vocab_size=vocab_size,
+                                      stop_token_ids=[self.RETURN])
+        self.json_compiler = xgr.GrammarCompiler(json_info, max_threads=1)
         self.words = xgr.get_bitmask_shape(1, vocab_size)[1]  # int32 words per bitmask row
         ordinary = np.fromiter((len(b) > 0 for b in vocab), dtype=bool, count=vocab_size)
         self._free_ordinary = ordinary  # ids free text may use (no special tokens)
@@ -217,11 +223,11 @@ class StructuredDecoding:
         try:
             if rf.type == "json_schema":
                 json.loads(rf.value)
-                return self.compiler.compile_json_schema(rf.value, any_whitespace=False, separators=(",", ":"),
-                                                         strict_mode=True)
+                return self.json_compiler.compile_json_schema(rf.value, any_whitespace=False,
+                                                              separators=(",", ":"), strict_mode=True)
             if rf.type == "json_object":
-                return self.compiler.compile_json_schema('{"type": "object"}', any_whitespace=False,
-                                                         separators=(",", ":"), strict_mode=False)
+                return self.json_compiler.compile_json_schema('{"type": "object"}', any_whitespace=False,
+                                                              separators=(",", ":"), strict_mode=False)
             if rf.type == "regex":
                 return self.compiler.compile_regex(rf.value)
             return self.compiler.compile_grammar(rf.value)
