@@ -10,6 +10,18 @@
 (`role`, `content`, `reasoning`, `tool_calls`, `name`, `tool_call_id`), tools `{"name", "description",
 "parameters"}` (or the wrapped `{"type": "function", "function": {...}}` form); sampling options are the fields of
 `gptoss.v1.SamplingParams` as keywords. Errors are `grpc.RpcError`s with the server's status code and message.
+
+Structured outputs take OpenAI's shapes too:
+
+    client.chat("Pick a color", response_format={"type": "json_schema",
+                                                  "json_schema": {"name": "c", "schema": {"enum": ["red", "blue"]}}},
+                max_reasoning_tokens=0)
+    client.chat("Weather in Paris?", tools=[WEATHER], tool_choice="required")  # or {"type": "function", ...}
+
+`response_format`: {"type": "json_schema", "json_schema": {"name", "schema", "strict", "description"}},
+{"type": "json_object"}, {"type": "regex", "regex": ...}, {"type": "grammar", "grammar": ...} or {"type": "text"};
+`tool_choice`: "auto" | "none" | "required" | {"type": "function", "function": {"name": ...}} | a tool's name
+("get_weather", "browser.search", "python").
 """
 
 from __future__ import annotations
@@ -25,7 +37,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from proto.gptoss.v1 import gptoss_pb2 as pb
 from proto.gptoss.v1 import gptoss_pb2_grpc as pb_grpc
 
-__all__ = ["AsyncClient", "Client", "TOKEN_ENV", "chat_messages", "function_tools", "sampling_params"]
+__all__ = ["AsyncClient", "Client", "TOKEN_ENV", "chat_messages", "function_tools", "response_format_message",
+           "sampling_params", "tool_choice_message"]
 
 TOKEN_ENV = "GPTOSS_AUTH_TOKEN"
 _EFFORT = {None: pb.REASONING_EFFORT_UNSPECIFIED, "low": pb.REASONING_EFFORT_LOW,
@@ -74,6 +87,47 @@ def function_tools(tools: Sequence[Mapping[str, Any]] | None) -> list[pb.Functio
     return out
 
 
+def response_format_message(value: Mapping[str, Any] | pb.ResponseFormat | None) -> pb.ResponseFormat | None:
+    """An OpenAI-style response_format dict -> gptoss.v1.ResponseFormat (None: free text)."""
+    if value is None or isinstance(value, pb.ResponseFormat):
+        return value
+    kind = value.get("type")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return pb.ResponseFormat(json_object=True)
+    if kind == "json_schema":
+        spec = value.get("json_schema") or {}
+        schema = spec.get("schema")
+        if schema is None:
+            raise ValueError("response_format json_schema needs json_schema.schema")
+        return pb.ResponseFormat(json_schema=pb.JsonSchemaFormat(
+            name=spec.get("name") or "", schema_json=schema if isinstance(schema, str) else json.dumps(schema),
+            strict=bool(spec.get("strict", False)), description=spec.get("description") or ""))
+    if kind in ("regex", "grammar"):
+        text = value.get(kind)
+        if not isinstance(text, str):
+            raise ValueError(f"response_format of type {kind!r} needs the {kind} as a string under {kind!r}")
+        return pb.ResponseFormat(**{kind: text})
+    raise ValueError(f"response_format type must be one of text, json_object, json_schema, regex, grammar; "
+                     f"got {kind!r}")
+
+
+def tool_choice_message(value: str | Mapping[str, Any] | pb.ToolChoice | None) -> pb.ToolChoice | None:
+    """"auto" | "none" | "required" | {"type": "function", "function": {"name": ...}} | a tool name -> ToolChoice."""
+    if value is None or isinstance(value, pb.ToolChoice):
+        return value
+    if isinstance(value, str):
+        modes = {"auto": pb.ToolChoice.MODE_AUTO, "none": pb.ToolChoice.MODE_NONE,
+                 "required": pb.ToolChoice.MODE_REQUIRED}
+        return pb.ToolChoice(mode=modes[value]) if value in modes else pb.ToolChoice(name=value)
+    name = (value.get("function") or value).get("name")
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"tool_choice {dict(value)!r} names no tool (expected {{'type': 'function', "
+                         "'function': {'name': ...}}})")
+    return pb.ToolChoice(name=name)
+
+
 def generate_request(prompt: str | Sequence[int], *, request_id: str = "", priority: int = 0,
                      timeout_seconds: float | None = None, **sampling: Any) -> pb.GenerateRequest:
     req = pb.GenerateRequest(request_id=request_id, sampling=sampling_params(**sampling), priority=priority)
@@ -88,12 +142,25 @@ def generate_request(prompt: str | Sequence[int], *, request_id: str = "", prior
 
 def chat_request(messages: str | Sequence[Mapping[str, Any]], *, tools: Sequence[Mapping[str, Any]] | None = None,
                  reasoning_effort: str | None = None, builtin_tools: Sequence[str] = (), request_id: str = "",
-                 priority: int = 0, timeout_seconds: float | None = None, **sampling: Any) -> pb.ChatRequest:
+                 priority: int = 0, timeout_seconds: float | None = None,
+                 response_format: Mapping[str, Any] | pb.ResponseFormat | None = None,
+                 tool_choice: str | Mapping[str, Any] | pb.ToolChoice | None = None,
+                 max_reasoning_tokens: int | None = None, **sampling: Any) -> pb.ChatRequest:
+    if isinstance(builtin_tools, str):  # "browser" would otherwise become ["b", "r", ...]
+        builtin_tools = [builtin_tools]
     req = pb.ChatRequest(request_id=request_id, messages=chat_messages(messages), tools=function_tools(tools),
                          reasoning_effort=_EFFORT[reasoning_effort], sampling=sampling_params(**sampling),
                          priority=priority, builtin_tools=list(builtin_tools))
     if timeout_seconds is not None:
         req.timeout_seconds = timeout_seconds
+    rf = response_format_message(response_format)
+    if rf is not None:
+        req.response_format.CopyFrom(rf)
+    choice = tool_choice_message(tool_choice)
+    if choice is not None:
+        req.tool_choice.CopyFrom(choice)
+    if max_reasoning_tokens is not None:
+        req.max_reasoning_tokens = max_reasoning_tokens
     return req
 
 

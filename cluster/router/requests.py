@@ -3,6 +3,10 @@
 Every problem raises `RequestError(code, message)`; the server answers with that gRPC status and message. The checks
 need the model's facts (`vocab_size`, `context_length`), which the router learns from a replica, never from the model
 directory.
+
+A chat's structured-output fields (response_format, tool_choice, max_reasoning_tokens, strict tools) become a
+`workers.engine.structured.Constraint` in its dict form (`constraint_from_chat`); the replica compiles it (xgrammar),
+which has the final word on what a grammar supports and answers INVALID_ARGUMENT otherwise.
 """
 
 from __future__ import annotations
@@ -17,10 +21,11 @@ from typing import Any
 import grpc
 
 from proto.gptoss.v1 import gptoss_pb2 as pb
+from workers.engine.structured import BUILTIN_RECIPIENTS, Constraint
 from workers.harmony import Tokenizer, get_tokenizer, render_chat
 from workers.sampling import SamplingParams
 
-__all__ = ["Prepared", "RequestError", "Validator", "DEFAULT_SAMPLING"]
+__all__ = ["Prepared", "RequestError", "Validator", "DEFAULT_SAMPLING", "constraint_from_chat"]
 
 # Server defaults for fields a request leaves unset (before the deployment's `sampling_defaults`).
 DEFAULT_SAMPLING: dict[str, Any] = {"temperature": 1.0, "top_p": 1.0, "max_tokens": 256}
@@ -28,6 +33,8 @@ _EFFORTS = {pb.REASONING_EFFORT_LOW: "low", pb.REASONING_EFFORT_MEDIUM: "medium"
 _OPTIONAL_SAMPLING = ("temperature", "top_p", "top_k", "min_p", "max_tokens", "min_tokens", "seed",
                       "presence_penalty", "frequency_penalty", "repetition_penalty", "logprobs")
 _JSON_TYPES = {"object", "array", "string", "number", "integer", "boolean", "null"}
+_TOOL_CHOICE_MODES = {pb.ToolChoice.MODE_AUTO: "auto", pb.ToolChoice.MODE_NONE: "none",
+                      pb.ToolChoice.MODE_REQUIRED: "required"}
 MAX_REQUEST_ID = 128
 
 
@@ -56,10 +63,12 @@ class Prepared:
     eos_token_ids: list[int] | None = None
     is_chat: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
+    constraint: dict[str, Any] | None = None  # structured.Constraint.to_dict(); None: unconstrained
 
     def replica_request(self, deadline: float | None) -> dict[str, Any]:
         return {"request_id": self.request_id, "prompt_token_ids": self.prompt_token_ids, "sampling": self.sampling,
-                "priority": self.priority, "deadline": deadline, "eos_token_ids": self.eos_token_ids}
+                "priority": self.priority, "deadline": deadline, "eos_token_ids": self.eos_token_ids,
+                "constraint": self.constraint}
 
 
 def _check_schema(where: str, schema: Any, depth: int = 0) -> None:
@@ -103,6 +112,96 @@ def _meta_check(where: str, schema: Any) -> None:
     except jsonschema.SchemaError as exc:
         path = "".join(f"[{p!r}]" for p in exc.path)
         raise invalid(f"{where} is not a valid JSON Schema{' at ' + path if path else ''}: {exc.message}") from None
+
+
+def _json_schema_text(where: str, text: str) -> str:
+    """A JSON Schema given as JSON text -> its compact text, after the structural and meta checks."""
+    if not text.strip():
+        raise invalid(f"{where} is empty")
+    try:
+        schema = json.loads(text)
+    except ValueError as exc:
+        raise invalid(f"{where} is not valid JSON: {exc}") from None
+    if not isinstance(schema, (dict, bool)):
+        raise invalid(f"{where} must be a JSON Schema (an object or a boolean), got {type(schema).__name__}")
+    _check_schema(where, schema)
+    _meta_check(where, schema)
+    # compact, key order kept: xgrammar emits properties in schema order
+    return json.dumps(schema, separators=(",", ":"), ensure_ascii=False)
+
+
+def _response_format(rf: pb.ResponseFormat) -> dict[str, str] | None:
+    which = rf.WhichOneof("format")
+    if which is None:  # an empty ResponseFormat is free text, like an unset one
+        return None
+    if which == "json_schema":
+        where = "response_format.json_schema.schema_json"
+        return {"type": "json_schema", "value": _json_schema_text(where, rf.json_schema.schema_json)}
+    if which == "json_object":
+        if not rf.json_object:
+            raise invalid("response_format.json_object must be true (leave response_format unset for free text)")
+        return {"type": "json_object", "value": ""}
+    value = getattr(rf, which)
+    if not value.strip():
+        raise invalid(f"response_format.{which} is empty")
+    return {"type": which, "value": value}
+
+
+def _tools(req: pb.ChatRequest) -> list[dict[str, Any]]:
+    """Declared tools -> ToolSpec dicts: functions.NAME (with its schema when strict), then built-in recipients."""
+    out: list[dict[str, Any]] = []
+    for i, t in enumerate(req.tools):
+        if not t.name:
+            raise invalid(f"tools[{i}].name is empty")
+        schema = None
+        if t.strict and t.parameters_json:
+            schema = _json_schema_text(f"tools[{i}].parameters_json", t.parameters_json)
+        out.append({"recipient": f"functions.{t.name}", "schema": schema})
+    for i, name in enumerate(dict.fromkeys(req.builtin_tools)):  # a repeated built-in declares it once
+        if name not in BUILTIN_RECIPIENTS:
+            raise invalid(f"builtin_tools[{i}]: unknown built-in tool {name!r}; known: {sorted(BUILTIN_RECIPIENTS)}")
+        out.extend({"recipient": r, "schema": None} for r in BUILTIN_RECIPIENTS[name])
+    return out
+
+
+def _tool_choice(tc: pb.ToolChoice, tools: list[dict[str, Any]]) -> str:
+    recipients = [t["recipient"] for t in tools]
+    if tc.name:
+        # a bare function name first (OpenAI's form), then a full recipient (functions.NAME, browser.search, python)
+        for candidate in (f"functions.{tc.name}", tc.name):
+            if candidate in recipients:
+                return candidate
+        declared = ", ".join(r.removeprefix("functions.") for r in recipients) or "none"
+        raise invalid(f"tool_choice.name {tc.name!r} names no declared tool (declared: {declared})")
+    mode = _TOOL_CHOICE_MODES.get(tc.mode)
+    if mode is None:
+        raise invalid(f"tool_choice.mode: unknown value {tc.mode}")
+    if mode == "required" and not tools:
+        raise invalid("tool_choice.mode REQUIRED needs at least one tool (tools or builtin_tools)")
+    return mode
+
+
+def constraint_from_chat(req: pb.ChatRequest) -> dict[str, Any] | None:
+    """The request's decoding constraint (`structured.Constraint.to_dict()`), or None when it asks for none.
+
+    Active only when the request sets response_format, tool_choice (a mode other than AUTO, or a name),
+    max_reasoning_tokens, or a strict function tool; otherwise the model runs unconstrained. Raises RequestError
+    (INVALID_ARGUMENT) naming the field. Grammar support itself is checked by the replica's compile."""
+    tools = _tools(req)
+    response_format = _response_format(req.response_format) if req.HasField("response_format") else None
+    choice = _tool_choice(req.tool_choice, tools) if req.HasField("tool_choice") else "auto"
+    budget = req.max_reasoning_tokens if req.HasField("max_reasoning_tokens") else None
+    if budget is not None and budget < 0:
+        raise invalid(f"max_reasoning_tokens must be >= 0, got {budget}")
+    strict = any(t.strict for t in req.tools)
+    if response_format is None and choice == "auto" and budget is None and not strict:
+        return None
+    try:
+        constraint = Constraint.from_dict({"response_format": response_format, "tools": tools,
+                                           "tool_choice": choice, "max_reasoning_tokens": budget})
+    except ValueError as exc:
+        raise invalid(str(exc)) from None
+    return constraint.to_dict()
 
 
 class Validator:
@@ -191,10 +290,11 @@ class Validator:
 
     def chat(self, req: pb.ChatRequest) -> Prepared:
         prompt = self.render(req.messages, req.reasoning_effort, req.tools, req.builtin_tools)
+        constraint = constraint_from_chat(req)
         sampling, stops = self.sampling(req.sampling, len(prompt))
         return Prepared(self.request_id(req.request_id), prompt, sampling, stops, int(sampling["min_tokens"]),
                         req.priority, self.timeout(req.HasField("timeout_seconds"), req.timeout_seconds),
-                        eos_token_ids=self.tok.stop_token_ids_for_chat)
+                        eos_token_ids=self.tok.stop_token_ids_for_chat, constraint=constraint)
 
     def tokenize(self, req: pb.TokenizeRequest) -> list[int]:
         which = req.WhichOneof("input")

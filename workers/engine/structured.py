@@ -23,6 +23,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import re
 import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -233,8 +234,8 @@ class StructuredDecoding:
             return self.compiler.compile_grammar(rf.value)
         except (RuntimeError, ValueError, TypeError) as exc:
             message = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
-            # xgrammar prefixes its C++ source location: keep the reason only
-            message = message.split("] ", 1)[-1] if message.startswith("[") else message
+            # xgrammar prefixes a timestamp and its C++ source location: keep the reason only
+            message = re.sub(r"^(\[[^\]]*\]\s*)?\S+\.(cc|h|cpp):\d+:\s*", "", message)
             raise ValueError(f"{where}: unsupported or invalid {rf.type}: {message}") from None
 
     def _header_trie(self, with_analysis: bool, answer: _Body | None,

@@ -1,0 +1,120 @@
+"""Structured outputs: decode throughput with and without a JSON-schema constraint, and grammar compile times.
+
+Same engine, same process, interleaved rounds (free, constrained, free, constrained, ...): every round submits
+`batch` chat requests at once and decodes exactly `--tokens` tokens each (free: EOS ignored; constrained: a schema
+long enough that max_tokens cuts it), so both modes run the same number of steps at the same batch size. The
+constraint covers the whole completion (reasoning budget 0): harmony header trie, then the schema's grammar, whose
+strings are the expensive part of mask filling (nearly the whole vocabulary is allowed inside a string).
+
+    .venv/bin/python benchmarks/structured.py                     # tiny model (written to /tmp if missing)
+    .venv/bin/python benchmarks/structured.py --batches 1,32 --rounds 3 --tokens 96
+
+Prints tokens/s per round, the medians, constrained/free ratios, the engine's sampling time share, and the compile
+time of tests/structured_cases.py's 20 schemas (cold compiler, then cached).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+DEFAULT_CHECKPOINT = Path(os.environ.get("TMPDIR", "/tmp")) / "gptoss-bench" / "tiny-hf"
+
+# 16 objects with fixed-length strings: far longer than --tokens, so every constrained request decodes to the cut
+LONG_SCHEMA = {"type": "array", "minItems": 16, "maxItems": 16, "items": {
+    "type": "object", "properties": {"name": {"type": "string", "minLength": 8, "maxLength": 8},
+                                     "note": {"type": "string", "maxLength": 24},
+                                     "n": {"type": "integer", "minimum": 0, "maximum": 999}},
+    "required": ["name", "note", "n"], "additionalProperties": False}}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT)
+    p.add_argument("--batches", default="1,32")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--tokens", type=int, default=96)
+    args = p.parse_args()
+
+    import torch
+
+    from tests.structured_cases import SCHEMAS
+    from workers.checkpoint import write_checkpoint
+    from workers.config import ModelConfig
+    from workers.engine import Engine, EngineConfig
+    from workers.engine.structured import Constraint, ResponseFormat, StructuredDecoding
+    from workers.harmony import get_tokenizer, render_chat
+
+    if not (args.checkpoint / "config.json").exists():
+        write_checkpoint(ModelConfig.preset("tiny"), args.checkpoint, layout="hf", seed=0, progress=False)
+    tok = get_tokenizer()
+    batches = [int(b) for b in args.batches.split(",")]
+    engine = Engine.from_checkpoint(args.checkpoint, dtype=torch.float32, tokenizer=tok, progress=False,
+                                    config=EngineConfig(num_blocks=4096, max_model_len=2048,
+                                                        max_num_seqs=max(batches)))
+    prompt = render_chat([{"role": "user", "content": "List sixteen items as JSON."}])
+    constraint = engine.prepare_constraint(Constraint(ResponseFormat("json_schema", json.dumps(LONG_SCHEMA)),
+                                                      max_reasoning_tokens=0))
+    stops = tok.stop_token_ids_for_chat
+
+    def run(batch: int, constrained: bool, seed: int) -> tuple[float, float]:
+        params = {"temperature": 1.0, "max_tokens": args.tokens, "ignore_eos": not constrained}
+        requests = [(prompt, {**params, "seed": seed + i}, stops, constraint if constrained else None)
+                    for i in range(batch)]
+        before = engine.stats()
+        t = time.perf_counter()
+        results = engine.generate(requests)
+        elapsed = time.perf_counter() - t
+        after = engine.stats()
+        assert all(len(r.token_ids) == args.tokens for r in results), [len(r.token_ids) for r in results]
+        sample_share = (after.time_sample_s - before.time_sample_s) / elapsed
+        return batch * args.tokens / elapsed, sample_share
+
+    run(2, True, 0)  # warm-up: allocations, xgrammar's caches
+    run(2, False, 0)
+    print(f"decode: {args.tokens} tokens per request, {args.rounds} interleaved rounds per mode, tiny model, fp32, "
+          f"{os.cpu_count()} CPUs")
+    summary = {}
+    for batch in batches:
+        rates: dict[bool, list[float]] = {False: [], True: []}
+        shares: dict[bool, list[float]] = {False: [], True: []}
+        for r in range(args.rounds):
+            for constrained in (False, True):
+                rate, share = run(batch, constrained, 1000 * r)
+                rates[constrained].append(rate)
+                shares[constrained].append(share)
+                print(f"  batch {batch:3d} round {r} {'json-schema' if constrained else 'free       '} "
+                      f"{rate:8.1f} tok/s  (sampling {100 * share:4.1f}% of wall)")
+        free, json_ = statistics.median(rates[False]), statistics.median(rates[True])
+        summary[batch] = (free, json_)
+        print(f"batch {batch}: free {free:.1f} tok/s, json-schema {json_:.1f} tok/s, constrained/free "
+              f"{json_ / free:.3f} ({100 * (1 - json_ / free):+.1f}% slower)")
+
+    # compile times: a fresh StructuredDecoding has an empty cache
+    fresh = StructuredDecoding(tok, engine.model_config.vocab_size)
+    cold, warm = [], []
+    for schema in SCHEMAS:
+        c = Constraint(ResponseFormat("json_schema", json.dumps(schema)))
+        t = time.perf_counter()
+        fresh.compile(c)
+        cold.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        fresh.compile(c)
+        warm.append(time.perf_counter() - t)
+    print(f"compile ({len(SCHEMAS)} schemas, cold): mean {1e3 * statistics.mean(cold):.1f} ms, median "
+          f"{1e3 * statistics.median(cold):.1f} ms, max {1e3 * max(cold):.1f} ms; cached: mean "
+          f"{1e6 * statistics.mean(warm):.0f} us")
+    print("summary: " + ", ".join(f"batch {b}: {100 * (1 - j / f):+.1f}% slower constrained"
+                                  for b, (f, j) in summary.items()))
+
+
+if __name__ == "__main__":
+    main()
