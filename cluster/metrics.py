@@ -319,11 +319,13 @@ class Metrics:
                 previous = last.get(key, 0.0)
                 deltas[key] = value - previous if value >= previous else value
                 last[key] = value
-        for key, attr in _ENGINE_COUNTERS.items():
-            if deltas.get(key):
-                getattr(self, attr).labels(replica).inc(deltas[key])
-        if deltas.get("step_time_s"):
-            self.engine_step_time.labels(replica).inc(deltas["step_time_s"])
+        # Every counter in the snapshot gets its series at the first report, at 0 until the event happens: a counter
+        # born at its first increment (a first preemption) would show "no data" and hide that increment from rate().
+        for key, attr in (*_ENGINE_COUNTERS.items(), ("step_time_s", "engine_step_time")):
+            if key in deltas:
+                child = getattr(self, attr).labels(replica)
+                if deltas[key]:
+                    child.inc(deltas[key])
 
         if s.get("num_running") is not None:
             self.running_requests.labels(replica).set(s["num_running"])

@@ -247,6 +247,28 @@ def test_serve_args_follow_the_values_and_the_args_schema(rendered: dict, values
     assert args["auth_token_env"] == ("GPTOSS_AUTH_TOKEN" if v["auth"]["enabled"] else "")
 
 
+def test_grpc_host_renders_into_the_applications_environment(helm: str) -> None:
+    """serve.grpcHost is the Routers' bind address: a machine setting that build_app reads from GPTOSS_GRPC_HOST (not
+    an argument: build_app refuses unknown args), so it lands in runtime_env.env_vars; unset, nothing is rendered."""
+    from cluster.app import ENV_OVERRIDES
+
+    assert ENV_OVERRIDES["GPTOSS_GRPC_HOST"] == "grpc_host"
+
+    def app(*args: str) -> dict:
+        (rayservice,) = by_kind(template(helm, *args), "RayService")
+        (application,) = serve_config(rayservice)["applications"]
+        return application
+
+    assert "GPTOSS_GRPC_HOST" not in app()["runtime_env"]["env_vars"]
+    ipv6 = app("--set", "serve.grpcHost=[::]")
+    assert ipv6["runtime_env"]["env_vars"] == {"GPTOSS_GRPC_HOST": "[::]",
+                                               "PROMETHEUS_MULTIPROC_DIR": "/tmp/gptoss-metrics"}
+    assert "grpc_host" not in ipv6["args"]
+    # serve.runtimeEnv stays the last word, as for every other variable
+    both = app("--set", "serve.grpcHost=10.0.0.5", "--set", "serve.runtimeEnv.env_vars.GPTOSS_GRPC_HOST=127.0.0.1")
+    assert both["runtime_env"]["env_vars"]["GPTOSS_GRPC_HOST"] == "127.0.0.1"
+
+
 def test_args_schema_names_only_real_engine_and_sampling_fields() -> None:
     from workers.engine.config import EngineConfig
     from workers.sampling import SamplingParams
@@ -378,6 +400,7 @@ def test_auth_secret(helm: str) -> None:
     (["--set", "serve.shardsPerReplica=3"], "/serve/shardsPerReplica"),
     (["--set", "serve.replica=2"], "replica"),
     (["--set", "serve.device=tpu"], "/serve/device"),
+    (["--set", "serve.grpcHost=0.0.0.0 --port"], "/serve/grpcHost"),
     (["--set", "metrics.monitor.enabled=maybe"], "/metrics/monitor/enabled"),
     (["--set", "routers.replicas=0"], "/routers/replicas"),
     (["--set", "serve.engine.kvMemoryFraction=1.5"], "/serve/engine/kvMemoryFraction"),

