@@ -307,7 +307,9 @@ def _shard_workers(dashboard: str) -> list:
 
 def test_killing_a_shard_worker_fails_its_requests_and_serve_replaces_the_replica(cluster):
     client = cluster["client"]
-    _wait(lambda: _running(client, 2), 60, "two replicas")
+    if len(client.list_replicas()) != 2:  # run on its own (-k): the scale-up test has not run
+        scale(2, address=cluster["dashboard"], wait_s=240)
+    _wait(lambda: _running(client, 2), 240, "two replicas")
     old_ids = {r.replica_id for r in client.list_replicas()}
     workers = _shard_workers(cluster["dashboard"])
     assert len(workers) == 2 * SHARDS
@@ -317,7 +319,7 @@ def test_killing_a_shard_worker_fails_its_requests_and_serve_replaces_the_replic
         try:
             n = sum(len(r.token_ids) for r in client.inference.Generate(
                 pb.GenerateRequest(token_ids=pb.TokenIds(ids=[50 + i, 9, 9]),
-                                   sampling=pb.SamplingParams(max_tokens=300, ignore_eos=True)), timeout=120))
+                                   sampling=pb.SamplingParams(max_tokens=1000, ignore_eos=True)), timeout=150))
             outcomes.append(("OK", n))
         except grpc.RpcError as exc:
             outcomes.append((exc.code().name, exc.details()))
@@ -326,16 +328,19 @@ def test_killing_a_shard_worker_fails_its_requests_and_serve_replaces_the_replic
     for t in threads:
         t.start()
     _wait(lambda: sum(r.running_requests for r in client.list_replicas()) >= 6, 60, "all streams running")
-    os.kill(workers[0].pid, signal.SIGKILL)
+    # Every replica loses a shard (which worker serves which replica is not visible from here, and the streams may
+    # all sit on one replica): each running stream must fail cleanly, never hang
+    for worker in workers:
+        os.kill(worker.pid, signal.SIGKILL)
     for t in threads:
-        t.join(130)
+        t.join(160)
     assert not any(t.is_alive() for t in threads), "a request hung"
     codes = [c for c, _ in outcomes]
     assert set(codes) <= {"OK", "UNAVAILABLE"} and "UNAVAILABLE" in codes, outcomes
-    assert all(n == 300 for c, n in outcomes if c == "OK")
-    # Serve notices the failed health check and replaces the replica; the cluster serves again
-    _wait(lambda: (lambda rs: len(rs) == 2 and set(r.replica_id for r in rs) != old_ids and rs)(
-        _running(client, 2)), 240, "Serve to replace the broken replica", interval=1.0)
+    assert all(n == 1000 for c, n in outcomes if c == "OK")
+    # Serve notices the failed health checks and replaces the replicas; the cluster serves again
+    _wait(lambda: (lambda rs: len(rs) == 2 and not set(r.replica_id for r in rs) & old_ids and rs)(
+        _running(client, 2)), 300, "Serve to replace the broken replicas", interval=1.0)
     results = _generate_many(cluster["address"], [[7, 8, i] for i in range(8)], max_tokens=3)
     assert all(not isinstance(r, BaseException) and len(r[0]) == 3 for r in results), results
 
