@@ -3,9 +3,9 @@
 `build_app(args)` is the import path the Helm chart and `serve deploy` use (`cluster.app:build_app`); `args` are
 exactly the keys of `helm/gptoss-cluster/files/serve-args.schema.json` (unknown keys are refused, naming them).
 `AppConfig` holds the same settings plus a few that belong to the machine rather than the chart (bind addresses,
-CPU shares, TLS files); `build_app` takes those from the environment (`GPTOSS_GRPC_HOST`, `GPTOSS_METRICS_HOST`,
-`GPTOSS_AUTH_TOKEN_FILE`, `GPTOSS_TLS_CERT_FILE`, `GPTOSS_TLS_KEY_FILE`; set them in the application's
-`runtime_env.env_vars`), and `build_application(config)` takes them directly (the CLI, tests).
+CPU shares, TLS files); `build_app` takes those from the environment (`GPTOSS_GRPC_HOST`, `GPTOSS_HTTP_HOST`,
+`GPTOSS_METRICS_HOST`, `GPTOSS_AUTH_TOKEN_FILE`, `GPTOSS_TLS_CERT_FILE`, `GPTOSS_TLS_KEY_FILE`; set them in the
+application's `runtime_env.env_vars`), and `build_application(config)` takes them directly (the CLI, tests).
 
 Replica count lives in the Serve config (`deployments: [{name: ModelReplica, num_replicas: N}]`, or
 `autoscaling_config`), so scaling is a light config update that Serve applies without touching running replicas:
@@ -50,9 +50,9 @@ SAMPLING_KEYS = {"temperature", "top_p", "top_k", "min_p", "max_tokens", "presen
 CPU_REPLICA_SHARE = 0.25
 CPU_SHARD_SHARE = 0.5
 CPU_DEFAULT_KV_BLOCKS = 4096  # without num_blocks / kv_memory_fraction: a fixed pool, not half the RAM per replica
-ENV_OVERRIDES = {"GPTOSS_GRPC_HOST": "grpc_host", "GPTOSS_METRICS_HOST": "metrics_host",
-                 "GPTOSS_AUTH_TOKEN_FILE": "auth_token_file", "GPTOSS_TLS_CERT_FILE": "tls_cert_file",
-                 "GPTOSS_TLS_KEY_FILE": "tls_key_file"}
+ENV_OVERRIDES = {"GPTOSS_GRPC_HOST": "grpc_host", "GPTOSS_HTTP_HOST": "http_host",
+                 "GPTOSS_METRICS_HOST": "metrics_host", "GPTOSS_AUTH_TOKEN_FILE": "auth_token_file",
+                 "GPTOSS_TLS_CERT_FILE": "tls_cert_file", "GPTOSS_TLS_KEY_FILE": "tls_key_file"}
 
 
 class AppConfigError(ValueError):
@@ -83,6 +83,7 @@ class AppConfig:
     router_replicas: int = 1
     max_queued_requests: int = 1024
     grpc_port: int = 50051
+    http_port: int = 8000  # the Routers' OpenAI-compatible HTTP server; 0: off
     metrics_port: int = 9400
     auth_token_env: str = "GPTOSS_AUTH_TOKEN"
     engine: dict[str, Any] = field(default_factory=dict)
@@ -90,6 +91,7 @@ class AppConfig:
     default_reasoning_effort: str = "medium"
     # ---- this machine's settings (environment for build_app; arguments for build_application)
     grpc_host: str = "0.0.0.0"
+    http_host: str | None = None  # None: grpc_host
     metrics_host: str = "0.0.0.0"
     auth_token_file: str | None = None
     tls_cert_file: str | None = None
@@ -127,7 +129,7 @@ class AppConfig:
             out["num_replicas"] = self.replicas
         out.update(max_ongoing_requests=self.max_ongoing_requests, router_replicas=self.router_replicas,
                    max_queued_requests=self.max_queued_requests, grpc_port=self.grpc_port,
-                   metrics_port=self.metrics_port, auth_token_env=self.auth_token_env)
+                   http_port=self.http_port, metrics_port=self.metrics_port, auth_token_env=self.auth_token_env)
         if self.engine:
             out["engine"] = dict(self.engine)
         if self.sampling_defaults:
@@ -138,7 +140,8 @@ class AppConfig:
 
 _SCHEMA_KEYS = ("model", "served_model_name", "shards_per_replica", "device", "dtype", "num_replicas",
                 "autoscaling_config", "max_ongoing_requests", "router_replicas", "max_queued_requests", "grpc_port",
-                "metrics_port", "auth_token_env", "engine", "sampling_defaults", "default_reasoning_effort")
+                "http_port", "metrics_port", "auth_token_env", "engine", "sampling_defaults",
+                "default_reasoning_effort")
 
 
 def parse_args(args: Mapping[str, Any] | None) -> AppConfig:
@@ -194,10 +197,12 @@ def validate(c: AppConfig) -> AppConfig:
                                                                   a[key] == 0)):
                 fail(f"autoscaling_config.{key}", f"must be a number {'> 0' if 'target' in key else '>= 0'}")
     for key, low in (("max_ongoing_requests", 1), ("router_replicas", 1), ("max_queued_requests", 0),
-                     ("grpc_port", 0), ("metrics_port", 0)):
+                     ("grpc_port", 0), ("http_port", 0), ("metrics_port", 0)):
         value = getattr(c, key)
         if not _is_int(value) or value < low or (key.endswith("port") and value > 65535):
             fail(key, f"must be an integer >= {low}{' and <= 65535' if key.endswith('port') else ''}, got {value!r}")
+    if c.http_port and c.http_port == c.grpc_port:
+        fail("http_port", f"must differ from grpc_port ({c.grpc_port}); 0 turns the HTTP server off")
     if not isinstance(c.auth_token_env, str):
         fail("auth_token_env", "must be a string (the name of an environment variable)")
     if not isinstance(c.engine, Mapping):
@@ -290,7 +295,8 @@ def router_settings(config: AppConfig) -> dict[str, Any]:
     from cluster.router.server import RouterSettings
 
     return RouterSettings(
-        served_model_name=config.name, host=config.grpc_host, port=config.grpc_port,
+        served_model_name=config.name, host=config.grpc_host, port=config.grpc_port, http_port=config.http_port,
+        http_host=config.http_host,
         max_queued_requests=config.max_queued_requests, auth_token_env=config.auth_token_env,
         auth_token_file=config.auth_token_file, tls_cert_file=config.tls_cert_file,
         tls_key_file=config.tls_key_file, max_message_bytes=config.max_message_bytes,

@@ -108,6 +108,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
 def _address(text: str) -> str:
     host, sep, port = text.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 < int(port) <= 65535:
@@ -120,9 +130,10 @@ def _register_serve(sub: Any) -> None:
         "serve",
         help="run the serving cluster (local Ray on loopback, or $RAY_ADDRESS)",
         description="Start a Ray node on 127.0.0.1 (or join $RAY_ADDRESS), deploy the Router and ModelReplica "
-                    "deployments through the Ray dashboard's Serve REST API, and serve gptoss.v1 over gRPC until "
-                    "Ctrl-C / SIGTERM. Without --model: the embedded tiny checkpoint (written once to "
-                    "$GPTOSS_CACHE_DIR/models/tiny, default ~/.cache/gptoss-cluster/models/tiny).",
+                    "deployments through the Ray dashboard's Serve REST API, and serve gptoss.v1 over gRPC (and the "
+                    "OpenAI-compatible HTTP API) until Ctrl-C / SIGTERM. Without --model: the embedded tiny "
+                    "checkpoint (written once to $GPTOSS_CACHE_DIR/models/tiny, default "
+                    "~/.cache/gptoss-cluster/models/tiny).",
     )
     p.add_argument("--model", type=Path, default=None, help="checkpoint directory (default: the embedded tiny model)")
     p.add_argument("--served-model-name", default=None, help="name reported by GetModelInfo (default: folder name)")
@@ -132,8 +143,11 @@ def _register_serve(sub: Any) -> None:
     p.add_argument("--device", choices=["cuda", "cpu"], default=None, help="default: cuda when Ray sees GPUs")
     p.add_argument("--dtype", choices=["bfloat16", "float32"], default=None,
                    help="default: bfloat16 (float32 for the embedded tiny model)")
-    p.add_argument("--host", default="127.0.0.1", help="address the gRPC server binds (default 127.0.0.1)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address the gRPC and HTTP servers bind (default 127.0.0.1)")
     p.add_argument("--grpc-port", type=_port, default=50051, help="gRPC port (default 50051)")
+    p.add_argument("--http-port", type=_port, default=8000,
+                   help="OpenAI-compatible HTTP port (/v1/chat/completions, /v1/responses, ...), 0: off (default 8000)")
     p.add_argument("--metrics-port", type=_port, default=9400, help="Prometheus metrics port, 0: none (default 9400)")
     p.add_argument("--dashboard-port", type=_port, default=8265, help="Ray dashboard port (default 8265)")
     p.add_argument("--max-queued-requests", type=int, default=1024, help="router admission queue (default 1024)")
@@ -166,7 +180,8 @@ def _serve_config(args: argparse.Namespace) -> Any:
         ("gptoss-tiny" if args.model is None else None), shards_per_replica=args.shards_per_replica,
         device=args.device, dtype=args.dtype or ("float32" if args.model is None else "bfloat16"),
         num_replicas=args.replicas, max_ongoing_requests=args.max_ongoing_requests,
-        max_queued_requests=args.max_queued_requests, grpc_port=args.grpc_port, metrics_port=args.metrics_port,
+        max_queued_requests=args.max_queued_requests, grpc_port=args.grpc_port, http_port=args.http_port,
+        metrics_port=args.metrics_port,
         engine=engine, grpc_host=args.host, metrics_host=args.host,
         auth_token_file=str(args.auth_token_file.absolute()) if args.auth_token_file else None,
     )
@@ -207,6 +222,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                   f"{config.device}, {config.dtype})\n"
                   f"  gRPC       {host}:{config.grpc_port}    try: {PROG} chat --address {host}:{config.grpc_port} "
                   f"\"Hello\"\n"
+                  + (f"  HTTP       http://{host}:{config.http_port}/v1    (OpenAI-compatible: chat/completions, "
+                     f"responses, completions, models)\n" if config.http_port else "")
                   + (f"  metrics    http://{host}:{config.metrics_port}/metrics\n" if config.metrics_port else "")
                   + f"  dashboard  {cluster.dashboard}    scale: {PROG} scale --replicas N --dashboard "
                     f"{cluster.dashboard}\n"
@@ -272,8 +289,32 @@ def _register_chat(sub: Any) -> None:
     p.add_argument("--system", default=None, help="system / developer instructions")
     p.add_argument("--reasoning-effort", choices=["low", "medium", "high"], default=None)
     p.add_argument("--show-reasoning", action="store_true", help="print the analysis channel too")
+    shape = p.add_mutually_exclusive_group()
+    shape.add_argument("--json-schema", type=Path, default=None, metavar="FILE",
+                       help="the answer is JSON following this JSON Schema file")
+    shape.add_argument("--regex", default=None, help="the answer fully matches this regular expression")
+    p.add_argument("--max-reasoning-tokens", type=_non_negative_int, default=None, metavar="N",
+                   help="bound the analysis channel to N tokens (0: no reasoning at all)")
     _add_sampling_args(p, None)
     p.set_defaults(func=_cmd_chat)
+
+
+def _response_format(args: argparse.Namespace) -> dict[str, Any] | None:
+    if args.regex is not None:
+        if not args.regex:
+            raise UsageError("--regex is empty")
+        return {"type": "regex", "regex": args.regex}
+    if args.json_schema is None:
+        return None
+    import json
+
+    try:
+        schema = json.loads(args.json_schema.read_text())
+    except OSError as exc:
+        raise UsageError(f"--json-schema {args.json_schema}: {exc.strerror or exc}") from None
+    except ValueError as exc:
+        raise UsageError(f"--json-schema {args.json_schema}: not valid JSON: {exc}") from None
+    return {"type": "json_schema", "json_schema": {"name": args.json_schema.stem, "schema": schema, "strict": True}}
 
 
 def _cmd_chat(args: argparse.Namespace) -> int:
@@ -285,13 +326,15 @@ def _cmd_chat(args: argparse.Namespace) -> int:
         raise UsageError("chat needs --address HOST:PORT (a running router, e.g. from `gptoss-cluster serve`)")
     messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
         {"role": "user", "content": args.message}]
+    structured = {"response_format": _response_format(args), "max_reasoning_tokens": args.max_reasoning_tokens}
     tty = sys.stdout.isatty()
     dim, reset = ("\x1b[2m", "\x1b[0m") if tty else ("", "")
     out = sys.stdout
     last = None
     try:
         with _client(args) as client:
-            for delta in client.chat(messages, reasoning_effort=args.reasoning_effort, **_sampling(args)):
+            for delta in client.chat(messages, reasoning_effort=args.reasoning_effort, **structured,
+                                     **_sampling(args)):
                 channel = CHANNEL_NAMES.get(delta.channel, "")
                 if delta.HasField("tool_call"):
                     call = delta.tool_call

@@ -119,7 +119,8 @@ def test_cli_serve_then_chat_then_ctrl_c(tmp_path):
     env.pop("GPTOSS_AUTH_TOKEN", None)
     log = open(tmp_path / "serve.log", "w+")
     proc = subprocess.Popen(
-        CLI + ["serve", "--host", "127.0.0.1", "--grpc-port", str(grpc_port), "--metrics-port", str(metrics_port),
+        CLI + ["serve", "--host", "127.0.0.1", "--grpc-port", str(grpc_port), "--http-port", str(_free_port()),
+               "--metrics-port", str(metrics_port),
                "--dashboard-port", str(dashboard_port), "--num-blocks", "256", "--max-model-len", "1024"],
         stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     address = f"127.0.0.1:{grpc_port}"
@@ -172,6 +173,7 @@ def cluster(checkpoints):
     dashboard = f"http://127.0.0.1:{dashboard_port}"
     config = AppConfig(model=str(checkpoints["tiny-hf"]), served_model_name="tiny", dtype="float32", device="cpu",
                        num_replicas=1, shards_per_replica=SHARDS, max_ongoing_requests=128, grpc_port=grpc_port,
+                       http_port=_free_port(),
                        grpc_host="127.0.0.1", metrics_port=0, routing_stats_period_s=0.5, health_interval_s=0.2,
                        graceful_shutdown_timeout_s=30,
                        engine={"num_blocks": 512, "max_model_len": 1024, "max_num_seqs": 64})

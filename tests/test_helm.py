@@ -141,7 +141,7 @@ def test_ci_values_cover_default_and_gpu_multi_replica() -> None:
 def test_renders_the_expected_objects(rendered: dict, values: str) -> None:
     docs, v = rendered[values], values_of(values)
     kinds = sorted(d["kind"] for d in docs)
-    assert kinds.count("RayService") == 1 and kinds.count("Service") == 3
+    assert kinds.count("RayService") == 1 and kinds.count("Service") == 3 + bool(v["serve"]["openaiPort"])
     assert ("Secret" in kinds) == (v["auth"]["enabled"] and not v["auth"]["existingSecret"])
     pvc = v["model"]["storage"]["type"] == "pvc" and not v["model"]["storage"]["pvc"]["existingClaim"]
     assert ("PersistentVolumeClaim" in kinds) == pvc
@@ -232,6 +232,7 @@ def test_serve_args_follow_the_values_and_the_args_schema(rendered: dict, values
     assert args["model"] == v["model"]["path"]
     assert args["shards_per_replica"] == v["serve"]["shardsPerReplica"]
     assert args["grpc_port"] == v["serve"]["grpcPort"] == 50051
+    assert args["http_port"] == v["serve"]["openaiPort"] and args["http_port"] != config["http_options"]["port"]
     assert app["runtime_env"]["env_vars"]["PROMETHEUS_MULTIPROC_DIR"] == v["metrics"]["multiprocDir"]
     replica, router = deployments["ModelReplica"], deployments["Router"]
     if v["serve"]["autoscaling"]["enabled"]:
@@ -269,6 +270,27 @@ def test_grpc_host_renders_into_the_applications_environment(helm: str) -> None:
     assert both["runtime_env"]["env_vars"]["GPTOSS_GRPC_HOST"] == "127.0.0.1"
 
 
+def test_openai_http_port_reaches_args_pods_and_a_service(helm: str) -> None:
+    """The Routers' OpenAI HTTP server: an arg for build_app, a named container port on router pods (never Ray Serve's
+    proxy port), a Service in front; openaiPort 0 turns all three off."""
+    def parts(*args: str) -> tuple[dict, dict, list[dict]]:
+        docs = template(helm, *args)
+        (rayservice,) = by_kind(docs, "RayService")
+        (application,) = serve_config(rayservice)["applications"]
+        ports = {p["name"]: p["containerPort"] for p in pod_templates(rayservice)["router"]["spec"]["containers"][0]
+                 ["ports"]}
+        services = [s for s in by_kind(docs, "Service") if s["metadata"]["name"].endswith("-http")]
+        return application["args"], ports, services
+
+    args, ports, services = parts()
+    assert args["http_port"] == ports["openai"] == 8080 and ports["serve"] == 8000
+    (service,) = services
+    assert service["spec"]["ports"] == [{"name": "http", "port": 8000, "targetPort": "openai", "protocol": "TCP",
+                                         "appProtocol": "http"}]
+    args, ports, services = parts("--set", "serve.openaiPort=0")
+    assert args["http_port"] == 0 and "openai" not in ports and not services
+
+
 def test_args_schema_names_only_real_engine_and_sampling_fields() -> None:
     from workers.engine.config import EngineConfig
     from workers.sampling import SamplingParams
@@ -303,7 +325,7 @@ def test_labels_selectors_ports_and_probes(rendered: dict, values: str) -> None:
         assert names[0].startswith("ray-") and "metrics-exporter" in names  # KubeRay: the Ray container first
 
     services = {d["metadata"]["name"].rsplit("-", 1)[1]: d for d in by_kind(docs, "Service")}
-    assert set(services) == {"grpc", "metrics", "dashboard"}
+    assert set(services) == {"grpc", "metrics", "dashboard"} | ({"http"} if v["serve"]["openaiPort"] else set())
     assert services["grpc"]["spec"]["ports"][0]["port"] == 50051
     assert services["metrics"]["spec"]["ports"][0]["port"] == 9400
     assert services["dashboard"]["spec"]["ports"][0]["port"] == 8265
@@ -313,6 +335,7 @@ def test_labels_selectors_ports_and_probes(rendered: dict, values: str) -> None:
         return {g for g, t in templates.items() if sel <= t["metadata"]["labels"].items()}
 
     assert selected(services["grpc"]) == {"router"}
+    assert "http" not in services or selected(services["http"]) == {"router"}
     assert selected(services["dashboard"]) == {"head"}
     assert selected(services["metrics"]) == set(templates)
     for name, service in services.items():  # every targetPort is a named port of the selected pods' containers

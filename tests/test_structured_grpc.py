@@ -198,7 +198,7 @@ def cluster(checkpoints):
     grpc_port = _free_port()
     config = AppConfig(model=str(checkpoints["tiny-hf"]), served_model_name="tiny", dtype="float32", device="cpu",
                        num_replicas=1, shards_per_replica=1, max_ongoing_requests=128, grpc_port=grpc_port,
-                       grpc_host="127.0.0.1", metrics_port=0, health_interval_s=0.2,
+                       grpc_host="127.0.0.1", http_port=_free_port(), metrics_port=0, health_interval_s=0.2,
                        engine={"num_blocks": 2048, "max_model_len": 1024, "max_num_seqs": 96})
     local = LocalCluster(config, dashboard_port=_free_port(), num_cpus=8, env_vars={"GPTOSS_NO_PROGRESS": "1"})
     try:

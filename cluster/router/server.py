@@ -1,8 +1,13 @@
-"""The router: a grpc.aio server for gptoss.v1 in front of the ModelReplica replicas.
+"""The router: a grpc.aio server for gptoss.v1 (and the OpenAI-compatible HTTP app) in front of the replicas.
 
 `GptossServer(backend, settings, metrics)` is the whole server (services, health, reflection, auth, admission,
 metrics) over any `cluster.router.backend.Backend`; `RouterImpl` is the body of the `Router` Ray Serve deployment,
 which runs one `GptossServer` over a `ServeBackend` on the replica's event loop.
+
+One path, two wire formats: `GptossServer.chat_events` / `generate_events` are the transport-neutral body of a Chat
+or Generate call (a gptoss.v1 request in, its response messages out, `RouterError` for every failure). The gRPC
+handlers below stream them as they are; `cluster.router.openai_http` (uvicorn on the same event loop, started when
+`http_port` is set) converts OpenAI JSON bodies into the same request messages and renders the same responses.
 
 Per request: authenticate (bearer token interceptor, health exempt) -> validate and render (harmony) -> admission
 (bounded priority queue; RESOURCE_EXHAUSTED + `grpc-retry-pushback-ms` when full) -> a replica streams token ids ->
@@ -12,8 +17,9 @@ that cancels cancels the replica's request, which frees its KV blocks. A replica
 retried once on another replica; after that the client gets UNAVAILABLE.
 
 Health (grpc.health.v1): service "" is SERVING while the server runs; "gptoss.v1.Inference" is SERVING while at
-least one replica is ready and NOT_SERVING while none is. `drain()` flips both to NOT_SERVING first, then refuses new
-calls (UNAVAILABLE) and lets running ones finish, bounded by a timeout.
+least one replica is ready and NOT_SERVING while none is (HTTP: GET /health, 200 or 503). `drain()` flips both to
+NOT_SERVING first, then refuses new calls (UNAVAILABLE, HTTP 503) and lets running ones finish, bounded by a
+timeout.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ import hmac
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,7 +50,7 @@ from proto.gptoss.v1 import gptoss_pb2_grpc as pb_grpc
 logger = logging.getLogger("gptoss.router")
 
 __all__ = ["GptossServer", "RouterImpl", "RouterSettings", "INFERENCE_SERVICE", "ADMIN_SERVICE",
-           "PUSHBACK_TRAILER", "resolve_auth_token"]
+           "PUSHBACK_TRAILER", "RouterError", "resolve_auth_token"]
 
 INFERENCE_SERVICE = pb.DESCRIPTOR.services_by_name["Inference"].full_name
 ADMIN_SERVICE = pb.DESCRIPTOR.services_by_name["Admin"].full_name
@@ -54,6 +60,7 @@ _HEALTH_PREFIX = f"/{health.SERVICE_NAME}/"
 _FINISH = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH, "tool_call": pb.FINISH_REASON_TOOL_CALL,
            "aborted": pb.FINISH_REASON_ABORTED}
 _CHANNELS = {"analysis": pb.CHANNEL_ANALYSIS, "commentary": pb.CHANNEL_COMMENTARY, "final": pb.CHANNEL_FINAL}
+_CANCEL_SLACK_S = 0.005  # a call cancelled this close to its deadline was cancelled by the deadline
 _REPLICA_ERRORS = {"INVALID_ARGUMENT": grpc.StatusCode.INVALID_ARGUMENT,
                    "DEADLINE_EXCEEDED": grpc.StatusCode.DEADLINE_EXCEEDED,
                    "UNAVAILABLE": grpc.StatusCode.UNAVAILABLE, "RESOURCE_EXHAUSTED": grpc.StatusCode.RESOURCE_EXHAUSTED}
@@ -66,6 +73,8 @@ class RouterSettings:
     served_model_name: str = ""
     host: str = "0.0.0.0"
     port: int = 50051
+    http_port: int = 0  # the OpenAI-compatible HTTP server; 0: off
+    http_host: str | None = None  # None: the gRPC host
     max_queued_requests: int = 1024
     max_inflight_per_replica: int | None = None  # None: each replica's max_ongoing_requests
     auth_token_env: str = "GPTOSS_AUTH_TOKEN"
@@ -154,10 +163,25 @@ def _deny(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHandler
 
 
 # ================================================================================================ the server
-class _Abort(Exception):
+class RouterError(Exception):
+    """Why a call failed, whatever the transport: a gRPC status, a readable message and trailers (the pushback of
+    RESOURCE_EXHAUSTED). gRPC aborts with them; HTTP maps the status to its own (cluster.router.openai_http)."""
+
     def __init__(self, code: grpc.StatusCode, message: str, trailers: tuple[tuple[str, str], ...] = ()) -> None:
         super().__init__(message)
         self.code, self.message, self.trailers = code, message, trailers
+
+    @property
+    def retry_after_ms(self) -> int | None:
+        return next((int(v) for k, v in self.trailers if k == PUSHBACK_TRAILER), None)
+
+
+class _Call:
+    """The bookkeeping of one Generate / Chat call: its metrics timer and prompt size."""
+
+    def __init__(self, timer: Any) -> None:
+        self.timer = timer
+        self.prompt_tokens = 0
 
 
 class GptossServer:
@@ -183,6 +207,7 @@ class GptossServer:
         self._poll_task: asyncio.Task[None] | None = None
         self._polled = asyncio.Event()
         self._metrics_server: Any = None
+        self.http: Any = None  # cluster.router.openai_http.HttpServer while http_port is set
         if metrics is not None:
             self.admission.on_change = self._record_queue
 
@@ -208,6 +233,10 @@ class GptossServer:
         reflection.enable_server_reflection(
             (INFERENCE_SERVICE, ADMIN_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
         address = f"{s.host}:{s.port}"
+        if s.http_port:  # bound first: a taken port fails the start before anything serves
+            from cluster.router.openai_http import HttpServer
+
+            self.http = HttpServer(self, s.http_host or s.host, s.http_port)
         if s.tls_cert_file or s.tls_key_file:
             if not (s.tls_cert_file and s.tls_key_file):
                 raise ValueError("TLS needs both tls_cert_file and tls_key_file")
@@ -219,6 +248,9 @@ class GptossServer:
         else:
             port = server.add_insecure_port(address)
         if not port:
+            if self.http is not None:
+                self.http.close()
+                self.http = None
             raise OSError(f"cannot bind the gRPC server to {address}")
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         await self.health.set(INFERENCE_SERVICE, health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -229,10 +261,18 @@ class GptossServer:
 
             self._metrics_server = start_metrics_server(s.metrics_port, s.metrics_host, metrics=self.metrics,
                                                         exist_ok=True)
+        if self.http is not None:
+            await self.http.start()
         self._poll_task = asyncio.get_running_loop().create_task(self._poll_loop())
-        logger.info("gRPC server on %s:%d (auth %s, tls %s)", s.host, port, "on" if self.token else "off",
-                    "on" if s.tls_cert_file else "off")
+        logger.info("gRPC server on %s:%d (auth %s, tls %s)%s", s.host, port, "on" if self.token else "off",
+                    "on" if s.tls_cert_file else "off",
+                    f"; OpenAI-compatible HTTP on {self.http.host}:{self.http.port}" if self.http else "")
         return port
+
+    @property
+    def http_port(self) -> int | None:
+        """The bound port of the OpenAI-compatible HTTP server (None: off)."""
+        return None if self.http is None else self.http.port
 
     async def wait_ready(self, timeout_s: float = 60.0) -> bool:
         """Wait until a replica is ready (the Inference health service SERVING)."""
@@ -262,6 +302,9 @@ class GptossServer:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._poll_task
             self._poll_task = None
+        if self.http is not None:
+            await self.http.stop(grace_s)
+            self.http = None
         if self.server is not None:
             await self.server.stop(grace_s)
             self.server = None
@@ -324,9 +367,9 @@ class GptossServer:
 
     # ------------------------------------------------------------------------------------------------ per call
     @contextlib.contextmanager
-    def _call(self) -> Any:
+    def _call(self) -> Iterator[None]:
         if self.draining:
-            raise _Abort(grpc.StatusCode.UNAVAILABLE, "the server is draining; retry on another router")
+            raise RouterError(grpc.StatusCode.UNAVAILABLE, "the server is draining; retry on another router")
         self._inflight += 1
         self._idle.clear()
         try:
@@ -336,30 +379,127 @@ class GptossServer:
             if not self._inflight:
                 self._idle.set()
 
+    @contextlib.contextmanager
+    def _observed(self, method: str, protocol: str, deadline: float | None) -> Iterator[_Call]:
+        """One Generate / Chat call, for every transport: counts it in flight (drain), turns the validator's
+        RequestError into RouterError, and records its metrics with the status it ended with (a caller that went
+        away: CANCELLED, or DEADLINE_EXCEEDED when that was its deadline)."""
+        call = _Call(_NullTimer() if self.metrics is None else self.metrics.request_timer(method, protocol))
+        code = grpc.StatusCode.OK
+        try:
+            with self._call():
+                yield call
+        except RouterError as exc:
+            code = exc.code
+            raise
+        except RequestError as exc:
+            code = exc.code
+            raise RouterError(exc.code, exc.message) from None
+        except (asyncio.CancelledError, GeneratorExit):
+            late = deadline is not None and time.monotonic() >= deadline - _CANCEL_SLACK_S
+            code = grpc.StatusCode.DEADLINE_EXCEEDED if late else grpc.StatusCode.CANCELLED
+            raise
+        finally:
+            call.timer.finish(code, prompt_tokens=call.prompt_tokens)
+
     def validator(self) -> Validator:
         if self._validator is None:
-            raise _Abort(grpc.StatusCode.UNAVAILABLE, "no model replica is ready yet")
+            raise RouterError(grpc.StatusCode.UNAVAILABLE, "no model replica is ready yet")
         return self._validator
 
-    async def replica_stream(self, prep: Prepared, context: grpc.aio.ServicerContext,
+    @property
+    def model(self) -> dict[str, Any]:
+        """The served model's facts (a replica's model_info; empty until one answered)."""
+        return dict(self._model or {})
+
+    @property
+    def model_name(self) -> str:
+        return str((self._model or {}).get("model") or self.settings.served_model_name)
+
+    async def generate_events(self, request: pb.GenerateRequest, *, timeout: float | None = None,
+                              protocol: str = "grpc") -> AsyncIterator[pb.GenerateResponse]:
+        """The body of Generate for any transport: GenerateResponse deltas, the last one with finish_reason and
+        usage. `timeout`: seconds the caller grants (with the request's own timeout_seconds, the smaller wins).
+        Raises RouterError; closing it early cancels the request on its replica."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._observed("Generate", protocol, deadline) as call:
+            prep = self.validator().generate(request)
+            call.prompt_tokens = len(prep.prompt_token_ids)
+            text = TextStream(prep.stop, prep.min_tokens)
+            async with contextlib.aclosing(self.replica_stream(prep, _left(deadline), call.timer)) as events:
+                async for item in events:
+                    finish = item.get("finish_reason")
+                    drop_last = finish == "stop" and isinstance(item.get("stop_reason"), int)
+                    kept, delta = text.feed(item["token_ids"], drop_last=drop_last)
+                    call.timer.tokens(len(kept))
+                    if text.stopped:
+                        finish = "stop"
+                    if finish:
+                        delta += text.finish()
+                        yield pb.GenerateResponse(
+                            request_id=prep.request_id, token_ids=kept, text=delta,
+                            logprobs=_logprobs(item.get("logprobs"), len(kept)), finish_reason=_FINISH[finish],
+                            usage=_usage(prep, text.num_tokens, item.get("usage")))
+                        return
+                    if kept or delta:
+                        yield pb.GenerateResponse(request_id=prep.request_id, token_ids=kept, text=delta,
+                                                  logprobs=_logprobs(item.get("logprobs"), len(kept)))
+
+    async def chat_events(self, request: pb.ChatRequest, *, timeout: float | None = None, protocol: str = "grpc"
+                          ) -> AsyncIterator[tuple[pb.ChatResponse, list[pb.TokenLogprob]]]:
+        """The body of Chat for any transport: (ChatResponse delta, logprobs of its token_ids) pairs, the last
+        delta with finish_reason and usage. The logprobs ride beside the message because ChatResponse has no field
+        for them; they are empty unless the request asked for sampling.logprobs. Arguments and errors as
+        `generate_events`."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._observed("Chat", protocol, deadline) as call:
+            prep = self.validator().chat(request)
+            call.prompt_tokens = len(prep.prompt_token_ids)
+            chat = ChatStream(stops=prep.stop, min_tokens=prep.min_tokens)
+            logprobs = _LogprobQueue()
+            finish, usage, deltas = None, None, []
+            async with contextlib.aclosing(self.replica_stream(prep, _left(deadline), call.timer)) as events:
+                async for item in events:
+                    before = chat.num_tokens
+                    deltas = chat.feed(item["token_ids"])
+                    call.timer.tokens(chat.num_tokens - before)
+                    logprobs.push(item.get("logprobs"), chat.num_tokens - before)
+                    if chat.stopped:
+                        finish = "stop"
+                    elif item.get("finish_reason"):
+                        finish = chat_finish_reason(item["finish_reason"], item.get("stop_reason"))
+                    usage = item.get("usage") or usage
+                    if finish:
+                        deltas += chat.finish()
+                        break
+                    for delta in deltas:
+                        yield _chat_response(prep.request_id, delta), logprobs.pop(len(delta.token_ids))
+            last = deltas.pop() if deltas else ChatDelta(None)
+            for delta in deltas:
+                yield _chat_response(prep.request_id, delta), logprobs.pop(len(delta.token_ids))
+            final = _chat_response(prep.request_id, last)
+            final.finish_reason = _FINISH[finish or "stop"]
+            final.usage.CopyFrom(_usage(prep, chat.num_tokens, usage, chat.reasoning_tokens))
+            yield final, logprobs.pop(len(last.token_ids))
+
+    async def replica_stream(self, prep: Prepared, timeout: float | None,
                              timer: Any) -> AsyncIterator[dict[str, Any]]:
-        """Admission, then the replica's token events (errors become _Abort); retries once before the first
-        token. Closing this generator cancels the request on its replica."""
-        remaining = context.time_remaining()
-        timeout = prep.timeout_s
-        if remaining is not None and (timeout is None or remaining < timeout):
-            timeout = remaining
+        """Admission, then the replica's token events (errors become RouterError); retries once before the first
+        token. `timeout`: the caller's seconds left (None: no bound but the request's own). Closing this generator
+        cancels the request on its replica."""
+        if prep.timeout_s is not None and (timeout is None or prep.timeout_s < timeout):
+            timeout = prep.timeout_s
         deadline = None if timeout is None else time.monotonic() + timeout
         wall_deadline = None if timeout is None else time.time() + timeout
         if not self.ready_replicas:
-            raise _Abort(grpc.StatusCode.UNAVAILABLE, "no model replica is ready")
+            raise RouterError(grpc.StatusCode.UNAVAILABLE, "no model replica is ready")
         try:
             await self.admission.acquire(prep.priority, deadline)
         except QueueFull as exc:
-            raise _Abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc),
-                         ((PUSHBACK_TRAILER, str(exc.retry_after_ms)),)) from None
+            raise RouterError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc),
+                              ((PUSHBACK_TRAILER, str(exc.retry_after_ms)),)) from None
         except DeadlineExceeded as exc:
-            raise _Abort(grpc.StatusCode.DEADLINE_EXCEEDED, str(exc)) from None
+            raise RouterError(grpc.StatusCode.DEADLINE_EXCEEDED, str(exc)) from None
         try:
             timer.dispatched()
             request = prep.replica_request(wall_deadline)
@@ -377,13 +517,14 @@ class GptossServer:
                         try:
                             if deadline is None:
                                 item = await anext(stream)
-                            else:
-                                item = await asyncio.wait_for(anext(stream), deadline - time.monotonic())
+                            else:  # a timer in this task (asyncio.wait_for would start a task per item)
+                                async with asyncio.timeout(deadline - time.monotonic()):
+                                    item = await anext(stream)
                         except StopAsyncIteration:
                             raise BackendError(f"replica {replica_id} closed the stream early") from None
                         except TimeoutError:
-                            raise _Abort(grpc.StatusCode.DEADLINE_EXCEEDED,
-                                         f"the deadline ({timeout:.3f} s) passed while generating") from None
+                            raise RouterError(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                              f"the deadline ({timeout:.3f} s) passed while generating") from None
                         if "accepted" in item:
                             replica_id = item.get("replica_id")
                             continue
@@ -392,7 +533,7 @@ class GptossServer:
                             code = _REPLICA_ERRORS.get(err.get("code"), grpc.StatusCode.INTERNAL)
                             if code == grpc.StatusCode.UNAVAILABLE and not started and attempt == 0:
                                 raise BackendError(err.get("message", "replica unavailable"))
-                            raise _Abort(code, err.get("message", "replica error"))
+                            raise RouterError(code, err.get("message", "replica error"))
                         started = True
                         yield item
                         if item.get("finish_reason"):
@@ -404,7 +545,7 @@ class GptossServer:
                         if replica_id:
                             exclude.append(replica_id)
                         continue
-                    raise _Abort(grpc.StatusCode.UNAVAILABLE, f"the replica serving this request failed: {exc}") \
+                    raise RouterError(grpc.StatusCode.UNAVAILABLE, f"the replica serving this request failed: {exc}") \
                         from None
                 finally:
                     await stream.aclose()
@@ -427,21 +568,25 @@ def _usage(prep: Prepared, completion: int, replica_usage: Mapping[str, Any] | N
                     cached_prompt_tokens=cached, reasoning_tokens=reasoning)
 
 
-class _Handler:
-    """Shared error handling: _Abort / RequestError -> status; always records the request's metrics."""
+def _left(deadline: float | None) -> float | None:
+    return None if deadline is None else deadline - time.monotonic()
 
-    def __init__(self, server: GptossServer) -> None:
-        self.s = server
 
-    def timer(self, method: str) -> Any:
-        if self.s.metrics is None:
-            return _NullTimer()
-        return self.s.metrics.request_timer(method, "grpc")
+class _LogprobQueue:
+    """Logprobs of the chat tokens fed so far, handed out in token order as deltas claim their token ids."""
 
-    @staticmethod
-    async def fail(context: grpc.aio.ServicerContext, exc: _Abort | RequestError) -> None:
-        trailers = getattr(exc, "trailers", ())
-        await context.abort(exc.code, exc.message, trailing_metadata=tuple(trailers))
+    def __init__(self) -> None:
+        self._items: list[pb.TokenLogprob] = []
+        self._at = 0
+
+    def push(self, items: Any, n: int) -> None:
+        if items:
+            self._items.extend(_logprobs(items, n))
+
+    def pop(self, n: int) -> list[pb.TokenLogprob]:
+        out = self._items[self._at:self._at + n]
+        self._at += len(out)
+        return out
 
 
 class _NullTimer:
@@ -452,89 +597,40 @@ class _NullTimer:
     def finish(self, *_: Any, **__: Any) -> None: ...
 
 
-class _Inference(pb_grpc.InferenceServicer, _Handler):
+async def _abort(context: grpc.aio.ServicerContext, exc: RouterError | RequestError) -> None:
+    await context.abort(exc.code, exc.message, trailing_metadata=tuple(getattr(exc, "trailers", ())))
+
+
+class _Inference(pb_grpc.InferenceServicer):
+    def __init__(self, server: GptossServer) -> None:
+        self.s = server
+
     async def Generate(self, request: pb.GenerateRequest,  # noqa: N802
                        context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateResponse]:
-        timer, code, prompt_tokens = self.timer("Generate"), grpc.StatusCode.OK, 0
         try:
-            with self.s._call():
-                prep = self.s.validator().generate(request)
-                prompt_tokens = len(prep.prompt_token_ids)
-                text = TextStream(prep.stop, prep.min_tokens)
-                async with contextlib.aclosing(self.s.replica_stream(prep, context, timer)) as events:
-                    async for item in events:
-                        finish = item.get("finish_reason")
-                        drop_last = finish == "stop" and isinstance(item.get("stop_reason"), int)
-                        kept, delta = text.feed(item["token_ids"], drop_last=drop_last)
-                        timer.tokens(len(kept))
-                        if text.stopped:
-                            finish = "stop"
-                        if finish:
-                            delta += text.finish()
-                            yield pb.GenerateResponse(
-                                request_id=prep.request_id, token_ids=kept, text=delta,
-                                logprobs=_logprobs(item.get("logprobs"), len(kept)), finish_reason=_FINISH[finish],
-                                usage=_usage(prep, text.num_tokens, item.get("usage")))
-                            return
-                        if kept or delta:
-                            yield pb.GenerateResponse(request_id=prep.request_id, token_ids=kept, text=delta,
-                                                      logprobs=_logprobs(item.get("logprobs"), len(kept)))
-        except (_Abort, RequestError) as exc:
-            code = exc.code
-            await self.fail(context, exc)
-        except asyncio.CancelledError:
-            code = _cancel_code(context)
-            raise
-        finally:
-            timer.finish(code, prompt_tokens=prompt_tokens)
+            # aclosing: a client that cancels while a response is being written still cancels the replica now
+            async with contextlib.aclosing(self.s.generate_events(request, timeout=context.time_remaining())) as rs:
+                async for response in rs:
+                    yield response
+        except RouterError as exc:
+            await _abort(context, exc)
 
     async def Chat(self, request: pb.ChatRequest,  # noqa: N802
                    context: grpc.aio.ServicerContext) -> AsyncIterator[pb.ChatResponse]:
-        timer, code, prompt_tokens = self.timer("Chat"), grpc.StatusCode.OK, 0
         try:
-            with self.s._call():
-                prep = self.s.validator().chat(request)
-                prompt_tokens = len(prep.prompt_token_ids)
-                chat = ChatStream(stops=prep.stop, min_tokens=prep.min_tokens)
-                finish, usage, deltas = None, None, []
-                async with contextlib.aclosing(self.s.replica_stream(prep, context, timer)) as events:
-                    async for item in events:
-                        before = chat.num_tokens
-                        deltas = chat.feed(item["token_ids"])
-                        timer.tokens(chat.num_tokens - before)
-                        if chat.stopped:
-                            finish = "stop"
-                        elif item.get("finish_reason"):
-                            finish = chat_finish_reason(item["finish_reason"], item.get("stop_reason"))
-                        usage = item.get("usage") or usage
-                        if finish:
-                            deltas += chat.finish()
-                            break
-                        for delta in deltas:
-                            yield _chat_response(prep.request_id, delta)
-                last = deltas.pop() if deltas else ChatDelta(None)
-                for delta in deltas:
-                    yield _chat_response(prep.request_id, delta)
-                final = _chat_response(prep.request_id, last)
-                final.finish_reason = _FINISH[finish or "stop"]
-                final.usage.CopyFrom(_usage(prep, chat.num_tokens, usage, chat.reasoning_tokens))
-                yield final
-        except (_Abort, RequestError) as exc:
-            code = exc.code
-            await self.fail(context, exc)
-        except asyncio.CancelledError:
-            code = _cancel_code(context)
-            raise
-        finally:
-            timer.finish(code, prompt_tokens=prompt_tokens)
+            async with contextlib.aclosing(self.s.chat_events(request, timeout=context.time_remaining())) as rs:
+                async for response, _ in rs:
+                    yield response
+        except RouterError as exc:
+            await _abort(context, exc)
 
     async def Tokenize(self, request: pb.TokenizeRequest,  # noqa: N802
                        context: grpc.aio.ServicerContext) -> pb.TokenizeResponse:
         try:
             with self.s._call():
                 return pb.TokenizeResponse(token_ids=self.s.validator().tokenize(request))
-        except (_Abort, RequestError) as exc:
-            await self.fail(context, exc)
+        except (RouterError, RequestError) as exc:
+            await _abort(context, exc)
             raise AssertionError("unreachable") from None
 
     async def GetModelInfo(self, request: pb.GetModelInfoRequest,  # noqa: N802
@@ -548,8 +644,8 @@ class _Inference(pb_grpc.InferenceServicer, _Handler):
                     vocab_size=m["vocab_size"], context_length=m["context_length"],
                     sliding_window=m["sliding_window"], shards_per_replica=m["shards_per_replica"],
                     num_replicas=self.s.ready_replicas, kv_block_size=m["kv_block_size"])
-        except _Abort as exc:
-            await self.fail(context, exc)
+        except RouterError as exc:
+            await _abort(context, exc)
             raise AssertionError("unreachable") from None
 
 
@@ -563,13 +659,10 @@ def _chat_response(request_id: str, delta: ChatDelta) -> pb.ChatResponse:
     return out
 
 
-def _cancel_code(context: grpc.aio.ServicerContext) -> grpc.StatusCode:
-    remaining = context.time_remaining()
-    return grpc.StatusCode.DEADLINE_EXCEEDED if remaining is not None and remaining <= 0 else \
-        grpc.StatusCode.CANCELLED
+class _Admin(pb_grpc.AdminServicer):
+    def __init__(self, server: GptossServer) -> None:
+        self.s = server
 
-
-class _Admin(pb_grpc.AdminServicer, _Handler):
     async def ListReplicas(self, request: pb.ListReplicasRequest,  # noqa: N802
                            context: grpc.aio.ServicerContext) -> pb.ListReplicasResponse:
         stats = await self.s.backend.replica_stats()
@@ -605,9 +698,9 @@ class RouterImpl:
 
     async def info(self) -> dict[str, Any]:
         s = self.server
-        return {"port": s.port, "host": s.settings.host, "ready_replicas": s.ready_replicas, "draining": s.draining,
-                "inflight": s.inflight, "queued": s.admission.queued, "running": s.admission.running,
-                "capacity": s.admission.capacity, "pid": os.getpid()}
+        return {"port": s.port, "host": s.settings.host, "http_port": s.http_port, "ready_replicas": s.ready_replicas,
+                "draining": s.draining, "inflight": s.inflight, "queued": s.admission.queued,
+                "running": s.admission.running, "capacity": s.admission.capacity, "pid": os.getpid()}
 
     async def drain(self, timeout_s: float | None = None) -> bool:
         return await self.server.drain(timeout_s)

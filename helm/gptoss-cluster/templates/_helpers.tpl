@@ -137,6 +137,7 @@ true
       "router_replicas" (int .Values.routers.replicas)
       "max_queued_requests" (int $s.router.maxQueuedRequests)
       "grpc_port" (int $s.grpcPort)
+      "http_port" (int $s.openaiPort)
       "metrics_port" 0
       "auth_token_env" (ternary "GPTOSS_AUTH_TOKEN" "" .Values.auth.enabled)
       "engine" $engine
