@@ -306,6 +306,22 @@ def test_responses_function_call_round_trip_whole(cluster, client):
     assert second.usage.input_tokens == len(expected)
 
 
+def test_builtin_browser_and_python_tools_come_back_as_calls_with_their_recipients(client):
+    """harmony's own tool namespaces: `browser` / `python` (or the hosted-tool types they stand for); the client runs
+    them, so their calls come back like function calls, named by recipient."""
+    chat = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Look it up."}], tools=[{"type": "browser"}],
+        tool_choice="required", max_tokens=60, extra_body={"max_reasoning_tokens": 0, "seed": 3})
+    (call,) = chat.choices[0].message.tool_calls
+    assert call.function.name in ("browser.search", "browser.open", "browser.find")
+    response = client.responses.create(
+        model=MODEL, input="Compute it.", tools=[{"type": "code_interpreter", "container": {"type": "auto"}}],
+        tool_choice={"type": "function", "name": "python"}, max_output_tokens=40,
+        extra_body={"max_reasoning_tokens": 0, "seed": 4})
+    calls = [item for item in response.output if item.type == "function_call"]
+    assert [c.name for c in calls] == ["python"]
+
+
 def test_responses_function_call_round_trip_streamed(client):
     question = [{"role": "user", "content": "Weather in Oslo?"}]
     events = list(client.responses.create(model=MODEL, input=question, tools=[WEATHER_FN], tool_choice="required",

@@ -120,11 +120,10 @@ def chat_request(body: ChatCompletionRequest) -> pb.ChatRequest:
     if body.top_logprobs is not None and not body.logprobs:
         raise InvalidRequest("top_logprobs needs logprobs: true", "top_logprobs")
     messages = [_chat_message(i, m) for i, m in enumerate(body.messages)]
-    tools = [_function_tool(_unwrap_function(t, f"tools[{i}]"), f"tools[{i}].function", strict=False)
-             for i, t in enumerate(body.tools or ())]
+    tools, builtin = _tools(body.tools, flat=False, strict=False)
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     return _build(lambda: pb.ChatRequest(
-        request_id=body.request_id, messages=messages, tools=tools, priority=body.priority,
+        request_id=body.request_id, messages=messages, tools=tools, builtin_tools=builtin, priority=body.priority,
         reasoning_effort=_effort(body.reasoning_effort, "reasoning_effort"),
         sampling=_sampling(body, max_tokens, (body.top_logprobs or 0) if body.logprobs else None),
         response_format=_chat_response_format(body), tool_choice=_tool_choice(body.tool_choice),
@@ -167,12 +166,11 @@ def responses_request(body: ResponsesRequest) -> pb.ChatRequest:
         messages.append(pb.ChatMessage(role="user", content=body.input))
     else:
         messages += _input_items(body.input)
-    tools = [_function_tool(_unwrap_function(t, f"tools[{i}]", flat=True), f"tools[{i}]", strict=True)
-             for i, t in enumerate(body.tools or ())]
+    tools, builtin = _tools(body.tools, flat=True, strict=True)
     effort = (body.reasoning or {}).get("effort")
     text_format = (body.text or {}).get("format")
     return _build(lambda: pb.ChatRequest(
-        request_id=body.request_id, messages=messages, tools=tools, priority=body.priority,
+        request_id=body.request_id, messages=messages, tools=tools, builtin_tools=builtin, priority=body.priority,
         reasoning_effort=_effort(effort, "reasoning.effort"),
         sampling=_sampling(body, body.max_output_tokens, None),
         response_format=_response_format(text_format, "text.format", flat=True),
@@ -261,12 +259,35 @@ def _chat_message(i: int, m: Any) -> pb.ChatMessage:
     return out
 
 
+# harmony's built-in tool namespaces, by their harmony names and by the OpenAI hosted-tool types they stand for; their
+# calls come back as tool calls named by recipient ("browser.search", "python"), run by the client
+_BUILTIN_TOOL_TYPES = {"browser": "browser", "web_search": "browser", "web_search_preview": "browser",
+                       "python": "python", "code_interpreter": "python"}
+
+
+def _tools(tools: Any, flat: bool, strict: bool) -> tuple[list[pb.FunctionTool], list[str]]:
+    """The request's `tools` -> (function tools, built-in namespaces)."""
+    functions: list[pb.FunctionTool] = []
+    builtin: list[str] = []
+    for i, t in enumerate(tools or ()):
+        where = f"tools[{i}]"
+        if isinstance(t, dict) and t.get("type") in _BUILTIN_TOOL_TYPES:
+            name = _BUILTIN_TOOL_TYPES[t["type"]]
+            if name not in builtin:
+                builtin.append(name)
+            continue
+        functions.append(_function_tool(_unwrap_function(t, where, flat=flat), where if flat else f"{where}.function",
+                                        strict=strict))
+    return functions, builtin
+
+
 def _unwrap_function(t: Any, where: str, flat: bool = False) -> dict[str, Any]:
     """A function tool or call: chat's {"type": "function", "function": {...}}, or the Responses API's flat form."""
     if not isinstance(t, dict):
         raise InvalidRequest(f"{where} must be an object", where)
     if t.get("type", "function") != "function":
-        raise InvalidRequest(f"{where}.type: only function tools are supported, got {t.get('type')!r}",
+        raise InvalidRequest(f"{where}.type: function, browser (web_search_preview) or python (code_interpreter) "
+                             f"tools are supported, got {t.get('type')!r}",
                              f"{where}.type")
     fn = t.get("function")
     if fn is None and flat:
