@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import sys
 import time
@@ -65,18 +66,22 @@ def main() -> None:
                                                       max_reasoning_tokens=0))
     stops = tok.stop_token_ids_for_chat
 
-    def run(batch: int, constrained: bool, seed: int) -> tuple[float, float]:
+    def cpu_seconds() -> float:
+        usage = resource.getrusage(resource.RUSAGE_SELF)  # every thread: the work done, whatever shares the cores
+        return usage.ru_utime + usage.ru_stime
+
+    def run(batch: int, constrained: bool, seed: int) -> tuple[float, float, float]:
         params = {"temperature": 1.0, "max_tokens": args.tokens, "ignore_eos": not constrained}
         requests = [(prompt, {**params, "seed": seed + i}, stops, constraint if constrained else None)
                     for i in range(batch)]
         before = engine.stats()
-        t = time.perf_counter()
+        t, cpu = time.perf_counter(), cpu_seconds()
         results = engine.generate(requests)
-        elapsed = time.perf_counter() - t
+        elapsed, cpu = time.perf_counter() - t, cpu_seconds() - cpu
         after = engine.stats()
         assert all(len(r.token_ids) == args.tokens for r in results), [len(r.token_ids) for r in results]
         sample_share = (after.time_sample_s - before.time_sample_s) / elapsed
-        return batch * args.tokens / elapsed, sample_share
+        return batch * args.tokens / elapsed, sample_share, 1e3 * cpu / (batch * args.tokens)
 
     run(2, True, 0)  # warm-up: allocations, xgrammar's caches
     run(2, False, 0)
@@ -85,18 +90,20 @@ def main() -> None:
     summary = {}
     for batch in batches:
         rates: dict[bool, list[float]] = {False: [], True: []}
-        shares: dict[bool, list[float]] = {False: [], True: []}
+        cpu_ms: dict[bool, list[float]] = {False: [], True: []}
         for r in range(args.rounds):
             for constrained in (False, True):
-                rate, share = run(batch, constrained, 1000 * r)
+                rate, share, per_token = run(batch, constrained, 1000 * r)
                 rates[constrained].append(rate)
-                shares[constrained].append(share)
+                cpu_ms[constrained].append(per_token)
                 print(f"  batch {batch:3d} round {r} {'json-schema' if constrained else 'free       '} "
-                      f"{rate:8.1f} tok/s  (sampling {100 * share:4.1f}% of wall)")
+                      f"{rate:8.1f} tok/s  {per_token:7.2f} CPU-ms/token  (sampling {100 * share:4.1f}% of wall)")
         free, json_ = statistics.median(rates[False]), statistics.median(rates[True])
+        free_cpu, json_cpu = statistics.median(cpu_ms[False]), statistics.median(cpu_ms[True])
         summary[batch] = (free, json_)
         print(f"batch {batch}: free {free:.1f} tok/s, json-schema {json_:.1f} tok/s, constrained/free "
-              f"{json_ / free:.3f} ({100 * (1 - json_ / free):+.1f}% slower)")
+              f"{json_ / free:.3f} ({100 * (1 - json_ / free):+.1f}% slower); CPU per token {free_cpu:.2f} vs "
+              f"{json_cpu:.2f} ms ({100 * (json_cpu / free_cpu - 1):+.1f}%)")
 
     # compile times: a fresh StructuredDecoding has an empty cache
     fresh = StructuredDecoding(tok, engine.model_config.vocab_size)
