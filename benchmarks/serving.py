@@ -2,34 +2,64 @@
 gRPC router, with TTFT / inter-token / end-to-end percentiles and throughput, and the router's added latency measured
 against calling the engine directly in the same run.
 
-Targets (three ways to get a server):
+Targets:
 
-    # 1. in-process replica of the tiny model behind a router, both in a child process (default)
+    # 1. router + replica(s) of the tiny model in one child process (LocalBackend, no Ray)
     .venv/bin/python benchmarks/serving.py --concurrency 1,16,64
     # 2. the router's own overhead: a scripted engine (fixed token cadence, no model) behind the router
     .venv/bin/python benchmarks/serving.py --engine scripted --step-ms 20 --concurrency 64
-    # 3. a running cluster (gptoss-cluster serve / Helm); with --ray-app the replicas are also called directly
+    # 3. the production path on a local Ray (127.0.0.1): the Router deployment (real RouterImpl, gRPC server,
+    #    ServeBackend, PrefixAffinityRouter) in front of ModelReplica deployments (tiny model, or --engine scripted:
+    #    the same deployment methods around a scripted engine)
+    .venv/bin/python benchmarks/serving.py --serve --engine scripted --step-ms 20 --concurrency 64
+    # 4. a running cluster (gptoss-cluster serve / Helm); with --ray-app the replicas are also called directly
     #    through a Serve handle (this process joins the Ray cluster: run it on a cluster node)
     .venv/bin/python benchmarks/serving.py --address 127.0.0.1:50051 --ray-app gptoss --concurrency 1,16,64
+    # 5. the router's own per-request and per-token CPU in isolation: its Generate body (GptossServer.generate_events:
+    #    validation, admission, replica choice, detokenization, response messages, metrics) over a scripted replica
+    #    in this process, no gRPC, no Ray, one request at a time
+    .venv/bin/python benchmarks/serving.py --micro
+    # 6. what one streamed item costs through a Serve deployment handle (local Ray, a deployment yielding small dicts
+    #    as fast as it can or every 20 ms): CPU per item in the consuming process and in the replica
+    .venv/bin/python benchmarks/serving.py --serve-micro
 
-Direct engine = the same requests sent straight to the replica core (modes 1, 2: in the server process, no gRPC;
-mode 3: `ModelReplica.generate` through a Ray Serve handle, no router). Router = the gRPC Generate call from this
-process. Both run at the same concurrency on the same prompts, one after the other, for every level; "added" is
-router minus direct at each percentile. Workload: random prompt token ids (`--input-len`), exactly `--output-len`
-generated tokens (EOS ignored), greedy. `--json FILE` writes every figure.
+Paths. Router = the gRPC Generate call from this process. Direct = the same requests straight to the engine: the
+replica core in the server process with no gRPC (1, 2), or `ModelReplica.generate` through a Serve deployment handle
+from this process, no router (3, 4). "Added" = router minus direct at each percentile. gRPC floor (1, 2) = the same
+client calling a bare grpc.aio Generate in the server process that streams the same replica's tokens with none of the
+router's work: floor minus direct is what a streamed gRPC call costs on the machine, router minus floor is the
+router's own code.
+
+Fairness. Both paths run at the same concurrency on statistically identical prompts, interleaved: every level runs
+`--rounds` rounds, each round both paths back to back, the order alternating, and the figures pool all rounds.
+Arrivals (`--arrival`): `steady` (default) keeps exactly `concurrency` streams in flight with their starts spread
+evenly over one request's duration (a closed loop in steady state: new requests arrive while the others stream, as
+in production); `burst` starts them all at the same instant (the first wave of a closed loop: the last of 64
+simultaneous arrivals waits for the 63 before it, so its TTFT measures the router's per-request cost times 63).
+CPU: the router process's CPU time per request (router path minus direct path in the same process for 1-3; the
+engine's work is the same in both) separates the router's own overhead from CPU contention on a shared machine; the
+client's CPU per request is printed too. Processes run with the GC frozen after start-up, as Ray Serve does for its
+replicas (RAY_SERVE_FREEZE_GC_ON_STARTUP).
+
+Workload: random prompt token ids (`--input-len`), exactly `--output-len` generated tokens (EOS ignored), greedy.
+`--json FILE` writes every figure.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import multiprocessing as mp
 import os
 import random
+import resource
+import socket
 import statistics
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +67,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 DEFAULT_CHECKPOINT = Path(os.environ.get("TMPDIR", "/tmp")) / "gptoss-bench" / "tiny-hf"
+APP = "gptoss-bench"
 
 
 # ------------------------------------------------------------------------------------------------ statistics
@@ -67,7 +98,7 @@ class Record:
             self.tokens += n
 
 
-def summarize(records: list[Record], wall_s: float) -> dict[str, Any]:
+def summarize(records: list[Record], wall_s: float, cpu: dict[str, float] | None = None) -> dict[str, Any]:
     ok = [r for r in records if r.error is None and r.times]
     ttft = [(r.times[0] - r.start) * 1e3 for r in ok]
     itl = []
@@ -89,18 +120,27 @@ def summarize(records: list[Record], wall_s: float) -> dict[str, Any]:
     for name, values in (("ttft_ms", ttft), ("itl_ms", itl), ("e2e_ms", e2e)):
         out[name] = {"mean": statistics.fmean(values) if values else float("nan"),
                      **{f"p{q}": pct(values, q) for q in (50, 90, 99)}}
+    # CPU-seconds each process spent during the level, per request (ms)
+    out["cpu_ms_per_request"] = {k: v * 1e3 / max(1, len(records)) for k, v in (cpu or {}).items()}
     errors = [r.error for r in records if r.error]
     if errors:
         out["first_error"] = errors[0]
     return out
 
 
-async def run_level(send: Any, prompts: list[list[int]], concurrency: int) -> dict[str, Any]:
-    """`send(prompt, record)` for every prompt, at most `concurrency` at once."""
+Sender = Callable[[list[int], Record], Awaitable[None]]
+
+
+async def run_level(send: Sender, prompts: list[list[int]], concurrency: int,
+                    stagger_s: float = 0.0) -> tuple[list[Record], float]:
+    """`send(prompt, record)` for every prompt, `concurrency` at once (closed loop); worker i starts after
+    i * stagger_s / concurrency (0: all at once). Returns the records and the wall time."""
     queue = list(prompts)
     records: list[Record] = []
 
-    async def worker() -> None:
+    async def worker(i: int) -> None:
+        if stagger_s:
+            await asyncio.sleep(i * stagger_s / concurrency)
         while queue:
             prompt = queue.pop()
             record = Record()
@@ -111,8 +151,8 @@ async def run_level(send: Any, prompts: list[list[int]], concurrency: int) -> di
                 record.error = f"{type(exc).__name__}: {str(exc)[:200]}"
 
     start = time.perf_counter()
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
-    return summarize(records, time.perf_counter() - start)
+    await asyncio.gather(*(worker(i) for i in range(concurrency)))
+    return records, time.perf_counter() - start
 
 
 def workload(n: int, input_len: int, seed: int, vocab: int = 199_998) -> list[list[int]]:
@@ -120,17 +160,43 @@ def workload(n: int, input_len: int, seed: int, vocab: int = 199_998) -> list[li
     return [[rng.randrange(vocab) for _ in range(input_len)] for _ in range(n)]
 
 
-# ------------------------------------------------------------------------------------------------ server process
-def _direct_sender(cores: list[Any], output_len: int) -> Any:
+def process_cpu_s(pid: int | None = None) -> float:
+    """User + system CPU seconds of this process (all threads) or of `pid` (same machine)."""
+    if pid is None:
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        return usage.ru_utime + usage.ru_stime
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def freeze_gc() -> None:
+    """What Ray Serve does once a replica is initialized: start-up objects leave the GC's generations, so that
+    collections in the request path stay short."""
+    gc.collect()
+    gc.freeze()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _engine_request(prompt: list[int], output_len: int) -> dict[str, Any]:
+    return {"request_id": os.urandom(8).hex(), "prompt_token_ids": prompt,
+            "sampling": {"max_tokens": output_len, "ignore_eos": True, "temperature": 0.0}}
+
+
+# ------------------------------------------------------------------------------------------------ local target
+def _direct_sender(cores: list[Any], output_len: int) -> Sender:
     """Requests straight into the replica cores (round robin), no router, no gRPC."""
     turn = [0]
 
     async def send(prompt: list[int], record: Record) -> None:
         core = cores[turn[0] % len(cores)]
         turn[0] += 1
-        request = {"request_id": os.urandom(8).hex(), "prompt_token_ids": prompt,
-                   "sampling": {"max_tokens": output_len, "ignore_eos": True, "temperature": 0.0}}
-        async for item in core.generate(request):
+        async for item in core.generate(_engine_request(prompt, output_len)):
             if "error" in item:
                 raise RuntimeError(item["error"]["message"])
             record.got(len(item.get("token_ids") or ()))
@@ -138,7 +204,39 @@ def _direct_sender(cores: list[Any], output_len: int) -> Any:
     return send
 
 
-def _server_process(conn: Any, engine: str, model: str, replicas: int, step_ms: float, num_blocks: int) -> None:
+def _floor_server(cores: list[Any]) -> Any:
+    """The gRPC floor: a bare grpc.aio server whose Generate streams the replica cores' tokens as they come, one
+    GenerateResponse per item, with none of the router's work (no validation, admission, replica choice, text,
+    metrics). Same client, transport, process and engine as the router path: router minus floor is the router's
+    own code; floor minus direct is what one streamed gRPC call costs on this machine."""
+    import grpc
+
+    from proto.gptoss.v1 import gptoss_pb2 as pb
+    from proto.gptoss.v1 import gptoss_pb2_grpc as pb_grpc
+
+    turn = [0]
+
+    class Floor(pb_grpc.InferenceServicer):
+        async def Generate(self, request: Any, context: Any) -> Any:  # noqa: N802
+            core = cores[turn[0] % len(cores)]
+            turn[0] += 1
+            engine_request = _engine_request(list(request.token_ids.ids), request.sampling.max_tokens)
+            async for item in core.generate(engine_request):
+                if "token_ids" not in item:
+                    continue
+                if item.get("finish_reason"):
+                    yield pb.GenerateResponse(token_ids=item["token_ids"], finish_reason=pb.FINISH_REASON_LENGTH,
+                                              usage=pb.Usage(**item["usage"]))
+                    return
+                yield pb.GenerateResponse(token_ids=item["token_ids"])
+
+    server = grpc.aio.server()
+    pb_grpc.add_InferenceServicer_to_server(Floor(), server)
+    return server
+
+
+def _server_process(conn: Any, engine: str, model: str, replicas: int, step_ms: float, num_blocks: int,
+                    lockstep: bool, coalesce: bool) -> None:
     os.environ.setdefault("GPTOSS_NO_PROGRESS", "1")
     from cluster.metrics import Metrics
     from cluster.router.backend import LocalBackend
@@ -148,7 +246,8 @@ def _server_process(conn: Any, engine: str, model: str, replicas: int, step_ms: 
         if engine == "scripted":
             from cluster.router.testing import ScriptedReplica
 
-            cores = [ScriptedReplica(step_s=step_ms / 1000, max_ongoing_requests=1024) for _ in range(replicas)]
+            cores = [ScriptedReplica(step_s=step_ms / 1000, max_ongoing_requests=1024, lockstep=lockstep,
+                                     coalesce=coalesce) for _ in range(replicas)]
         else:
             from cluster.replica import ReplicaCore, ReplicaSettings
             from workers.engine import LocalExecutor
@@ -163,15 +262,21 @@ def _server_process(conn: Any, engine: str, model: str, replicas: int, step_ms: 
                                                                   health_interval_s=0.5), Metrics())
         port = await server.start()
         await server.wait_ready(60)
-        conn.send(("ready", port))
+        floor = _floor_server(cores)
+        floor_port = floor.add_insecure_port("127.0.0.1:0")
+        await floor.start()
+        freeze_gc()
+        conn.send(("ready", port, floor_port, os.getpid()))
         loop = asyncio.get_running_loop()
         while True:
             command = await loop.run_in_executor(None, conn.recv)
             if command[0] == "stop":
                 break
-            _, prompts, concurrency, output_len = command
-            conn.send(("result", await run_level(_direct_sender(cores, output_len), prompts, concurrency)))
+            _, prompts, concurrency, output_len, stagger_s = command
+            records, wall = await run_level(_direct_sender(cores, output_len), prompts, concurrency, stagger_s)
+            conn.send(("result", records, wall))
         await server.stop(0)
+        await floor.stop(0)
         for core in cores:
             await core.shutdown()
 
@@ -181,22 +286,25 @@ def _server_process(conn: Any, engine: str, model: str, replicas: int, step_ms: 
 class LocalTarget:
     """A router + replica(s) in a child process; `direct` runs a level inside that process."""
 
-    def __init__(self, engine: str, model: str, replicas: int, step_ms: float, num_blocks: int) -> None:
+    def __init__(self, engine: str, model: str, replicas: int, step_ms: float, num_blocks: int,
+                 lockstep: bool, coalesce: bool) -> None:
         ctx = mp.get_context("spawn")
         self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=_server_process, args=(child, engine, model, replicas, step_ms, num_blocks),
-                                daemon=True)
+        self.proc = ctx.Process(target=_server_process, daemon=True,
+                                args=(child, engine, model, replicas, step_ms, num_blocks, lockstep, coalesce))
         self.proc.start()
         if not self.conn.poll(600):
             raise TimeoutError("the server process did not start")
-        _, port = self.conn.recv()
+        _, port, floor_port, self.router_pid = self.conn.recv()
         self.address = f"127.0.0.1:{port}"
+        self.floor_address: str | None = f"127.0.0.1:{floor_port}"
 
-    async def direct(self, prompts: list[list[int]], concurrency: int, output_len: int) -> dict[str, Any]:
-        self.conn.send(("direct", prompts, concurrency, output_len))
+    async def direct(self, prompts: list[list[int]], concurrency: int, output_len: int,
+                     stagger_s: float) -> tuple[list[Record], float] | None:
+        self.conn.send(("direct", prompts, concurrency, output_len, stagger_s))
         loop = asyncio.get_running_loop()
-        _, result = await loop.run_in_executor(None, self.conn.recv)
-        return result
+        _, records, wall = await loop.run_in_executor(None, self.conn.recv)
+        return records, wall
 
     def close(self) -> None:
         try:
@@ -208,12 +316,15 @@ class LocalTarget:
             self.proc.kill()
 
 
+# ------------------------------------------------------------------------------------------------ Ray targets
 class RayTarget:
     """A running cluster; `direct` calls ModelReplica.generate through a Serve handle (no router)."""
 
     def __init__(self, address: str, app: str | None) -> None:
         self.address = address
+        self.floor_address: str | None = None
         self.handle = None
+        self.router_pid: int | None = None
         if app:
             from cluster.app import ray_auth_token
 
@@ -225,28 +336,107 @@ class RayTarget:
 
             connect_ray(os.environ.get("RAY_ADDRESS") or "auto")  # keeps a loopback address on loopback
             self.handle = serve.get_deployment_handle("ModelReplica", app_name=app).options(stream=True)
+            self._find_router(app)
 
-    async def direct(self, prompts: list[list[int]], concurrency: int, output_len: int) -> dict[str, Any] | None:
+    def _find_router(self, app: str) -> None:
+        """The router's pid, when it runs on this machine (for its CPU time)."""
+        from ray import serve
+
+        try:
+            info = serve.get_deployment_handle("Router", app_name=app).info.remote().result(timeout_s=30)
+        except Exception:  # noqa: BLE001 - an older router without info(): no CPU figure
+            return
+        if os.path.exists(f"/proc/{info.get('pid')}"):
+            self.router_pid = int(info["pid"])
+
+    async def direct(self, prompts: list[list[int]], concurrency: int, output_len: int,
+                     stagger_s: float) -> tuple[list[Record], float] | None:
         if self.handle is None:
             return None
         handle = self.handle
 
         async def send(prompt: list[int], record: Record) -> None:
-            request = {"request_id": os.urandom(8).hex(), "prompt_token_ids": prompt,
-                       "sampling": {"max_tokens": output_len, "ignore_eos": True, "temperature": 0.0}}
-            async for item in handle.generate.remote(request):
+            async for item in handle.generate.remote(_engine_request(prompt, output_len)):
                 if "error" in item:
                     raise RuntimeError(item["error"]["message"])
                 record.got(len(item.get("token_ids") or ()))
 
-        return await run_level(send, prompts, concurrency)
+        return await run_level(send, prompts, concurrency, stagger_s)
 
     def close(self) -> None:
         return None
 
 
+class ServeTarget(RayTarget):
+    """A local Ray on 127.0.0.1 running the real Router deployment in front of ModelReplica deployments: the tiny
+    model (cluster.app's application), or a scripted engine inside the same deployment methods."""
+
+    def __init__(self, engine: str, model: str, replicas: int, step_ms: float, num_blocks: int,
+                 lockstep: bool, coalesce: bool, env: dict[str, str] | None = None) -> None:
+        from ray import serve
+
+        from workers.engine.ray_executor import connect_ray
+
+        connect_ray(None, num_cpus=max(4, 2 * replicas + 2), log_to_driver=False)
+        serve.start(proxy_location="Disabled", http_options={"host": "127.0.0.1", "port": _free_port()})
+        port = _free_port()
+        if engine == "scripted":
+            from ray.serve.config import RequestRouterConfig
+
+            from cluster.router.replica_choice import PrefixAffinityRouter
+            from cluster.router.server import RouterImpl, RouterSettings
+            from cluster.router.testing import ScriptedReplicaImpl
+
+            replica = serve.deployment(
+                name="ModelReplica", num_replicas=replicas, max_ongoing_requests=1024,
+                ray_actor_options={"num_cpus": 0.5, "runtime_env": {"env_vars": dict(env or {})}},
+                request_router_config=RequestRouterConfig(request_router_class=PrefixAffinityRouter,
+                                                          request_router_kwargs={"block_size": 16}),
+            )(ScriptedReplicaImpl)
+            router = serve.deployment(name="Router", num_replicas=1, max_ongoing_requests=1000,
+                                      ray_actor_options={"num_cpus": 0.5, "runtime_env": {"env_vars": dict(env or {})}},
+                                      )(RouterImpl)
+            settings = RouterSettings(host="127.0.0.1", port=port, max_queued_requests=4096, health_interval_s=0.5)
+            app = router.bind(replica.bind({"step_s": step_ms / 1000, "max_ongoing_requests": 1024,
+                                            "lockstep": lockstep, "coalesce": coalesce}), settings.to_dict())
+        else:
+            from cluster.app import build_application
+
+            app = build_application(_tiny_config(model, replicas, port, num_blocks))
+        serve.run(app, name=APP, route_prefix=None)
+        super().__init__(f"127.0.0.1:{port}", None)
+        self.handle = serve.get_deployment_handle("ModelReplica", app_name=APP).options(stream=True)
+        self._find_router(APP)
+        deadline = time.monotonic() + 120
+        router = serve.get_deployment_handle("Router", app_name=APP)
+        while not router.info.remote().result(timeout_s=30).get("ready_replicas"):
+            if time.monotonic() > deadline:
+                raise TimeoutError("the router saw no ready replica within 120 s")
+            time.sleep(0.2)
+
+    def close(self) -> None:
+        import ray
+        from ray import serve
+
+        try:
+            serve.shutdown()
+        finally:
+            ray.shutdown()
+
+
+def _tiny_config(model: str, replicas: int, port: int, num_blocks: int) -> Any:
+    from cluster.app import parse_args
+
+    config = parse_args({"model": model, "num_replicas": replicas, "dtype": "float32", "grpc_port": port,
+                         "metrics_port": 0, "max_ongoing_requests": 1024, "max_queued_requests": 4096,
+                         "engine": {"num_blocks": num_blocks, "max_num_seqs": 256}})
+    config.grpc_host = "127.0.0.1"
+    return config
+
+
+# ------------------------------------------------------------------------------------------------ router path
 async def router_level(address: str, prompts: list[list[int]], concurrency: int, output_len: int,
-                       token: str | None) -> dict[str, Any]:
+                       token: str | None, stagger_s: float = 0.0) -> tuple[list[Record], float]:
     from cluster.client import AsyncClient
 
     # one HTTP/2 connection per 8 streams, as a fleet of clients would have (a single connection serializes
@@ -264,84 +454,312 @@ async def router_level(address: str, prompts: list[list[int]], concurrency: int,
             if last is None or last.usage.completion_tokens != output_len:
                 raise RuntimeError(f"expected {output_len} tokens, got {record.tokens}")
 
-        return await run_level(send, prompts, concurrency)
+        # connect first: channel setup is not part of any request's TTFT
+        await asyncio.gather(*(c.channel.channel_ready() for c in clients))
+        return await run_level(send, prompts, concurrency, stagger_s)
     finally:
         for client in clients:
             await client.close()
 
 
+# ------------------------------------------------------------------------------------------------ micro
+def micro(reps: int = 5, requests: int = 1000, long_tokens: int = 256) -> dict[str, Any]:
+    """CPU per request (1-token requests) and per extra token (`long_tokens`-token requests) of: the scripted
+    replica alone (direct), the router's Generate body over it, and the same with a deadline (timeout) set.
+    The best of `reps` repetitions (interference from other processes only ever adds)."""
+    from cluster.client import generate_request
+    from cluster.metrics import Metrics
+    from cluster.router.backend import LocalBackend
+    from cluster.router.server import GptossServer, RouterSettings
+    from cluster.router.testing import ScriptedReplica
+    from workers.harmony import get_tokenizer
+
+    async def run() -> dict[str, Any]:
+        text = get_tokenizer().encode("The quick brown fox jumps over the lazy dog. " * 80)
+        core = ScriptedReplica(text, max_ongoing_requests=1024)
+        server = GptossServer(LocalBackend([core]), RouterSettings(host="127.0.0.1", port=0, health_interval_s=5),
+                              Metrics())
+        await server.start()
+        await server.wait_ready(30)
+        freeze_gc()
+        prompt = list(range(1000, 1064))
+
+        async def direct(out: int, n: int) -> None:
+            for _ in range(n):
+                async for _item in core.generate(_engine_request(prompt, out)):
+                    pass
+
+        async def router(out: int, n: int, timeout: float | None) -> None:
+            for _ in range(n):
+                request = generate_request(prompt, max_tokens=out, ignore_eos=True, temperature=0)
+                async for _response in server.generate_events(request, timeout=timeout):
+                    pass
+
+        paths: dict[str, Callable[[int, int], Awaitable[None]]] = {
+            "direct (scripted replica alone)": direct,
+            "router body": lambda out, n: router(out, n, None),
+            "router body, with a deadline": lambda out, n: router(out, n, 600.0),
+        }
+        best: dict[str, list[float]] = {name: [float("inf"), float("inf")] for name in paths}
+        for _ in range(reps):
+            for name, fn in paths.items():  # interleaved
+                t0 = time.process_time()
+                await fn(1, requests)
+                t1 = time.process_time()
+                await fn(long_tokens, requests // 25)
+                t2 = time.process_time()
+                per_request = (t1 - t0) / requests
+                per_token = ((t2 - t1) / (requests // 25) - per_request) / (long_tokens - 1)
+                best[name] = [min(best[name][0], per_request), min(best[name][1], per_token)]
+        await server.stop(0)
+        return {name: {"us_per_request": v[0] * 1e6, "us_per_token": v[1] * 1e6} for name, v in best.items()}
+
+    return asyncio.run(run())
+
+
+class _Items:
+    """Body of the --serve-micro deployment: streams `n` items of `per` token ids, `sleep_s` apart."""
+
+    async def stream(self, n: int, per: int, sleep_s: float) -> Any:
+        for _ in range(n):
+            if sleep_s:
+                await asyncio.sleep(sleep_s)
+            yield {"token_ids": list(range(per)), "logprobs": None, "finish_reason": None, "stop_reason": None,
+                   "usage": None}
+
+    def pid(self) -> int:
+        return os.getpid()
+
+
+def serve_micro(items: int = 3200) -> list[dict[str, Any]]:
+    """CPU per streamed item through a Serve handle: consumer (this process) and replica, for 1 and 16 concurrent
+    streams, 1 or 8 token ids per item, items back to back or 20 ms apart (a decode cadence)."""
+    import ray
+    from ray import serve
+
+    from workers.engine.ray_executor import connect_ray
+
+    connect_ray(None, num_cpus=4, log_to_driver=False)
+    serve.start(proxy_location="Disabled", http_options={"host": "127.0.0.1", "port": _free_port()})
+    handle = serve.run(serve.deployment(name="Items", max_ongoing_requests=1000,
+                                        ray_actor_options={"num_cpus": 0.5})(_Items).bind(),
+                       name="gptoss-bench-items", route_prefix=None)
+    pid = handle.pid.remote().result()
+    stream = handle.options(stream=True)
+    freeze_gc()
+
+    async def run(streams: int, per: int, sleep_s: float) -> dict[str, Any]:
+        async def one() -> int:
+            k = 0
+            async for _ in stream.stream.remote(items // streams, per, sleep_s):
+                k += 1
+            return k
+
+        if streams == 1:
+            await one()  # warm the path
+        t0, c0, r0 = time.perf_counter(), process_cpu_s(), process_cpu_s(pid)
+        total = sum(await asyncio.gather(*(one() for _ in range(streams))))
+        t1, c1, r1 = time.perf_counter(), process_cpu_s(), process_cpu_s(pid)
+        return {"streams": streams, "tokens_per_item": per, "sleep_ms": sleep_s * 1e3, "items": total,
+                "wall_us_per_item": (t1 - t0) / total * 1e6, "consumer_cpu_us_per_item": (c1 - c0) / total * 1e6,
+                "replica_cpu_us_per_item": (r1 - r0) / total * 1e6}
+
+    try:
+        cases = [(1, 1, 0.0), (16, 1, 0.0), (16, 8, 0.0), (16, 1, 0.02)]
+        return [asyncio.run(run(*case)) for case in cases]
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
 # ------------------------------------------------------------------------------------------------ main
 def _row(label: str, s: dict[str, Any]) -> str:
+    cpu = s.get("cpu_ms_per_request") or {}
     return (f"| {label} | {s['requests']} | {s['errors']} | {s['req_per_s']:.1f} | {s['output_tok_per_s']:.0f} | "
             f"{s['ttft_ms']['p50']:.1f} / {s['ttft_ms']['p90']:.1f} / {s['ttft_ms']['p99']:.1f} | "
             f"{s['itl_ms']['p50']:.2f} / {s['itl_ms']['p99']:.2f} | "
-            f"{s['e2e_ms']['p50']:.0f} / {s['e2e_ms']['p99']:.0f} |")
+            f"{s['e2e_ms']['p50']:.0f} / {s['e2e_ms']['p99']:.0f} | "
+            f"{cpu.get('server', float('nan')):.2f} / {cpu.get('client', float('nan')):.2f} |")
+
+
+def _paths(target: Any, level: int, n: int, args: argparse.Namespace, token: str | None, stagger: float,
+           seed: int) -> dict[str, Callable[[], Awaitable[tuple[list[Record], float] | None]]]:
+    """One round's runs (different prompts of the same shape: no prefix-cache help for any)."""
+    paths: dict[str, Callable[[], Awaitable[tuple[list[Record], float] | None]]] = {
+        "direct": lambda: target.direct(workload(n, args.input_len, seed), level, args.output_len, stagger),
+        "router": lambda: router_level(target.address, workload(n, args.input_len, seed + 1), level,
+                                       args.output_len, token, stagger),
+    }
+    if target.floor_address:
+        paths["grpc floor"] = lambda: router_level(target.floor_address, workload(n, args.input_len, seed + 2),
+                                                   level, args.output_len, None, stagger)
+    return paths
+
+
+async def _measure(fn: Callable[[], Awaitable[tuple[list[Record], float] | None]], router_pid: int | None
+                   ) -> tuple[list[Record], float, dict[str, float]] | None:
+    """Run one path's level; CPU seconds of the server (router) process and of this process meanwhile."""
+    s0 = process_cpu_s(router_pid) if router_pid else None
+    c0 = process_cpu_s()
+    result = await fn()
+    c1 = process_cpu_s()
+    s1 = process_cpu_s(router_pid) if router_pid else None
+    if result is None:
+        return None
+    cpu = {"client": c1 - c0}
+    if s0 is not None and s1 is not None:
+        cpu["server"] = s1 - s0
+    return result[0], result[1], cpu
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--address", default=None, help="a running router HOST:PORT (default: start one locally)")
     p.add_argument("--ray-app", default=None, help="with --address: Serve application to call directly")
+    p.add_argument("--serve", action="store_true", help="start a local Ray + Serve application (target 3)")
+    p.add_argument("--serve-env", action="append", default=[], metavar="KEY=VALUE",
+                   help="--serve --engine scripted: environment of both deployments (e.g. Serve's own flags)")
     p.add_argument("--engine", choices=["tiny", "scripted"], default="tiny", help="local target's engine")
     p.add_argument("--model", default=None, help="checkpoint for --engine tiny (default: written once)")
     p.add_argument("--replicas", type=int, default=1, help="local replicas (default 1)")
     p.add_argument("--step-ms", type=float, default=20.0, help="scripted engine: ms per token (default 20)")
+    p.add_argument("--lockstep", action="store_true",
+                   help="scripted engine: one step clock for all streams, as a batching engine")
+    p.add_argument("--coalesce", action="store_true",
+                   help="scripted engine: tokens fall due on schedule and each item carries all that are due, as "
+                        "ReplicaCore does with the engine's queued outputs (default: one token per item)")
     p.add_argument("--num-blocks", type=int, default=4096, help="KV blocks per local replica")
     p.add_argument("--concurrency", default="1,16,64", help="comma-separated levels (default 1,16,64)")
-    p.add_argument("--num-requests", type=int, default=0, help="requests per level (default: 4 x concurrency, "
-                                                                    ">= 16)")
+    p.add_argument("--num-requests", type=int, default=0, help="requests per path, level and round (default: "
+                                                                    "4 x concurrency, >= 16)")
+    p.add_argument("--rounds", type=int, default=2, help="interleaved rounds per level (default 2)")
+    p.add_argument("--arrival", choices=["steady", "burst"], default="steady",
+                   help="steady: starts spread over one request's duration; burst: all at once")
     p.add_argument("--input-len", type=int, default=64)
     p.add_argument("--output-len", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--warmup", type=int, default=4, help="requests before measuring (default 4)")
     p.add_argument("--json", type=Path, default=None, help="write all figures here")
+    p.add_argument("--micro", action="store_true", help="only the in-process per-request / per-token CPU (target 5)")
+    p.add_argument("--serve-micro", action="store_true", help="only the CPU per streamed Serve item (target 6)")
     args = p.parse_args(argv)
+    if args.serve_micro:
+        rows = serve_micro()
+        print("| streams | token ids / item | items every | items | wall us/item | consumer CPU us/item | "
+              "replica CPU us/item |")
+        print("|---:|---:|---|---:|---:|---:|---:|")
+        for r in rows:
+            cadence = f"{r['sleep_ms']:g} ms" if r["sleep_ms"] else "back to back"
+            print(f"| {r['streams']} | {r['tokens_per_item']} | {cadence} | {r['items']} | "
+                  f"{r['wall_us_per_item']:.0f} | {r['consumer_cpu_us_per_item']:.0f} | "
+                  f"{r['replica_cpu_us_per_item']:.0f} |")
+        if args.json:
+            args.json.write_text(json.dumps(rows, indent=2))
+        return 0
+    if args.micro:
+        figures = micro()
+        print("| path (in process, no gRPC, CPU time) | per request (1 token) us | per extra token us |")
+        print("|---|---:|---:|")
+        for name, v in figures.items():
+            print(f"| {name} | {v['us_per_request']:.0f} | {v['us_per_token']:.1f} |")
+        if args.json:
+            args.json.write_text(json.dumps(figures, indent=2))
+        return 0
     levels = [int(c) for c in args.concurrency.split(",") if c]
     token = os.environ.get("GPTOSS_AUTH_TOKEN") or None
 
+    model = args.model
+    if args.engine == "tiny" and model is None and not args.address:
+        from workers.checkpoint import write_checkpoint
+        from workers.config import ModelConfig
+
+        model = str(DEFAULT_CHECKPOINT)
+        if not (DEFAULT_CHECKPOINT / "config.json").exists():
+            write_checkpoint(ModelConfig.preset("tiny"), DEFAULT_CHECKPOINT, seed=0, progress=False)
+    engine = (f"{args.replicas} {args.engine} replica(s)"
+              + (f" ({args.step_ms:g} ms/token{', lockstep' if args.lockstep else ''}"
+                 f"{', coalescing' if args.coalesce else ''})" if args.engine == "scripted" else " (float32, CPU)"))
     if args.address:
         target: Any = RayTarget(args.address, args.ray_app)
         what = f"cluster at {args.address}"
+    elif args.serve:
+        env = dict(kv.split("=", 1) for kv in args.serve_env)
+        target = ServeTarget(args.engine, model or "", args.replicas, args.step_ms, args.num_blocks, args.lockstep,
+                             args.coalesce, env)
+        what = (f"local Ray Serve: Router deployment + {engine} as ModelReplica deployment(s)"
+                + (f"; deployments' env {env}" if env else ""))
     else:
-        model = args.model
-        if args.engine == "tiny" and model is None:
-            from workers.checkpoint import write_checkpoint
-            from workers.config import ModelConfig
-
-            model = str(DEFAULT_CHECKPOINT)
-            if not (DEFAULT_CHECKPOINT / "config.json").exists():
-                write_checkpoint(ModelConfig.preset("tiny"), DEFAULT_CHECKPOINT, seed=0, progress=False)
-        target = LocalTarget(args.engine, model or "", args.replicas, args.step_ms, args.num_blocks)
-        what = (f"local router + {args.replicas} {args.engine} replica(s)"
-                + (f" ({args.step_ms:g} ms/token)" if args.engine == "scripted" else " (float32, CPU)"))
+        target = LocalTarget(args.engine, model or "", args.replicas, args.step_ms, args.num_blocks, args.lockstep,
+                             args.coalesce)
+        what = f"local router (LocalBackend, one process) + {engine}"
+    freeze_gc()
     results: dict[str, Any] = {"target": what, "input_len": args.input_len, "output_len": args.output_len,
-                               "levels": {}}
-    print(f"# serving benchmark: {what}; prompts {args.input_len} tokens, outputs {args.output_len} tokens")
+                               "arrival": args.arrival, "rounds": args.rounds, "levels": {}}
+    print(f"# serving benchmark: {what}; prompts {args.input_len} tokens, outputs {args.output_len} tokens; "
+          f"{args.arrival} arrivals; {args.rounds} interleaved rounds per level")
     print("| path @ concurrency | requests | errors | req/s | out tok/s | TTFT p50 / p90 / p99 ms | "
-          "ITL p50 / p99 ms | E2E p50 / p99 ms |")
-    print("|---|---:|---:|---:|---:|---|---|---|")
+          "ITL p50 / p99 ms | E2E p50 / p99 ms | CPU ms/request: router process / client |")
+    print("|---|---:|---:|---:|---:|---|---|---|---|")
 
     async def sweep() -> None:
         warm = workload(args.warmup, args.input_len, args.seed + 99)
+        request_s = 0.0
         if warm:
             await router_level(target.address, warm, len(warm), args.output_len, token)
-            await target.direct(warm, len(warm), args.output_len)
+            direct = await target.direct(warm, 1, args.output_len, 0.0)
+            if direct is not None:
+                request_s = statistics.median(r.times[-1] - r.start for r in direct[0] if r.times)
         for level in levels:
             n = args.num_requests or max(16, 4 * level)
-            prompts = workload(n, args.input_len, args.seed + level)
-            direct = await target.direct(prompts, level, args.output_len)
-            router = await router_level(target.address, prompts, level, args.output_len, token)
-            entry: dict[str, Any] = {"router": router}
+            stagger = request_s if args.arrival == "steady" else 0.0
+            pooled: dict[str, list[Any]] = {}
+            for rnd in range(args.rounds):
+                runs = _paths(target, level, n, args, token, stagger, args.seed + 1000 * level + 10 * rnd)
+                order = list(runs)
+                for name in (order if rnd % 2 == 0 else order[::-1]):  # interleaved, alternating order
+                    got = await _measure(runs[name], target.router_pid)
+                    if got is None:
+                        continue
+                    records, wall, cpu = got
+                    pool = pooled.setdefault(name, [[], 0.0, {}])
+                    pool[0].extend(records)
+                    pool[1] += wall
+                    for k, v in cpu.items():
+                        pool[2][k] = pool[2].get(k, 0.0) + v
+            entry: dict[str, Any] = {}
+            for name, (records, wall, cpu) in pooled.items():
+                if records:
+                    entry[name] = summarize(records, wall, cpu)
+            router, direct = entry["router"], entry.get("direct")
             if direct is not None:
-                entry["direct"] = direct
                 entry["added_ms"] = {k: {q: router[k][q] - direct[k][q] for q in ("p50", "p90", "p99")}
                                      for k in ("ttft_ms", "itl_ms", "e2e_ms")}
+                rc, dc = router["cpu_ms_per_request"], direct["cpu_ms_per_request"]
+                if "server" in rc and "server" in dc:
+                    entry["router_cpu_ms_per_request"] = rc["server"] - dc["server"]
                 print(_row(f"direct @ {level}", direct))
+            floor = entry.get("grpc floor")
+            if floor is not None:
+                entry["router_over_floor_ms"] = {k: {q: router[k][q] - floor[k][q] for q in ("p50", "p90", "p99")}
+                                                 for k in ("ttft_ms", "itl_ms", "e2e_ms")}
+                print(_row(f"gRPC floor @ {level}", floor))
             print(_row(f"router @ {level}", router))
             if direct is not None:
                 a = entry["added_ms"]["ttft_ms"]
+                cpu_text = ""
+                if "router_cpu_ms_per_request" in entry:
+                    own = entry["router_cpu_ms_per_request"]
+                    cpu_text = (f"router's own CPU {own:.2f} ms/request ({own * 1e3 / args.output_len:.0f} us per "
+                                f"output token, all included)")
                 print(f"| router added TTFT @ {level} | | | | | {a['p50']:+.2f} / {a['p90']:+.2f} / "
-                      f"{a['p99']:+.2f} | | |")
+                      f"{a['p99']:+.2f} | {entry['added_ms']['itl_ms']['p50']:+.2f} / "
+                      f"{entry['added_ms']['itl_ms']['p99']:+.2f} | | {cpu_text} |")
+            if floor is not None:
+                f = entry["router_over_floor_ms"]["ttft_ms"]
+                own = router["cpu_ms_per_request"].get("server", 0.0) - floor["cpu_ms_per_request"].get("server", 0.0)
+                print(f"| router over gRPC floor, TTFT @ {level} | | | | | {f['p50']:+.2f} / {f['p90']:+.2f} / "
+                      f"{f['p99']:+.2f} | | | router code's CPU {own:.2f} ms/request |")
+            sys.stdout.flush()
             results["levels"][str(level)] = entry
 
     try:

@@ -129,6 +129,28 @@ def _logprobs(items: Any) -> list[dict[str, Any]] | None:
             for lp in items]
 
 
+def _has_ready(stream: Any) -> bool:
+    """Whether the engine's request stream already holds its next output, so that taking it does not wait.
+    (`workers.engine.RequestStream` keeps its outputs in an asyncio.Queue; a stream without one never coalesces.)"""
+    queue = getattr(stream, "_queue", None)
+    return queue is not None and not queue.empty()
+
+
+def _item(outs: list[Any]) -> dict[str, Any]:
+    """Engine outputs of one request, oldest first -> one streaming item (token ids and logprobs concatenated,
+    finish / stop / usage from the last)."""
+    last = outs[-1]
+    if len(outs) == 1:
+        token_ids, logprobs = list(last.new_token_ids), _logprobs(last.logprobs)
+    else:
+        token_ids = [t for out in outs for t in out.new_token_ids]
+        logprobs = None if all(out.logprobs is None for out in outs) else \
+            [lp for out in outs for lp in (_logprobs(out.logprobs) or ())]
+    usage = last.usage if last.finished else None
+    return {"token_ids": token_ids, "logprobs": logprobs, "finish_reason": last.finish_reason,
+            "stop_reason": last.stop_reason, "usage": dataclasses.asdict(usage) if usage is not None else None}
+
+
 def _error(code: str, message: str) -> dict[str, Any]:
     return {"error": {"code": code, "message": message}}
 
@@ -260,14 +282,19 @@ class ReplicaCore:
         self._idle.clear()
         self._outstanding[request_id] = len(prompt) + int(sampling.get("max_tokens") or 16)
         finished = False
+        # one timer for the deadline, in this task (asyncio.wait_for would start a task per token)
+        loop_deadline = None if deadline is None else asyncio.get_running_loop().time() + (deadline - time.time())
         try:
             while True:
-                timeout = None if deadline is None else deadline - time.time()
-                if timeout is not None and timeout <= 0:
+                if loop_deadline is not None and asyncio.get_running_loop().time() >= loop_deadline:
                     yield _error("DEADLINE_EXCEEDED", "the deadline passed on the replica")
                     return
                 try:
-                    out = await (anext(stream) if timeout is None else asyncio.wait_for(anext(stream), timeout))
+                    if loop_deadline is None:
+                        outs = [await anext(stream)]
+                    else:
+                        async with asyncio.timeout_at(loop_deadline):
+                            outs = [await anext(stream)]
                 except TimeoutError:
                     yield _error("DEADLINE_EXCEEDED", "the deadline passed on the replica")
                     return
@@ -279,21 +306,30 @@ class ReplicaCore:
                     self.health_error = str(exc)
                     yield _error("UNAVAILABLE", f"replica {self.label} failed: {exc}")
                     return
-                n = len(out.new_token_ids)
+                # Coalesce: every output the engine already queued for this request goes out in this one item
+                # (each item costs a Serve/Ray message; a consumer that fell behind catches up in one). Nothing
+                # waits for more, so the first token and a consumer that keeps up see no delay.
+                failed: RuntimeError | None = None
+                while not outs[-1].finished and _has_ready(stream):
+                    try:
+                        outs.append(await anext(stream))  # returns at once: the output is queued
+                    except RuntimeError as exc:
+                        failed = exc
+                        break
+                item = _item(outs)
+                n = len(item["token_ids"])
                 self.tokens_total += n
                 if request_id in self._outstanding:
                     self._outstanding[request_id] = max(0, self._outstanding[request_id] - n)
-                if out.finished:
+                if outs[-1].finished:
                     finished = True
-                usage = out.usage if out.finished else None
-                yield {
-                    "token_ids": list(out.new_token_ids),
-                    "logprobs": _logprobs(out.logprobs),
-                    "finish_reason": out.finish_reason,
-                    "stop_reason": out.stop_reason,
-                    "usage": dataclasses.asdict(usage) if usage is not None else None,
-                }
-                if out.finished:
+                yield item
+                if finished:
+                    return
+                if failed is not None:
+                    finished = True
+                    self.health_error = str(failed)
+                    yield _error("UNAVAILABLE", f"replica {self.label} failed: {failed}")
                     return
         finally:
             if not finished:

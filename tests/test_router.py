@@ -8,6 +8,7 @@ message size limits, metrics, and the retry on another replica before the first 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
 import time
@@ -549,3 +550,39 @@ async def _stop_background(core):
     task, core._stats_task = core._stats_task, None
     if task is not None:
         task.cancel()
+
+
+# ------------------------------------------------------------------------------------------------ replica coalescing
+async def _replica_items(core, request, hold_after_first: bool):
+    """The replica's items for `request`; with `hold_after_first`, stop reading after the first token until the
+    engine has finished the request (a consumer that fell behind: every other output is queued by then)."""
+    items = []
+    async for item in core.generate(request):
+        items.append(item)
+        if hold_after_first and len(items) == 2:
+            deadline = time.monotonic() + 120
+            while core.engine.has_unfinished_requests():
+                assert time.monotonic() < deadline, "the engine did not finish the request"
+                await asyncio.sleep(0.01)
+    return items
+
+
+def test_replica_coalesces_queued_outputs_into_one_item(tiny):
+    """The first token goes out on its own; whatever queued up behind a slow consumer goes out as one item, with
+    the same tokens, logprobs, finish reason and usage as one item per token."""
+    core = tiny["cores"][0]
+
+    def request(rid):
+        return {"request_id": rid, "prompt_token_ids": [5, 6, 7] * 7,
+                "sampling": {"max_tokens": 12, "ignore_eos": True, "temperature": 0.0, "logprobs": 1}}
+
+    steady = tiny["st"].run(_replica_items(core, request("steady"), False))
+    held = tiny["st"].run(_replica_items(core, request("held"), True))
+    assert steady[0]["accepted"] and held[0]["accepted"]
+    assert [len(i["token_ids"]) for i in held[1:]] == [1, 11]
+    tokens = [t for i in steady[1:] for t in i["token_ids"]]
+    assert [t for i in held[1:] for t in i["token_ids"]] == tokens and len(tokens) == 12
+    assert [lp["token_id"] for i in held[1:] for lp in i["logprobs"]] == tokens
+    assert held[-1]["finish_reason"] == steady[-1]["finish_reason"] == "length"
+    assert held[-1]["usage"]["completion_tokens"] == 12 and held[1]["usage"] is None
+    assert all(i["finish_reason"] is None for i in held[1:-1])

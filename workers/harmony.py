@@ -21,6 +21,7 @@ import operator
 import os
 import re
 import tempfile
+import weakref
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -271,6 +272,19 @@ def get_tokenizer() -> Tokenizer:
     return Tokenizer()
 
 
+# What each token decodes to and whether it is special, per tokenizer: the router detokenizes every streamed token,
+# and a dict lookup costs a fraction of a call into harmony (the decoding of a token never changes).
+_TOKEN_CACHES: weakref.WeakKeyDictionary[Tokenizer, tuple[dict[int, bytes], dict[int, bool]]] = \
+    weakref.WeakKeyDictionary()
+
+
+def _token_caches(tokenizer: Tokenizer) -> tuple[dict[int, bytes], dict[int, bool]]:
+    caches = _TOKEN_CACHES.get(tokenizer)
+    if caches is None:
+        caches = _TOKEN_CACHES[tokenizer] = ({}, {})
+    return caches
+
+
 class IncrementalDetokenizer:
     """Turns a stream of token ids into text deltas, holding back bytes of a UTF-8 character split across tokens.
 
@@ -282,16 +296,39 @@ class IncrementalDetokenizer:
         self._tok = tokenizer if tokenizer is not None else get_tokenizer()
         self._skip_special = skip_special_tokens
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._bytes, self._special = _token_caches(self._tok)
+
+    def _token_bytes(self, token_id: int) -> bytes:
+        data = self._bytes.get(token_id)
+        if data is None:  # first sight of this id: decode_bytes validates it (range) before it is cached
+            data = self._bytes[token_id] = self._tok.decode_bytes([token_id])
+        return data
+
+    def _is_special(self, token_id: int) -> bool:
+        special = self._special.get(token_id)
+        if special is None:
+            special = self._special[token_id] = self._tok.is_special(token_id)
+        return special
 
     def add(self, ids: int | Sequence[int]) -> str:
         """Append one id or a chunk of ids; returns the newly completed text (possibly "")."""
-        try:
-            token_ids = [operator.index(ids)]  # a single id (int, numpy/torch integer scalar)
-        except TypeError:
-            token_ids = list(ids)
+        token_ids: Sequence[int]
+        if type(ids) is int:  # the streaming cases first: one plain id, a list of them
+            token_ids = (ids,)
+        elif type(ids) is list and all(type(i) is int for i in ids):
+            token_ids = ids
+        else:
+            try:
+                token_ids = [operator.index(ids)]  # a single id (numpy/torch integer scalar)
+            except TypeError:
+                token_ids = _as_token_ids(ids, MODEL_VOCAB_SIZE)
         if self._skip_special:
-            token_ids = [i for i in token_ids if not self._tok.is_special(i)]
-        return self._decoder.decode(self._tok.decode_bytes(token_ids), final=False)
+            token_ids = [i for i in token_ids if not self._is_special(i)]
+        if len(token_ids) == 1:
+            data = self._token_bytes(token_ids[0])
+        else:
+            data = b"".join([self._token_bytes(i) for i in token_ids])
+        return self._decoder.decode(data, final=False)
 
     def flush(self) -> str:
         out = self._decoder.decode(b"", final=True)
@@ -719,6 +756,10 @@ class HarmonyStreamParser:
         self._text: list[str] = []  # deltas of the current message
         self._messages: list[ParsedMessage] = []
         self._finished = False
+        self._special = _token_caches(self._tok)[1]
+        # The cleaned header of the content being parsed: only a special token (<|message|>, <|end|>, ...) can
+        # change it, so it is read from the parser once per message rather than once per token.
+        self._header: tuple[str | None, str | None, str | None] | None = None
 
     @property
     def messages(self) -> list[ParsedMessage]:
@@ -729,9 +770,16 @@ class HarmonyStreamParser:
         """Process one generated token; returns the resulting events (usually zero or one)."""
         if self._finished:
             raise ValueError("feed() after finish()")
-        (tid,) = _as_token_ids([token_id], MODEL_VOCAB_SIZE)
-        special = self._tok.encoding.is_special_token(tid)
+        if type(token_id) is int and 0 <= token_id < MODEL_VOCAB_SIZE:
+            tid = token_id
+        else:
+            (tid,) = _as_token_ids([token_id], MODEL_VOCAB_SIZE)
+        special = self._special.get(tid)
+        if special is None:
+            special = self._special[tid] = self._tok.encoding.is_special_token(tid)
         was_content = special and self._parser.state == StreamState.CONTENT
+        if special:
+            self._header = None
         try:
             self._parser.process(tid)
         except HarmonyError as e:
@@ -740,9 +788,11 @@ class HarmonyStreamParser:
         delta = self._parser.last_content_delta
         # A special token inside content is a model glitch, not text: never forward its spelling.
         if delta and not special:
-            header = _clean_message_header(
-                self._parser.current_channel, self._parser.current_recipient, self._parser.current_content_type
-            )
+            header = self._header
+            if header is None:
+                header = self._header = _clean_message_header(
+                    self._parser.current_channel, self._parser.current_recipient, self._parser.current_content_type
+                )
             self._text.append(delta)
             events.append(StreamEvent(*header, delta, self._index))
         if was_content and tid in _MESSAGE_END_IDS:

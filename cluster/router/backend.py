@@ -17,7 +17,7 @@ from __future__ import annotations
 import abc
 import asyncio
 import contextlib
-import uuid
+import itertools
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
@@ -56,6 +56,7 @@ class LocalBackend(Backend):
         block = self.cores[0].model_info()["kv_block_size"] if self.cores else 16
         self.policy = policy or AffinityPolicy(block_size=block)
         self.failing: set[str] = set()  # replica ids whose next stream fails (tests of the retry path)
+        self._keys = itertools.count()  # the policy's key of each routed request (unique in this backend)
 
     def _choose(self, request: dict[str, Any]) -> Any:
         by_id = {c.replica_id: c for c in self.cores if c.state == "RUNNING"}
@@ -69,7 +70,7 @@ class LocalBackend(Backend):
 
     async def stream(self, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         core, hashes = self._choose(request)
-        key = uuid.uuid4().hex
+        key = f"local-{next(self._keys)}"
         prompt = request.get("prompt_token_ids") or []
         self.policy.routed(key, core.replica_id, hashes,
                            len(prompt) + int((request.get("sampling") or {}).get("max_tokens") or 0))

@@ -82,6 +82,11 @@ class TextStream:
     def feed(self, token_ids: Sequence[int], *, drop_last: bool = False) -> tuple[list[int], str]:
         """New tokens -> (the tokens that count, their text). `drop_last`: the last token is the stop token that
         ended generation (its id is reported, its text is not). After a stop string, nothing counts any more."""
+        if not self._stop.stops:  # nothing can end the text early: every token counts, one detokenizer call
+            kept = list(token_ids)
+            self.num_tokens += len(kept)
+            spoken = kept[:-1] if drop_last else kept
+            return kept, self._detok.add(spoken) if spoken else ""
         kept: list[int] = []
         text = []
         for i, token in enumerate(token_ids):

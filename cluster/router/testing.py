@@ -7,12 +7,19 @@
 `ScriptedReplica` follows the replica streaming contract of `cluster.replica` (so `LocalBackend` can drive it):
 it replays a fixed token sequence (or a function of the request), one token per `step_s`, and records what it was
 asked for, so tests can force exact harmony sequences (tool calls, channels) and benchmarks can measure the
-router's own overhead.
+router's own overhead. With `lockstep=True` every stream waits for the same step clock, as in an engine that batches
+all running requests into one step (a token for every stream at once, every `step_s`); otherwise each stream keeps
+its own cadence. With `coalesce=True` tokens fall due on that schedule whether or not the consumer is reading, and
+each item carries every token due by the time it is sent, as `cluster.replica.ReplicaCore` does with the engine's
+queued outputs (a consumer that falls behind gets fewer, larger items); otherwise one token per item.
+`ScriptedReplicaImpl` wraps one as the body of a Serve deployment with ModelReplica's methods, so the whole Serve
+path (Router deployment, handle, request router) can run without a model.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 import time
 import uuid
@@ -21,7 +28,7 @@ from typing import Any
 
 from workers.harmony import RETURN_ID
 
-__all__ = ["ScriptedReplica", "ServerThread"]
+__all__ = ["ScriptedReplica", "ScriptedReplicaImpl", "ServerThread"]
 
 
 class ScriptedReplica:
@@ -30,9 +37,13 @@ class ScriptedReplica:
     def __init__(self, tokens: Sequence[int] | Callable[[dict[str, Any]], Sequence[int]] = (), *,
                  step_s: float = 0.0, replica_id: str | None = None, vocab_size: int = 201088,
                  context_length: int = 4096, max_ongoing_requests: int = 256, state: str = "RUNNING",
-                 kv_blocks: int = 256, block_size: int = 16) -> None:
+                 kv_blocks: int = 256, block_size: int = 16, lockstep: bool = False,
+                 coalesce: bool = False) -> None:
         self.tokens = tokens
         self.step_s = step_s
+        self.lockstep = lockstep
+        self.coalesce = coalesce
+        self._tick: asyncio.Future[None] | None = None  # lockstep: resolved at the next step of the clock
         self.replica_id = replica_id or f"scripted#{uuid.uuid4().hex[:8]}"
         self.vocab_size = vocab_size
         self.context_length = context_length
@@ -45,6 +56,19 @@ class ScriptedReplica:
         self.aborted: list[str] = []
         self.requests_total = 0
         self.tokens_total = 0
+
+    async def _step(self) -> None:
+        """Wait one step: `step_s` from now, or (lockstep) until the replica's next step, shared by all streams."""
+        if not self.lockstep:
+            await asyncio.sleep(self.step_s)
+            return
+        tick = self._tick
+        if tick is None or tick.done():
+            loop = asyncio.get_running_loop()
+            tick = self._tick = loop.create_future()
+            now = loop.time()
+            loop.call_at(now + self.step_s - now % self.step_s, _resolve, tick)
+        await asyncio.shield(tick)  # one stream cancelled must not cancel the others' step
 
     def _script(self, request: dict[str, Any]) -> list[int]:
         tokens = self.tokens(request) if callable(self.tokens) else self.tokens
@@ -67,22 +91,40 @@ class ScriptedReplica:
         self.started.append(dict(request))
         self.live[rid] = -(-(len(prompt) + max_tokens) // self.block_size)
         done = False
+        loop = asyncio.get_running_loop()
+        # when token k is due: every step_s from now, or (lockstep) from the clock's next step
+        first = loop.time() + (self.step_s - loop.time() % self.step_s if self.lockstep and self.step_s
+                               else self.step_s)
         try:
-            for i in range(max_tokens):
+            i = 0
+            while i < max_tokens:
                 if deadline is not None and time.time() >= deadline:
                     yield {"error": {"code": "DEADLINE_EXCEEDED", "message": "the deadline passed on the replica"}}
                     done = True
                     return
-                if self.step_s:
-                    await asyncio.sleep(self.step_s)
-                token = script[i % len(script)] if script else 1000 + i
-                self.tokens_total += 1
-                stop = token in eos and not ignore_eos
-                last = stop or i == max_tokens - 1
-                yield {"token_ids": [token], "logprobs": None,
+                n = 1
+                if self.step_s and self.coalesce:
+                    delay = first + i * self.step_s - loop.time()
+                    if delay > 0:
+                        await asyncio.sleep(delay)
+                    n = max(1, min(max_tokens, int((loop.time() - first) / self.step_s) + 1) - i)
+                elif self.step_s:
+                    await self._step()
+                tokens: list[int] = []
+                stop = last = False
+                for k in range(i, i + n):
+                    token = script[k % len(script)] if script else 1000 + k
+                    tokens.append(token)
+                    stop = token in eos and not ignore_eos
+                    last = stop or k == max_tokens - 1
+                    if last:
+                        break
+                i += len(tokens)
+                self.tokens_total += len(tokens)
+                yield {"token_ids": tokens, "logprobs": None,
                        "finish_reason": ("stop" if stop else "length") if last else None,
-                       "stop_reason": token if stop else None,
-                       "usage": {"prompt_tokens": len(prompt), "completion_tokens": i + 1,
+                       "stop_reason": tokens[-1] if stop else None,
+                       "usage": {"prompt_tokens": len(prompt), "completion_tokens": i,
                                  "cached_prompt_tokens": 0} if last else None}
                 if last:
                     done = True
@@ -111,6 +153,42 @@ class ScriptedReplica:
 
     async def shutdown(self) -> None:
         return None
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+class ScriptedReplicaImpl:
+    """Body of a Serve deployment standing in for ModelReplica (same methods as `cluster.replica.ModelReplicaImpl`)
+    around a `ScriptedReplica(**options)`: the Router deployment, its handle and the request router all run for
+    real, only the engine is scripted."""
+
+    def __init__(self, options: dict[str, Any]) -> None:
+        from ray import serve
+
+        replica_id = serve.get_replica_context().replica_id.to_full_id_str()
+        self.core = ScriptedReplica(**{**options, "replica_id": replica_id})
+
+    async def generate(self, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        async for item in self.core.generate(request):
+            yield item
+
+    async def abort(self, request_id: str) -> bool:
+        return self.core.abort(request_id)
+
+    async def stats(self) -> dict[str, Any]:
+        return {**self.core.stats(), "pid": os.getpid()}
+
+    async def model_info(self) -> dict[str, Any]:
+        return self.core.model_info()
+
+    async def check_health(self) -> None:
+        return None
+
+    async def record_routing_stats(self) -> dict[str, Any]:
+        return {"outstanding_tokens": 0, "state": self.core.state}
 
 
 class ServerThread:
