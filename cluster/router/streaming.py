@@ -135,7 +135,11 @@ class ChatStream:
         self._min_tokens = min_tokens
         self._pending: list[int] = []  # token ids not yet attached to an emitted delta
         self._calls: dict[int, int] = {}  # message index -> tool-call index
-        self._message_tokens = 0  # tokens of the message being parsed
+        # reasoning tokens are the analysis bodies (between <|message|> and <|end|>), as max_reasoning_tokens counts
+        self._message_id = self._tok.token_id("<|message|>")
+        self._body_ends = {self._tok.token_id(t) for t in ("<|end|>", "<|return|>", "<|call|>")}
+        self._in_body = False
+        self._body_tokens = 0
         self.num_tokens = 0
         self.reasoning_tokens = 0
         self.tool_calls: list[dict[str, Any]] = []  # [{"id", "name", "arguments", "channel"}]
@@ -152,7 +156,12 @@ class ChatStream:
                 break
             self._pending.append(token)
             self.num_tokens += 1
-            self._message_tokens += 1
+            if token == self._message_id:
+                self._in_body, self._body_tokens = True, 0
+            elif token in self._body_ends:
+                self._in_body = False
+            elif self._in_body:
+                self._body_tokens += 1
             if self._parser is not None:
                 try:
                     events = self._parser.feed(token)
@@ -203,8 +212,8 @@ class ChatStream:
         if event.done:
             message = event.message
             if message is not None and message.channel == "analysis":
-                self.reasoning_tokens += self._message_tokens
-            self._message_tokens = 0
+                self.reasoning_tokens += self._body_tokens
+            self._body_tokens = 0
             if event.is_tool_call and index not in self._calls:  # a call with no argument text at all
                 return [self._call_delta(index, event.channel, event.recipient, "")]
             return []
