@@ -84,9 +84,7 @@ def build_app(server: GptossServer) -> FastAPI:
         render = ChatCompletion(server.model_name, tokenizer, logprobs=bool(body.logprobs),
                                 include_usage=body.include_usage)
         events = server.chat_events(convert.chat_request(body), protocol="http")
-        if body.stream:
-            return await _stream(request, events, render.stream)
-        return JSONResponse(await _until_disconnect(request, render.collect(events)))
+        return await _answer(request, events, render, body.stream)
 
     @app.post("/v1/responses")
     async def responses(body: convert.ResponsesRequest, request: Request) -> Response:
@@ -98,9 +96,7 @@ def build_app(server: GptossServer) -> FastAPI:
             "temperature": body.temperature, "top_p": body.top_p, "max_output_tokens": body.max_output_tokens,
             "reasoning": {"effort": (body.reasoning or {}).get("effort"), "summary": None}, "text": text})
         events = server.chat_events(request_message, protocol="http")
-        if body.stream:
-            return await _stream(request, events, render.stream)
-        return JSONResponse(await _until_disconnect(request, render.collect(events)))
+        return await _answer(request, events, render, body.stream)
 
     @app.post("/v1/completions")
     async def completions(body: convert.CompletionRequest, request: Request) -> Response:
@@ -108,9 +104,7 @@ def build_app(server: GptossServer) -> FastAPI:
         render = TextCompletion(server.model_name, tokenizer, logprobs=body.logprobs is not None,
                                 include_usage=body.include_usage)
         events = server.generate_events(convert.completion_request(body), protocol="http")
-        if body.stream:
-            return await _stream(request, events, render.stream)
-        return JSONResponse(await _until_disconnect(request, render.collect(events)))
+        return await _answer(request, events, render, body.stream)
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
@@ -207,6 +201,13 @@ class _EventStream(StreamingResponse):
             # Starlette stops iterating when the client goes away but leaves the generator to the garbage collector;
             # closing it now cancels the replica request at once.
             await self.body_iterator.aclose()  # type: ignore[union-attr]
+
+
+async def _answer(request: Request, events: AsyncIterator[Any], render: Any, stream: bool | None) -> Response:
+    """Server-sent events, or the whole answer once done (either way cancelled if the client goes away)."""
+    if stream:
+        return await _stream(request, events, render.stream)
+    return JSONResponse(await _until_disconnect(request, render.collect(events)))
 
 
 async def _stream(request: Request, events: AsyncIterator[Any],
