@@ -205,28 +205,21 @@ def validate(c: AppConfig) -> AppConfig:
         fail("http_port", f"must differ from grpc_port ({c.grpc_port}); 0 turns the HTTP server off")
     if not isinstance(c.auth_token_env, str):
         fail("auth_token_env", "must be a string (the name of an environment variable)")
-    if not isinstance(c.engine, Mapping):
-        fail("engine", "must be a mapping of EngineConfig fields")
-    for key in c.engine:
-        if key not in ENGINE_KEYS:
-            fail(f"engine.{key}", f"unknown key; known: {', '.join(sorted(ENGINE_KEYS))}")
-    try:
-        from workers.engine.config import EngineConfig
+    from workers.engine.config import EngineConfig
+    from workers.sampling import SamplingParams
 
-        EngineConfig(**c.engine)
-    except (TypeError, ValueError) as exc:
-        fail("engine", str(exc))
-    if not isinstance(c.sampling_defaults, Mapping):
-        fail("sampling_defaults", "must be a mapping of SamplingParams fields")
-    for key in c.sampling_defaults:
-        if key not in SAMPLING_KEYS:
-            fail(f"sampling_defaults.{key}", f"unknown key; known: {', '.join(sorted(SAMPLING_KEYS))}")
-    try:
-        from workers.sampling import SamplingParams
-
-        SamplingParams(**c.sampling_defaults)
-    except (TypeError, ValueError) as exc:
-        fail("sampling_defaults", str(exc))
+    for name, known, cls in (("engine", ENGINE_KEYS, EngineConfig),
+                             ("sampling_defaults", SAMPLING_KEYS, SamplingParams)):
+        fields = getattr(c, name)
+        if not isinstance(fields, Mapping):
+            fail(name, f"must be a mapping of {cls.__name__} fields")
+        for key in fields:
+            if key not in known:
+                fail(f"{name}.{key}", f"unknown key; known: {', '.join(sorted(known))}")
+        try:
+            cls(**fields)  # the dataclass's own checks, so the message matches what the replica would say
+        except (TypeError, ValueError) as exc:
+            fail(name, str(exc))
     if c.default_reasoning_effort not in EFFORTS:
         fail("default_reasoning_effort", f"must be one of {EFFORTS}, got {c.default_reasoning_effort!r}")
     for key in ("replica_cpus", "shard_cpus"):
