@@ -335,7 +335,7 @@ class RayTarget:
             from workers.engine.ray_executor import connect_ray
 
             connect_ray(os.environ.get("RAY_ADDRESS") or "auto")  # keeps a loopback address on loopback
-            self.handle = serve.get_deployment_handle("ModelReplica", app_name=app).options(stream=True)
+            self.handle = serve.get_deployment_handle("ModelReplica", app_name=app)
             self._find_router(app)
 
     def _find_router(self, app: str) -> None:
@@ -353,15 +353,23 @@ class RayTarget:
                      stagger_s: float) -> tuple[list[Record], float] | None:
         if self.handle is None:
             return None
-        handle = self.handle
+        from cluster.router.backend import ServeBackend
+
+        # the router's own replica transport (per-request call + multiplexed token channel), without the router
+        backend = ServeBackend(self.handle)
 
         async def send(prompt: list[int], record: Record) -> None:
-            async for item in handle.generate.remote(_engine_request(prompt, output_len)):
+            async for item in backend.stream(_engine_request(prompt, output_len)):
                 if "error" in item:
                     raise RuntimeError(item["error"]["message"])
                 record.got(len(item.get("token_ids") or ()))
+                if item.get("finish_reason"):
+                    return
 
-        return await run_level(send, prompts, concurrency, stagger_s)
+        try:
+            return await run_level(send, prompts, concurrency, stagger_s)
+        finally:
+            await backend.close()
 
     def close(self) -> None:
         return None
@@ -405,7 +413,7 @@ class ServeTarget(RayTarget):
             app = build_application(_tiny_config(model, replicas, port, num_blocks))
         serve.run(app, name=APP, route_prefix=None)
         super().__init__(f"127.0.0.1:{port}", None)
-        self.handle = serve.get_deployment_handle("ModelReplica", app_name=APP).options(stream=True)
+        self.handle = serve.get_deployment_handle("ModelReplica", app_name=APP)
         self._find_router(APP)
         deadline = time.monotonic() + 120
         router = serve.get_deployment_handle("Router", app_name=APP)

@@ -299,6 +299,12 @@ def router_settings(config: AppConfig) -> dict[str, Any]:
     ).to_dict()
 
 
+def replica_max_ongoing(config: AppConfig) -> int:
+    """ModelReplica's Serve `max_ongoing_requests`: the requests it takes, plus one slot per Router replica for that
+    router's token channel (a long-lived call; see cluster.replica.TokenChannels)."""
+    return config.max_ongoing_requests + config.router_replicas
+
+
 def build_application(config: AppConfig) -> Any:
     """The bound Serve application (Router -> ModelReplica) for a validated AppConfig."""
     from ray import serve
@@ -316,7 +322,7 @@ def build_application(config: AppConfig) -> Any:
                                if config.autoscaling_config is not None else {"num_replicas": config.replicas})
     model_replica = serve.deployment(
         name=MODEL_REPLICA,
-        max_ongoing_requests=config.max_ongoing_requests,
+        max_ongoing_requests=replica_max_ongoing(config),
         ray_actor_options=actor,
         placement_group_bundles=bundles,
         placement_group_strategy=config.placement_strategy,
@@ -362,7 +368,7 @@ def app_config(config: AppConfig, *, app_name: str = APP_NAME, env_vars: Mapping
     bundles, actor = placement(config, device)
     args = config.chart_args()
     args["device"] = device
-    replica: dict[str, Any] = {"name": MODEL_REPLICA, "max_ongoing_requests": config.max_ongoing_requests,
+    replica: dict[str, Any] = {"name": MODEL_REPLICA, "max_ongoing_requests": replica_max_ongoing(config),
                                "ray_actor_options": actor, "placement_group_bundles": bundles,
                                "placement_group_strategy": config.placement_strategy}
     if config.autoscaling_config is not None:

@@ -17,6 +17,10 @@ The streaming contract (`generate(request)` yields dicts):
 
 The caller going away (asyncio.CancelledError / GeneratorExit in the generator) or the deadline passing aborts the
 engine request at once, which returns its KV blocks to the pool.
+
+The router does not stream these events per request through Serve: `TokenChannels` (below) sends a request's
+"accepted" as the answer to its own call (`submit`) and everything after it on the router's multiplexed token
+channel (`channel`), one Serve item per engine step for all of the router's requests on this replica.
 """
 
 from __future__ import annotations
@@ -376,8 +380,136 @@ class ReplicaCore:
         }
 
 
+# ================================================================================================ token channel
+class TokenChannels:
+    """The replica's half of the multiplexed token channel (the router's half is `cluster.router.backend.ServeBackend`).
+
+    A Serve streamed item costs about a millisecond of CPU on each side whatever it carries, so one item per token
+    per request caps a router at ~1,000 tokens/s. Instead each request's own Serve call (`submit`) yields only
+    {"accepted"} and stays open until the request ends (so Serve's routing, ongoing-request counts, autoscaling and
+    cancellation work as for any call), while its deltas go to an outbox per router; one long-lived Serve call per
+    router and replica (`channel`) carries whatever the outbox holds as one item, `[(channel_key, item), ...]`:
+    one item per engine step for all of that router's requests, fewer when the router falls behind.
+
+    The outbox outlives channel reconnects: deltas wait in it until the router's channel (opened when its first
+    request is accepted here) takes them. A channel with nothing to carry closes after `idle_close_s`, so that a
+    replica being scaled down is not held by its channels; the router reopens it with its next request here.
+    """
+
+    def __init__(self, replica_id: str, *, idle_close_s: float = 2.0, orphan_timeout_s: float = 60.0) -> None:
+        self.replica_id = replica_id
+        self.idle_close_s = idle_close_s
+        self.orphan_timeout_s = orphan_timeout_s
+        self._outboxes: dict[str, _Outbox] = {}  # router id -> its outbox
+        self.batches_sent = 0  # Serve items sent on channels (empty "open" items not counted)
+        self.deltas_sent = 0  # request deltas they carried
+
+    def _outbox(self, router_id: str) -> _Outbox:
+        outbox = self._outboxes.get(router_id)
+        if outbox is None:
+            now = time.monotonic()  # a router that went away for good leaves an outbox nobody reads: drop it
+            for rid, old in list(self._outboxes.items()):
+                if not old.connected and not old.live and now - old.touched > self.orphan_timeout_s:
+                    del self._outboxes[rid]
+            outbox = self._outboxes[router_id] = _Outbox()
+        return outbox
+
+    async def submit(self, request: dict[str, Any],
+                     generate: Any) -> AsyncIterator[dict[str, Any]]:
+        """Body of the per-request Serve call: `generate(request)`'s first event ({"accepted"}) is yielded, every
+        later one goes to the router's outbox under `request["channel"]["key"]`; returns when the request ends.
+        Cancelling the call (the router's client went away) closes `generate`, which aborts the engine request."""
+        route = request.get("channel") or {}
+        router_id, key = str(route.get("router", "")), route.get("key")
+        outbox = self._outbox(router_id)
+        outbox.live += 1
+        events = generate(request)
+        try:
+            yield await anext(events)
+            async for item in events:
+                outbox.items.append((key, item))
+                outbox.wake.set()
+        finally:
+            await events.aclose()
+            outbox.live -= 1
+            outbox.touched = time.monotonic()
+            outbox.wake.set()  # an idle channel re-checks whether it can close
+
+    async def stream(self, request: dict[str, Any]) -> AsyncIterator[list[tuple[Any, dict[str, Any]]]]:
+        """Body of the channel Serve call {"router": id, "target_replica": replica id}: first an empty batch (the
+        channel is open), then the outbox's contents as they come. Serve may place a channel on another replica
+        than asked (its FIFO hand-out of routed replicas): that one says so in `misrouted` and closes at once."""
+        if request.get("target_replica") != self.replica_id:
+            yield [("misrouted", {"replica_id": self.replica_id})]
+            return
+        outbox = self._outbox(str(request.get("router", "")))
+        if outbox.connected:  # a stale channel of the same router (its router lost it): the new one takes over
+            outbox.generation += 1
+            outbox.wake.set()
+        outbox.connected = True
+        generation = outbox.generation
+        try:
+            yield []
+            while outbox.generation == generation:
+                if outbox.items:
+                    batch, outbox.items = outbox.items, []
+                    self.batches_sent += 1
+                    self.deltas_sent += len(batch)
+                    yield batch
+                    continue
+                if not outbox.live:
+                    try:
+                        async with asyncio.timeout(self.idle_close_s):
+                            await outbox.wake.wait()
+                    except TimeoutError:
+                        if not outbox.live and not outbox.items:
+                            return
+                else:
+                    await outbox.wake.wait()
+                outbox.wake.clear()
+        finally:
+            if outbox.generation == generation:
+                outbox.connected = False
+            outbox.touched = time.monotonic()
+
+
+    def stats(self) -> dict[str, int]:
+        return {"channel_batches": self.batches_sent, "channel_deltas": self.deltas_sent,
+                "channel_routers": sum(outbox.connected for outbox in self._outboxes.values())}
+
+
+class _Outbox:
+    """One router's undelivered deltas on this replica."""
+
+    __slots__ = ("items", "wake", "live", "connected", "generation", "touched")
+
+    def __init__(self) -> None:
+        self.items: list[tuple[Any, dict[str, Any]]] = []
+        self.wake = asyncio.Event()
+        self.live = 0  # the router's requests running here
+        self.connected = False
+        self.generation = 0
+        self.touched = time.monotonic()
+
+
+class ChannelMethods:
+    """The token channel's Serve methods, for a deployment body with `self.core` (`generate`) and
+    `self.channels` (a `TokenChannels`): ModelReplicaImpl and the scripted stand-in of the tests."""
+
+    core: Any
+    channels: TokenChannels
+
+    async def submit(self, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        async for item in self.channels.submit(request, self.core.generate):
+            yield item
+
+    async def channel(self, request: dict[str, Any]) -> AsyncIterator[list[tuple[Any, dict[str, Any]]]]:
+        async for batch in self.channels.stream(request):
+            yield batch
+
+
 # ================================================================================================ Serve deployment
-class ModelReplicaImpl:
+class ModelReplicaImpl(ChannelMethods):
     """The body of the `ModelReplica` Serve deployment (cluster.app applies the deployment options)."""
 
     async def __init__(self, settings: dict[str, Any]) -> None:
@@ -398,6 +530,7 @@ class ModelReplicaImpl:
         self.core = await asyncio.to_thread(ReplicaCore, self.settings, replica_id=replica_id, metrics=self.metrics,
                                             placement_group=placement_group)
         self.core.start_background()
+        self.channels = TokenChannels(replica_id)
         logger.info("replica %s ready: %s on %s x%d", replica_id, self.settings.model, self.settings.device,
                     self.settings.shards_per_replica)
 
@@ -410,7 +543,7 @@ class ModelReplicaImpl:
 
     async def stats(self) -> dict[str, Any]:
         # engine.stats() asks the shard actors for expert counts (a blocking Ray call): keep it off the loop
-        return await detached_thread(self.core.stats)
+        return {**await detached_thread(self.core.stats), **self.channels.stats()}
 
     async def model_info(self) -> dict[str, Any]:
         return self.core.model_info()

@@ -172,6 +172,11 @@ def test_serve_router_affinity_accounting_and_exclusion():
         # calls that are not generate requests (model_info) just get the least loaded
         ranks = await router.choose_replicas(replicas, None)
         assert len(ranks[0]) == 1
+        # a token-channel call goes to the replica it names, and nowhere while that one is gone
+        target = other.replica_id.to_full_id_str()
+        channel = {"router": "r", "target_replica": target}
+        assert await router.choose_replicas(replicas, _pending(channel, "c1")) == [[other]]
+        assert await router.choose_replicas([first], _pending(channel, "c2")) == []
         # a replica that left is forgotten
         router.update_replicas([other])
         assert first.replica_id.to_full_id_str() not in router.policy.snapshot()["reported"]

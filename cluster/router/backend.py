@@ -4,10 +4,11 @@ Both backends speak the replica streaming contract of `cluster.replica` (dict ev
 infrastructure failures (a replica died or cannot be reached) so that the router can retry once before the first
 token and answer UNAVAILABLE otherwise.
 
-- `ServeBackend(handle)`: the production path. `stream` calls `ModelReplica.generate` through the deployment handle
-  (the replica is chosen by `cluster.router.replica_choice.PrefixAffinityRouter`); closing the stream cancels the
-  Serve request, which cancels the replica's generator and aborts the engine request. `replica_stats` broadcasts
-  `stats` to every running replica.
+- `ServeBackend(handle)`: the production path. `stream` calls `ModelReplica.submit` through the deployment handle
+  (the replica is chosen by `cluster.router.replica_choice.PrefixAffinityRouter`) and takes the request's deltas
+  from this router's multiplexed token channel to that replica (`ModelReplica.channel`); closing the stream cancels
+  the Serve request, which cancels the replica's generator and aborts the engine request. `replica_stats`
+  broadcasts `stats` to every running replica.
 - `LocalBackend(cores)`: `ReplicaCore`s in this process, chosen by the same `AffinityPolicy` (tests, benchmarks,
   and a single-process server without Ray).
 """
@@ -18,6 +19,8 @@ import abc
 import asyncio
 import contextlib
 import itertools
+import os
+import uuid
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
@@ -103,6 +106,32 @@ class LocalBackend(Backend):
 
 
 # ================================================================================================ Ray Serve
+def _delta(item: Any) -> bool:
+    """A token delta (not an error, not an exception)."""
+    return isinstance(item, dict) and "token_ids" in item
+
+
+def _open_delta(item: Any) -> bool:
+    """A token delta that is not the request's last."""
+    return _delta(item) and not item.get("finish_reason")
+
+
+def _merge(first: dict[str, Any], then: dict[str, Any]) -> dict[str, Any]:
+    """Two consecutive deltas of one request as one: token ids and logprobs concatenated, the rest from `then`."""
+    if first.get("logprobs") is None and then.get("logprobs") is None:
+        logprobs = None
+    else:
+        logprobs = [*(first.get("logprobs") or ()), *(then.get("logprobs") or ())]
+    return {**then, "token_ids": [*first["token_ids"], *then["token_ids"]], "logprobs": logprobs}
+
+
+def _backend_error(exc: BaseException) -> BaseException:
+    """A Serve/Ray failure as BackendError when it is the infrastructure's, else itself."""
+    if isinstance(exc, BackendError) or not _is_infrastructure_error(exc):
+        return exc
+    return BackendError(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+
+
 def _is_infrastructure_error(exc: BaseException) -> bool:
     from ray import exceptions as rex
 
@@ -116,33 +145,159 @@ def _is_infrastructure_error(exc: BaseException) -> bool:
 
 
 class ServeBackend(Backend):
-    """ModelReplica replicas through a Serve deployment handle."""
+    """ModelReplica replicas through a Serve deployment handle, tokens over the multiplexed channel.
 
-    def __init__(self, handle: Any, *, stats_timeout_s: float = 5.0) -> None:
+    Per request, `submit` (routed by `PrefixAffinityRouter`) answers {"accepted", "replica_id"} and stays open until
+    the request ends; its deltas arrive on this router's channel to that replica (`cluster.replica.TokenChannels`),
+    one Serve item per engine step for all of this router's requests there. A channel task per replica reads it and
+    puts each delta into its request's queue; it opens with the first request accepted by the replica and ends when
+    the replica closes it idle. A request's own call failing (replica died) or its replica's channel failing ends
+    the request with `BackendError` (the router retries before the first token); closing the stream early cancels
+    the request's call, which aborts it on the replica.
+    """
+
+    def __init__(self, handle: Any, *, stats_timeout_s: float = 5.0, channel_open_timeout_s: float = 30.0) -> None:
         self.handle = handle
         self.stats_timeout_s = stats_timeout_s
-        self._stream_handle = handle.options(stream=True)
+        self.channel_open_timeout_s = channel_open_timeout_s
+        self.router_id = f"{os.getpid()}-{uuid.uuid4().hex[:12]}"
+        self._submit = handle.options(stream=True).submit
+        self._channel_handles: dict[str, Any] = {}  # replica -> handle method pinned to it (multiplexed id)
+        self._keys = itertools.count()
+        self._queues: dict[int, asyncio.Queue[Any]] = {}  # channel key -> the request's deltas (or its failure)
+        self._on_replica: dict[str, set[int]] = {}  # replica -> keys of this router's requests running there
+        self._channels: dict[str, asyncio.Task[None]] = {}  # replica -> the task reading its channel
+        self._background: set[asyncio.Task[Any]] = set()
 
     async def stream(self, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
-        response = self._stream_handle.generate.remote(request)
+        key = next(self._keys)
+        queue: asyncio.Queue[Any] = asyncio.Queue()
+        self._queues[key] = queue
+        response = self._submit.remote({**request, "channel": {"router": self.router_id, "key": key}})
+        replica = None
         finished = False
         try:
-            async for item in response:
+            try:
+                accepted = await anext(response)
+            except (asyncio.CancelledError, GeneratorExit):
+                raise
+            except Exception as exc:
+                finished = True
+                raise _backend_error(exc) from exc
+            replica = accepted.get("replica_id")
+            self._on_replica.setdefault(replica, set()).add(key)
+            self._open_channel(replica)
+            self._spawn(self._watch(response, key))
+            yield accepted
+            held: Any = None  # taken from the queue but not merged: the next item
+            while True:
+                item, held = (held if held is not None else await queue.get()), None
+                # a caller that fell behind takes every delta already here as one (one gRPC message, not many)
+                while _open_delta(item) and not queue.empty():
+                    following = queue.get_nowait()
+                    if not _delta(following):
+                        held = following
+                        break
+                    item = _merge(item, following)
+                if isinstance(item, BaseException):
+                    finished = True
+                    raise item
                 if item.get("finish_reason") or "error" in item:
                     finished = True  # the replica is done with it: nothing to cancel when the caller stops here
                 yield item
-            finished = True
-        except (asyncio.CancelledError, GeneratorExit):
-            raise
-        except Exception as exc:
-            finished = True
-            if _is_infrastructure_error(exc):
-                raise BackendError(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from exc
-            raise
+                if finished:
+                    return
         finally:
+            self._queues.pop(key, None)
+            if replica is not None:
+                keys = self._on_replica.get(replica)
+                if keys is not None:
+                    keys.discard(key)
+                    if not keys:
+                        del self._on_replica[replica]
             if not finished:  # the caller stopped early (cancelled, deadline, stop string): cancel on the replica
                 with contextlib.suppress(Exception):
                     response.cancel()
+
+    async def _watch(self, response: Any, key: int) -> None:
+        """Wait for the request's own call to end; if it fails (the replica died), fail the request."""
+        try:
+            async for _ in response:
+                pass
+        except asyncio.CancelledError:
+            return
+        except Exception as exc:
+            queue = self._queues.get(key)
+            if queue is not None:
+                queue.put_nowait(_backend_error(exc))
+
+    # ------------------------------------------------------------------------------------------------ channels
+    def _spawn(self, coro: Any) -> asyncio.Task[Any]:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return task
+
+    def _open_channel(self, replica: str) -> None:
+        task = self._channels.get(replica)
+        if task is None or task.done():
+            self._channels[replica] = self._spawn(self._read_channel(replica))
+
+    def _channel_method(self, replica: str) -> Any:
+        method = self._channel_handles.get(replica)
+        if method is None:  # the multiplexed id lets Serve hand the routed replica to this very call
+            method = self.handle.options(stream=True, multiplexed_model_id=replica).channel
+            self._channel_handles[replica] = method
+        return method
+
+    async def _read_channel(self, replica: str) -> None:
+        """Deliver the replica's channel batches to their requests until it closes idle; on failure fail the
+        requests running there."""
+        failure: BaseException | None = None
+        try:
+            misrouted = 0
+            while self._on_replica.get(replica):  # reopen while requests wait (closed idle as one arrived)
+                response = self._channel_method(replica).remote({"router": self.router_id, "target_replica": replica})
+                try:
+                    async with asyncio.timeout(self.channel_open_timeout_s):
+                        opened = await anext(response)
+                    if opened and opened[0][0] == "misrouted":
+                        misrouted += 1
+                        if misrouted > 20:
+                            raise BackendError(f"could not open a token channel to replica {replica}")
+                        continue
+                    queues = self._queues
+                    async for batch in response:
+                        for key, item in batch:
+                            queue = queues.get(key)
+                            if queue is not None:  # else: cancelled meanwhile
+                                queue.put_nowait(item)
+                finally:
+                    with contextlib.suppress(Exception):
+                        response.cancel()
+        except asyncio.CancelledError:
+            failure = BackendError(f"the token channel to replica {replica} was closed")
+            raise
+        except TimeoutError:
+            failure = BackendError(f"no token channel to replica {replica} within {self.channel_open_timeout_s} s")
+        except BackendError as exc:
+            failure = exc
+        except Exception as exc:
+            failure = _backend_error(exc)
+        finally:
+            if self._channels.get(replica) is asyncio.current_task():
+                del self._channels[replica]
+            if failure is not None:
+                for key in self._on_replica.pop(replica, ()):
+                    queue = self._queues.get(key)
+                    if queue is not None:
+                        queue.put_nowait(failure)
+
+    async def close(self) -> None:
+        tasks = list(self._background)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     async def replica_stats(self) -> list[dict[str, Any]]:
         try:

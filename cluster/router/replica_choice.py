@@ -28,7 +28,7 @@ from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, RunningReplica
+from ray.serve.request_router import MultiplexMixin, PendingRequest, ReplicaID, RequestRouter, RunningReplica
 
 from workers.engine.kv_cache import hash_block
 
@@ -173,8 +173,21 @@ def _request_of(pending_request: PendingRequest | None) -> Mapping[str, Any] | N
     return request if isinstance(request, Mapping) and "prompt_token_ids" in request else None
 
 
-class PrefixAffinityRouter(RequestRouter):
-    """Ray Serve request router of the ModelReplica deployment (see the module docstring)."""
+def _target_of(pending_request: PendingRequest | None) -> str | None:
+    """The replica a token-channel call must reach (`ServeBackend` opens one per replica), else None."""
+    if pending_request is None or not pending_request.args:
+        return None
+    request = pending_request.args[0]
+    return request.get("target_replica") if isinstance(request, Mapping) else None
+
+
+class PrefixAffinityRouter(MultiplexMixin, RequestRouter):
+    """Ray Serve request router of the ModelReplica deployment (see the module docstring).
+
+    Token-channel calls name their replica (`target_replica`) and are sent there only; they also carry it as their
+    multiplexed model id, which makes Serve hand the replica routed for them to them and not to the oldest pending
+    request (`MultiplexMixin`: matching by model id; we use none of its model placement).
+    """
 
     def initialize_state(self, block_size: int = 16, max_prefix_blocks: int = 32, load_factor: float = 1.25,
                          slack_tokens: int = 2048, **_: Any) -> None:
@@ -199,6 +212,9 @@ class PrefixAffinityRouter(RequestRouter):
             stats = replica.routing_stats or {}
             if "outstanding_tokens" in stats:
                 self.policy.report(key, stats["outstanding_tokens"])
+        target = _target_of(pending_request)
+        if target is not None:  # nothing when it is gone: the channel's open timeout fails its requests
+            return [[by_id[target]]] if target in by_id else []
         hashes, _, exclude = self._prepare(pending_request)
         return [[by_id[k] for k in rank] for rank in self.policy.rank(by_id, hashes, exclude)]
 

@@ -190,7 +190,8 @@ applications:
           resources:
             gptoss_router: 1
       - name: ModelReplica
-        max_ongoing_requests: {{ int $s.maxOngoingRequests }}
+        {{- /* + one slot per Router replica for its token channel (cluster.app.replica_max_ongoing) */}}
+        max_ongoing_requests: {{ add (int $s.maxOngoingRequests) (int .Values.routers.replicas) }}
         {{- if $s.autoscaling.enabled }}
         autoscaling_config:
           {{- include "gptoss.autoscalingConfig" . | nindent 10 }}

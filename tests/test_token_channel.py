@@ -1,0 +1,229 @@
+"""The multiplexed token channel between router and replica (cluster.replica.TokenChannels, ServeBackend).
+
+The replica half runs without Ray first (a scripted core, one event loop): deltas batch per step, arrive whole and
+in order, wait for a late channel, and a cancelled request is aborted. Then the whole path on a local Ray (loopback):
+ServeBackend in this process against two scripted ModelReplica deployments behind PrefixAffinityRouter.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+
+import pytest
+
+from cluster.replica import TokenChannels
+from cluster.router.testing import ScriptedReplica
+
+STEP_S = 0.02
+
+
+def _request(key: int, max_tokens: int, router: str = "r1") -> dict:
+    return {"request_id": f"q{key}", "prompt_token_ids": [1, 2, 3], "channel": {"router": router, "key": key},
+            "sampling": {"max_tokens": max_tokens, "ignore_eos": True}}
+
+
+async def _submit(channels: TokenChannels, core: ScriptedReplica, request: dict) -> dict:
+    """Run one request's submit call to its end; its first event (the answer to the call)."""
+    events = channels.submit(request, core.generate)
+    first = await anext(events)
+    async for _ in events:
+        raise AssertionError("submit yields only its first event")
+    return first
+
+
+def test_channel_batches_one_item_per_step_and_delivers_every_delta_in_order():
+    async def main():
+        core = ScriptedReplica(step_s=STEP_S, lockstep=True, replica_id="rep-a")
+        channels = TokenChannels("rep-a", idle_close_s=0.3)
+        n, max_tokens = 16, 8
+        # the requests start before the channel is open: their deltas wait in the outbox
+        submits = [asyncio.create_task(_submit(channels, core, _request(k, max_tokens))) for k in range(n)]
+        await asyncio.sleep(3 * STEP_S)
+        got: dict[int, list[int]] = {k: [] for k in range(n)}
+        finishes: dict[int, str] = {}
+        batches = 0
+        async for batch in channels.stream({"router": "r1", "target_replica": "rep-a"}):
+            if not batch:
+                continue  # the "open" item
+            batches += 1
+            for key, item in batch:
+                assert key not in finishes, "a delta after the request finished"
+                got[key] += item["token_ids"]
+                if item["finish_reason"]:
+                    finishes[key] = item["finish_reason"]
+        # the stream closed by itself: nothing was running any more for idle_close_s
+        firsts = await asyncio.gather(*submits)
+        assert all(f == {"accepted": True, "replica_id": "rep-a"} for f in firsts)
+        assert got == {k: [1000 + i for i in range(max_tokens)] for k in range(n)}
+        assert finishes == dict.fromkeys(range(n), "length")
+        # one Serve item per step for all 16 requests (plus the backlog in the first), not one per token
+        assert batches <= max_tokens + 2, batches
+        assert channels.stats()["channel_deltas"] == n * max_tokens
+        assert channels.stats()["channel_routers"] == 0
+
+    asyncio.run(main())
+
+
+def test_misrouted_channel_says_so_and_a_new_channel_takes_over():
+    async def main():
+        channels = TokenChannels("rep-a", idle_close_s=5)
+        items = [b async for b in channels.stream({"router": "r1", "target_replica": "rep-b"})]
+        assert items == [[("misrouted", {"replica_id": "rep-a"})]]
+
+        core = ScriptedReplica(step_s=STEP_S, replica_id="rep-a")
+        old = channels.stream({"router": "r1", "target_replica": "rep-a"})
+        assert await anext(old) == []
+        submit = asyncio.create_task(_submit(channels, core, _request(1, 4)))
+        await asyncio.sleep(STEP_S / 2)
+        new = channels.stream({"router": "r1", "target_replica": "rep-a"})  # the router lost the old one
+        assert await anext(new) == []
+        with pytest.raises(StopAsyncIteration):
+            await anext(old)  # the old channel ends; the deltas go to the new one
+        tokens = []
+        while len(tokens) < 4:
+            tokens += [t for _, item in await anext(new) for t in item["token_ids"]]
+        assert tokens == [1000, 1001, 1002, 1003]
+        await submit
+        await new.aclose()
+
+    asyncio.run(main())
+
+
+def test_cancelling_a_submit_aborts_the_request_on_the_replica():
+    async def main():
+        core = ScriptedReplica(step_s=STEP_S, replica_id="rep-a")
+        channels = TokenChannels("rep-a")
+        submit = asyncio.create_task(_submit(channels, core, _request(7, 1000)))
+        await asyncio.sleep(5 * STEP_S)
+        assert "q7" in core.live
+        submit.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await submit
+        assert core.aborted == ["q7"] and not core.live
+
+    asyncio.run(main())
+
+
+# ================================================================================================ on Ray Serve
+@pytest.fixture(scope="module")
+def scripted_app():
+    import ray
+    from ray import serve
+    from ray.serve.config import RequestRouterConfig
+
+    from cluster.router.replica_choice import PrefixAffinityRouter
+    from cluster.router.testing import ScriptedReplicaImpl
+    from workers.engine.ray_executor import connect_ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    connect_ray(None, num_cpus=4, log_to_driver=False)
+    serve.start(proxy_location="Disabled")
+    replica = serve.deployment(
+        name="ModelReplica", num_replicas=2, max_ongoing_requests=64, ray_actor_options={"num_cpus": 0.5},
+        request_router_config=RequestRouterConfig(request_router_class=PrefixAffinityRouter,
+                                                  request_router_kwargs={"block_size": 16}),
+    )(ScriptedReplicaImpl)
+    serve.run(replica.bind({"step_s": STEP_S, "lockstep": True}), name="channel-test", route_prefix=None)
+    try:
+        yield serve.get_deployment_handle("ModelReplica", app_name="channel-test")
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+async def _collect(backend, request: dict) -> tuple[str, list[int], str]:
+    replica, tokens, finish = "", [], ""
+    async for item in backend.stream(request):
+        if "accepted" in item:
+            replica = item["replica_id"]
+            continue
+        assert "error" not in item, item
+        tokens += item["token_ids"]
+        if item["finish_reason"]:
+            finish = item["finish_reason"]
+            break
+    return replica, tokens, finish
+
+
+def test_serve_backend_streams_many_requests_over_one_channel_per_replica(scripted_app):
+    from cluster.router.backend import ServeBackend
+
+    async def main():
+        backend = ServeBackend(scripted_app)
+        try:
+            n, max_tokens = 48, 24
+            results = await asyncio.gather(*(
+                _collect(backend, {"request_id": f"q{k}", "prompt_token_ids": [k % 7] * (16 + k),
+                                   "sampling": {"max_tokens": max_tokens, "ignore_eos": True}})
+                for k in range(n)))
+            assert all(tokens == [1000 + i for i in range(max_tokens)] and finish == "length"
+                       for _, tokens, finish in results)
+            used = {replica for replica, _, _ in results}
+            assert len(used) == 2, "the load spreads over both replicas"
+            stats = await backend.replica_stats()
+            assert sum(s["channel_deltas"] for s in stats) >= n * max_tokens / 2  # coalescing may merge deltas
+            # a batch per step for all of this router's requests on the replica, not one Serve item per token
+            assert sum(s["channel_batches"] for s in stats) < n * max_tokens / 4, stats
+            assert set(backend._channels) <= used
+
+            # closing a stream early cancels the request on its replica
+            stream = backend.stream({"request_id": "long", "prompt_token_ids": [5] * 20,
+                                     "sampling": {"max_tokens": 5000, "ignore_eos": True}})
+            accepted = await anext(stream)
+            for _ in range(3):
+                assert (await anext(stream))["token_ids"]
+            await stream.aclose()
+            for _ in range(100):
+                stats = {s["replica_id"]: s for s in await backend.replica_stats()}
+                if stats[accepted["replica_id"]]["num_running"] == 0:
+                    break
+                await asyncio.sleep(0.05)
+            assert stats[accepted["replica_id"]]["num_running"] == 0
+
+            # a caller that falls behind gets the deltas already there merged into one, none lost
+            items = []
+            async for item in backend.stream({"request_id": "slow", "prompt_token_ids": [9] * 20,
+                                              "sampling": {"max_tokens": 20, "ignore_eos": True}}):
+                if "accepted" not in item:
+                    items.append(item)
+                    if item["finish_reason"]:
+                        break
+                    await asyncio.sleep(5 * STEP_S)
+            assert [t for item in items for t in item["token_ids"]] == [1000 + i for i in range(20)]
+            assert len(items) < 10 and items[-1]["finish_reason"] == "length"
+            assert items[-1]["usage"]["completion_tokens"] == 20
+        finally:
+            await backend.close()
+
+    asyncio.run(main())
+
+
+def test_serve_backend_fails_requests_of_a_replica_that_dies(scripted_app):
+    from cluster.router.backend import BackendError, ServeBackend
+
+    async def main():
+        backend = ServeBackend(scripted_app)
+        try:
+            streams = [backend.stream({"request_id": f"d{k}", "prompt_token_ids": [k] * 20,
+                                       "sampling": {"max_tokens": 5000, "ignore_eos": True}}) for k in range(6)]
+            accepted = [await anext(s) for s in streams]
+            for s in streams:
+                await anext(s)  # streaming
+            victim = accepted[0]["replica_id"]
+            pid = next(s["pid"] for s in await backend.replica_stats() if s["replica_id"] == victim)
+            os.kill(pid, 9)
+            for s, a in zip(streams, accepted, strict=True):
+                if a["replica_id"] != victim:
+                    await s.aclose()
+                    continue
+                with pytest.raises(BackendError):
+                    async with asyncio.timeout(60):
+                        while True:
+                            await anext(s)
+        finally:
+            await backend.close()
+
+    asyncio.run(main())
