@@ -319,3 +319,53 @@ def test_multiprocess_env_set_too_late_is_refused(tmp_path: Path) -> None:
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
                          timeout=30)
     assert "runtime_env" in out.stdout, out.stdout + out.stderr
+
+
+def test_request_series_match_plain_prometheus_calls(metrics: Metrics, monkeypatch: pytest.MonkeyPatch) -> None:
+    """observe_request / set_router_queue reuse ready labelled children (labels() once per label set) and record
+    the inter-token gaps bucket by bucket: the exposition is what one labels() + observe/inc per value gives."""
+    from prometheus_client import CollectorRegistry
+
+    plain = Metrics(registry=CollectorRegistry())
+    gaps = [0.0005, 0.001, 0.0011, 0.02, 0.02, 0.3, 2.6, 99.0, -0.5, float("nan"), float("inf")]
+    requests = [("Generate", "OK", "grpc", gaps), ("Generate", "OK", "grpc", gaps[:3]),
+                ("Chat", "CANCELLED", "grpc", []), ("chat.completions", 200, "http", None),
+                ("Generate", "DEADLINE_EXCEEDED", "grpc", gaps[4:])]
+    calls = []
+    for family in (metrics.requests, metrics.inter_token_latency, metrics.time_to_first_token, metrics.router_queued):
+        original = family.labels
+        monkeypatch.setattr(family, "labels",
+                            lambda *a, _o=original, _f=family._name, **k: calls.append((_f, a)) or _o(*a, **k))
+    for i, (method, code, protocol, itl) in enumerate(requests):
+        kw = dict(ttft_s=0.05 * i if i != 2 else None, e2e_s=0.5 + i, queue_s=0.01 * i, prompt_tokens=10 * i,
+                  generation_tokens=i)
+        metrics.observe_request(method=method, code=code, protocol=protocol, inter_token_s=itl, **kw)
+        plain.requests.labels(method, str(getattr(code, "name", code)), protocol).inc()
+        plain.request_queue_time.labels(method, protocol).observe(max(0.0, kw["queue_s"]))
+        if kw["ttft_s"] is not None:
+            plain.time_to_first_token.labels(method, protocol).observe(kw["ttft_s"])
+        if itl is not None:
+            child = plain.inter_token_latency.labels(method, protocol)
+            for gap in itl:
+                child.observe(max(0.0, gap))
+        plain.request_duration.labels(method, protocol).observe(kw["e2e_s"])
+        if kw["prompt_tokens"]:
+            plain.prompt_tokens.labels(method, protocol).inc(kw["prompt_tokens"])
+        if kw["generation_tokens"]:
+            plain.generation_tokens.labels(method, protocol).inc(kw["generation_tokens"])
+    for queued in (3, 0, 5):
+        metrics.set_router_queue(router="router-0", queued=queued, capacity=64)
+        plain.router_queued.labels("router-0").set(queued)
+        plain.router_queue_capacity.labels("router-0").set(64)
+
+    def samples(m: Metrics) -> dict:
+        return {(s.name, tuple(sorted(s.labels.items()))): s.value
+                for f in text_string_to_metric_families(m.render().decode()) if not f.name.endswith("_created")
+                for s in f.samples if not s.name.endswith("_created")}
+
+    got, want = samples(metrics), samples(plain)
+    assert got.keys() == want.keys()
+    for key, v in want.items():
+        assert got[key] == pytest.approx(v, nan_ok=True), key
+    # one labels() per label set ever used: 4 (method, code, protocol), 2 ITL and 2 TTFT (method, protocol), 1 router
+    assert len(calls) == len(set(calls)) == 4 + 2 + 2 + 1

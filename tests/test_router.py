@@ -563,6 +563,9 @@ async def _replica_items(core, request, hold_after_first: bool):
             while core.engine.has_unfinished_requests():
                 assert time.monotonic() < deadline, "the engine did not finish the request"
                 await asyncio.sleep(0.01)
+            # the step thread drops the request from the engine, then hands its last output to this loop
+            # (call_soon_threadsafe): give that hand-off time to land in the stream's queue
+            await asyncio.sleep(0.2)
     return items
 
 
@@ -585,3 +588,146 @@ def test_replica_coalesces_queued_outputs_into_one_item(tiny):
     assert held[-1]["finish_reason"] == steady[-1]["finish_reason"] == "length"
     assert held[-1]["usage"]["completion_tokens"] == 12 and held[1]["usage"] is None
     assert all(i["finish_reason"] is None for i in held[1:-1])
+
+
+# ------------------------------------------------------------------------------------------------ the router's body
+class _TimedBackend:
+    """A backend whose replica streams `token` at the times `script` gives (seconds to wait before each item)."""
+
+    def __init__(self, script, token: int = 5) -> None:
+        self.script, self.token = script, token
+
+    async def stream(self, request):
+        yield {"accepted": True, "replica_id": "r0"}
+        for i, wait in enumerate(self.script):
+            await asyncio.sleep(wait)
+            last = i == len(self.script) - 1
+            yield {"token_ids": [self.token], "finish_reason": "length" if last else None,
+                   "usage": {"cached_prompt_tokens": 0} if last else None}
+
+    async def replica_stats(self):
+        return [{"replica_id": "r0", "state": "RUNNING", "max_ongoing_requests": 8}]
+
+    async def model_info(self):
+        return {"model": "scripted", "vocab_size": 201088, "context_length": 4096, "kv_block_size": 16}
+
+
+async def _body_server(script, metrics=None):
+    from cluster.router.server import GptossServer
+
+    server = GptossServer(_TimedBackend(script), RouterSettings(), metrics)
+    await server.refresh()
+    assert server.ready_replicas == 1
+    return server
+
+
+def _generate(n: int) -> pb.GenerateRequest:
+    return pb.GenerateRequest(token_ids=pb.TokenIds(ids=[7] * 20), sampling=pb.SamplingParams(max_tokens=n))
+
+
+def _codes(metrics: Metrics) -> dict[str, float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    families = {f.name: f for f in text_string_to_metric_families(metrics.render().decode())}
+    return {s.labels["code"]: s.value for s in families["gptoss_requests"].samples if s.name.endswith("_total")}
+
+
+def test_deadline_while_waiting_for_the_replica_is_deadline_exceeded():
+    """The router's own deadline fires while it waits for the next token (the replica stalls): DEADLINE_EXCEEDED
+    with the usual message, and the consuming task is left with no cancellation pending."""
+    from cluster.router.server import RouterError
+
+    async def main():
+        metrics = Metrics()
+        server = await _body_server([0.0, 30.0], metrics)
+        got = []
+        start = time.monotonic()
+        with pytest.raises(RouterError) as info:
+            async for response in server.generate_events(_generate(2), timeout=0.2):
+                got.append(response)
+        assert time.monotonic() - start < 5
+        assert info.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert "passed while generating" in info.value.message
+        assert [list(r.token_ids) for r in got] == [[5]]
+        assert asyncio.current_task().cancelling() == 0
+        await asyncio.sleep(0.01)  # nothing left to cancel this task
+        assert _codes(metrics) == {"DEADLINE_EXCEEDED": 1.0}
+        assert server.inflight == 0 and server.admission.running == 0
+
+    asyncio.run(main())
+
+
+def test_deadline_passing_while_the_caller_is_busy_never_cancels_the_caller():
+    """The deadline passes while the caller works on a response (not waiting for the replica): the caller's own
+    awaits are not cancelled; its next wait for a token ends in DEADLINE_EXCEEDED. Before the deadline, tokens
+    stream as usual."""
+    from cluster.router.server import RouterError
+
+    async def main():
+        server = await _body_server([0.0, 0.0, 0.0])
+        responses = []
+        with pytest.raises(RouterError) as info:
+            async for response in server.generate_events(_generate(3), timeout=0.15):
+                responses.append(response)
+                await asyncio.sleep(0.3)  # past the deadline: must not raise CancelledError
+        assert info.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert len(responses) == 1
+        assert asyncio.current_task().cancelling() == 0
+
+        fine = [r async for r in server.generate_events(_generate(3), timeout=30)]
+        assert [list(r.token_ids) for r in fine] == [[5], [5], [5]]
+        assert fine[-1].finish_reason == pb.FINISH_REASON_LENGTH and fine[-1].usage.completion_tokens == 3
+
+    asyncio.run(main())
+
+
+def test_caller_cancelled_while_waiting_with_a_deadline_stays_cancelled():
+    """A cancellation from outside (the client went away) while the router waits under a deadline is not turned
+    into DEADLINE_EXCEEDED: the task ends cancelled and the request is recorded as CANCELLED."""
+
+    async def main():
+        metrics = Metrics()
+        server = await _body_server([0.0, 30.0], metrics)
+        first = asyncio.Event()
+
+        async def consume():
+            async for _ in server.generate_events(_generate(2), timeout=20):
+                first.set()
+
+        task = asyncio.create_task(consume())
+        await asyncio.wait_for(first.wait(), 5)
+        await asyncio.sleep(0.05)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert _codes(metrics) == {"CANCELLED": 1.0}
+        assert server.inflight == 0 and server.admission.running == 0
+
+    asyncio.run(main())
+
+
+def test_sampling_checks_repeat_for_the_same_settings():
+    """Validated sampling settings are reused, never shared: each request gets its own dicts, and the room left by
+    a longer prompt still shrinks the default max_tokens or refuses an explicit one."""
+    from cluster.router.requests import RequestError, Validator
+
+    v = Validator({"vocab_size": 201088, "context_length": 300})
+    s = pb.SamplingParams(temperature=0.0, stop_token_ids=[9])
+    a, stops = v.sampling(s, 10)
+    b, _ = v.sampling(s, 10)
+    assert a == b and a is not b and a["stop_token_ids"] is not b["stop_token_ids"] and stops == ()
+    a["stop_token_ids"].append(1)
+    assert v.sampling(s, 10)[0]["stop_token_ids"] == [9]
+    assert a["max_tokens"] == 256 and v.sampling(s, 100)[0]["max_tokens"] == 200  # default shrinks to fit
+    explicit = pb.SamplingParams(max_tokens=250)
+    assert v.sampling(explicit, 10)[0]["max_tokens"] == 250
+    with pytest.raises(RequestError, match="exceed the context of 300 tokens"):
+        v.sampling(explicit, 100)
+    bad = pb.SamplingParams(max_tokens=20, min_tokens=50)
+    for _ in range(2):  # a failure is not remembered as a success
+        with pytest.raises(RequestError, match=r"sampling\.min_tokens \(50\) must not exceed max_tokens \(20\)"):
+            v.sampling(bad, 10)
+    shrunk = pb.SamplingParams(min_tokens=250)  # fits the default 256 with a short prompt, not once it shrinks
+    assert v.sampling(shrunk, 10)[0]["min_tokens"] == 250
+    with pytest.raises(RequestError, match="must not exceed max_tokens"):
+        v.sampling(shrunk, 100)

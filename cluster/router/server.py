@@ -177,11 +177,43 @@ class RouterError(Exception):
 
 
 class _Call:
-    """The bookkeeping of one Generate / Chat call: its metrics timer and prompt size."""
+    """One Generate / Chat call, for every transport (`GptossServer._observed`), as a context manager: counts it in
+    flight (drain), turns the validator's RequestError into RouterError, and records its metrics with the status it
+    ended with (a caller that went away: CANCELLED, or DEADLINE_EXCEEDED when that was its deadline). A class rather
+    than two nested generator-based context managers: it runs on every call."""
 
-    def __init__(self, timer: Any) -> None:
+    __slots__ = ("server", "timer", "prompt_tokens", "deadline")
+
+    def __init__(self, server: GptossServer, timer: Any, deadline: float | None) -> None:
+        self.server = server
         self.timer = timer
         self.prompt_tokens = 0
+        self.deadline = deadline
+
+    def __enter__(self) -> _Call:
+        s = self.server
+        if s.draining:
+            self.timer.finish(grpc.StatusCode.UNAVAILABLE, prompt_tokens=self.prompt_tokens)
+            raise RouterError(grpc.StatusCode.UNAVAILABLE, "the server is draining; retry on another router")
+        s._inflight += 1
+        s._idle.clear()
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
+        s = self.server
+        s._inflight -= 1
+        if not s._inflight:
+            s._idle.set()
+        code = grpc.StatusCode.OK
+        if isinstance(exc, RouterError):
+            code = exc.code
+        elif isinstance(exc, RequestError):
+            self.timer.finish(exc.code, prompt_tokens=self.prompt_tokens)
+            raise RouterError(exc.code, exc.message) from None
+        elif isinstance(exc, (asyncio.CancelledError, GeneratorExit)):
+            late = self.deadline is not None and time.monotonic() >= self.deadline - _CANCEL_SLACK_S
+            code = grpc.StatusCode.DEADLINE_EXCEEDED if late else grpc.StatusCode.CANCELLED
+        self.timer.finish(code, prompt_tokens=self.prompt_tokens)
 
 
 class GptossServer:
@@ -201,6 +233,7 @@ class GptossServer:
         self.ready_replicas = 0
         self._model: dict[str, Any] | None = None
         self._validator: Validator | None = None
+        self._block_size = 16  # the served model's KV block size (prefix hashes), with the validator
         self._inflight = 0
         self._idle = asyncio.Event()
         self._idle.set()
@@ -356,6 +389,7 @@ class GptossServer:
         self._model = info
         self._validator = Validator(info, sampling_defaults=self.settings.sampling_defaults,
                                     default_reasoning_effort=self.settings.default_reasoning_effort)
+        self._block_size = int(self._validator.model.get("kv_block_size") or 16)
 
     def _record_queue(self, admission: Admission) -> None:
         self.metrics.set_router_queue(router=self.settings.router_name, queued=admission.queued,
@@ -379,28 +413,10 @@ class GptossServer:
             if not self._inflight:
                 self._idle.set()
 
-    @contextlib.contextmanager
-    def _observed(self, method: str, protocol: str, deadline: float | None) -> Iterator[_Call]:
-        """One Generate / Chat call, for every transport: counts it in flight (drain), turns the validator's
-        RequestError into RouterError, and records its metrics with the status it ended with (a caller that went
-        away: CANCELLED, or DEADLINE_EXCEEDED when that was its deadline)."""
-        call = _Call(_NullTimer() if self.metrics is None else self.metrics.request_timer(method, protocol))
-        code = grpc.StatusCode.OK
-        try:
-            with self._call():
-                yield call
-        except RouterError as exc:
-            code = exc.code
-            raise
-        except RequestError as exc:
-            code = exc.code
-            raise RouterError(exc.code, exc.message) from None
-        except (asyncio.CancelledError, GeneratorExit):
-            late = deadline is not None and time.monotonic() >= deadline - _CANCEL_SLACK_S
-            code = grpc.StatusCode.DEADLINE_EXCEEDED if late else grpc.StatusCode.CANCELLED
-            raise
-        finally:
-            call.timer.finish(code, prompt_tokens=call.prompt_tokens)
+    def _observed(self, method: str, protocol: str, deadline: float | None) -> _Call:
+        """One Generate / Chat call, for every transport (a context manager; see `_Call`)."""
+        return _Call(self, _NULL_TIMER if self.metrics is None else self.metrics.request_timer(method, protocol),
+                     deadline)
 
     def validator(self) -> Validator:
         if self._validator is None:
@@ -426,24 +442,30 @@ class GptossServer:
             prep = self.validator().generate(request)
             call.prompt_tokens = len(prep.prompt_token_ids)
             text = TextStream(prep.stop, prep.min_tokens)
+            # per token: locals instead of attribute lookups, and no empty logprobs list for every message
+            feed, count, request_id, response = text.feed, call.timer.tokens, prep.request_id, pb.GenerateResponse
             async with contextlib.aclosing(self.replica_stream(prep, _left(deadline), call.timer)) as events:
                 async for item in events:
                     finish = item.get("finish_reason")
                     drop_last = finish == "stop" and isinstance(item.get("stop_reason"), int)
-                    kept, delta = text.feed(item["token_ids"], drop_last=drop_last)
-                    call.timer.tokens(len(kept))
+                    kept, delta = feed(item["token_ids"], drop_last=drop_last)
+                    count(len(kept))
                     if text.stopped:
                         finish = "stop"
                     if finish:
                         delta += text.finish()
-                        yield pb.GenerateResponse(
-                            request_id=prep.request_id, token_ids=kept, text=delta,
+                        yield response(
+                            request_id=request_id, token_ids=kept, text=delta,
                             logprobs=_logprobs(item.get("logprobs"), len(kept)), finish_reason=_FINISH[finish],
                             usage=_usage(prep, text.num_tokens, item.get("usage")))
                         return
                     if kept or delta:
-                        yield pb.GenerateResponse(request_id=prep.request_id, token_ids=kept, text=delta,
-                                                  logprobs=_logprobs(item.get("logprobs"), len(kept)))
+                        logprobs = item.get("logprobs")
+                        if logprobs:
+                            yield response(request_id=request_id, token_ids=kept, text=delta,
+                                           logprobs=_logprobs(logprobs, len(kept)))
+                        else:
+                            yield response(request_id=request_id, token_ids=kept, text=delta)
 
     async def chat_events(self, request: pb.ChatRequest, *, timeout: float | None = None, protocol: str = "grpc"
                           ) -> AsyncIterator[tuple[pb.ChatResponse, list[pb.TokenLogprob]]]:
@@ -504,8 +526,7 @@ class GptossServer:
             timer.dispatched()
             request = prep.replica_request(wall_deadline)
             assert self._validator is not None
-            block = int(self._validator.model.get("kv_block_size") or 16)
-            request["prefix_hashes"] = prefix_hashes(prep.prompt_token_ids, block, PREFIX_BLOCKS)
+            request["prefix_hashes"] = prefix_hashes(prep.prompt_token_ids, self._block_size, PREFIX_BLOCKS)
             exclude: list[str] = []
             for attempt in range(2):
                 request["exclude_replicas"] = exclude
@@ -595,6 +616,9 @@ class _NullTimer:
     def dispatched(self) -> None: ...
     def tokens(self, n: int = 1) -> None: ...
     def finish(self, *_: Any, **__: Any) -> None: ...
+
+
+_NULL_TIMER = _NullTimer()  # stateless: one for every call made without metrics
 
 
 async def _abort(context: grpc.aio.ServicerContext, exc: RouterError | RequestError) -> None:

@@ -31,9 +31,9 @@ class StopMatcher:
     """Finds the first stop string in streamed text, holding back a tail that could still become one."""
 
     def __init__(self, stops: Sequence[str], include_stop: bool = False) -> None:
-        self.stops = tuple(s for s in stops if s)
+        self.stops = tuple(s for s in stops if s) if stops else ()
         self.include_stop = include_stop
-        self._hold = max((len(s) for s in self.stops), default=1) - 1
+        self._hold = max((len(s) for s in self.stops), default=1) - 1 if self.stops else 0
         self._buffer = ""
         self.matched: str | None = None
 
