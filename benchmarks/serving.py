@@ -32,7 +32,10 @@ router's own code.
 
 Fairness. Both paths run at the same concurrency on statistically identical prompts, interleaved: every level runs
 `--rounds` rounds, each round both paths back to back, the order alternating, and the figures pool all rounds.
-Arrivals (`--arrival`): `steady` (default) keeps exactly `concurrency` streams in flight with their starts spread
+Arrivals (`--arrival`): `poisson` is an open loop at `--request-rate` requests/s (the same seeded arrival times for
+every path) with at most `concurrency` in flight, as `vllm bench serve`; it keeps arrivals independent of the
+engine's steps (in a closed loop a direct caller's next request starts right after a step, before the next one).
+`steady` (default) keeps exactly `concurrency` streams in flight with their starts spread
 evenly over one request's duration (a closed loop in steady state: new requests arrive while the others stream, as
 in production); `burst` starts them all at the same instant (the first wave of a closed loop: the last of 64
 simultaneous arrivals waits for the 63 before it, so its TTFT measures the router's per-request cost times 63).
@@ -50,6 +53,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
+import itertools
 import json
 import multiprocessing as mp
 import os
@@ -61,7 +65,7 @@ import sys
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -131,26 +135,56 @@ def summarize(records: list[Record], wall_s: float, cpu: dict[str, float] | None
 Sender = Callable[[list[int], Record], Awaitable[None]]
 
 
+class Pacing(NamedTuple):
+    """When requests start. Closed loop (rate 0): `concurrency` workers, worker i starting after
+    i * stagger_s / concurrency, each sending its next request when the last one ended. Open loop (rate > 0): Poisson
+    arrivals at `rate` requests/s (the same times for every path: seeded), at most `concurrency` in flight (later
+    arrivals wait for a slot; their TTFT counts from arrival), as `vllm bench serve --request-rate`."""
+
+    stagger_s: float = 0.0
+    rate: float = 0.0
+    seed: int = 0
+
+
+CLOSED_LOOP = Pacing()  # all at once, closed loop
+
+
 async def run_level(send: Sender, prompts: list[list[int]], concurrency: int,
-                    stagger_s: float = 0.0) -> tuple[list[Record], float]:
-    """`send(prompt, record)` for every prompt, `concurrency` at once (closed loop); worker i starts after
-    i * stagger_s / concurrency (0: all at once). Returns the records and the wall time."""
-    queue = list(prompts)
+                    pacing: Pacing = CLOSED_LOOP) -> tuple[list[Record], float]:
+    """`send(prompt, record)` for every prompt, paced by `pacing`. Returns the records and the wall time."""
     records: list[Record] = []
 
-    async def worker(i: int) -> None:
-        if stagger_s:
-            await asyncio.sleep(i * stagger_s / concurrency)
-        while queue:
-            prompt = queue.pop()
-            record = Record()
-            records.append(record)
-            try:
-                await send(prompt, record)
-            except Exception as exc:  # noqa: BLE001 - a benchmark counts errors, it does not stop
-                record.error = f"{type(exc).__name__}: {str(exc)[:200]}"
+    async def one(prompt: list[int], record: Record) -> None:
+        try:
+            await send(prompt, record)
+        except Exception as exc:  # noqa: BLE001 - a benchmark counts errors, it does not stop
+            record.error = f"{type(exc).__name__}: {str(exc)[:200]}"
 
     start = time.perf_counter()
+    if pacing.rate > 0:
+        rng = random.Random(pacing.seed)
+        slots = asyncio.Semaphore(concurrency)
+
+        async def arrive(prompt: list[int], at: float) -> None:
+            await asyncio.sleep(max(0.0, at - (time.perf_counter() - start)))
+            record = Record()
+            records.append(record)
+            async with slots:
+                await one(prompt, record)
+
+        times = list(itertools.accumulate(rng.expovariate(pacing.rate) for _ in prompts))
+        await asyncio.gather(*(arrive(prompt, at) for prompt, at in zip(prompts, times, strict=True)))
+        return records, time.perf_counter() - start
+    queue = list(prompts)
+
+    async def worker(i: int) -> None:
+        if pacing.stagger_s:
+            await asyncio.sleep(i * pacing.stagger_s / concurrency)
+        while queue:
+            record = Record()
+            records.append(record)
+            await one(queue.pop(), record)
+
     await asyncio.gather(*(worker(i) for i in range(concurrency)))
     return records, time.perf_counter() - start
 
@@ -272,8 +306,8 @@ def _server_process(conn: Any, engine: str, model: str, replicas: int, step_ms: 
             command = await loop.run_in_executor(None, conn.recv)
             if command[0] == "stop":
                 break
-            _, prompts, concurrency, output_len, stagger_s = command
-            records, wall = await run_level(_direct_sender(cores, output_len), prompts, concurrency, stagger_s)
+            _, prompts, concurrency, output_len, pacing = command
+            records, wall = await run_level(_direct_sender(cores, output_len), prompts, concurrency, pacing)
             conn.send(("result", records, wall))
         await server.stop(0)
         await floor.stop(0)
@@ -300,8 +334,8 @@ class LocalTarget:
         self.floor_address: str | None = f"127.0.0.1:{floor_port}"
 
     async def direct(self, prompts: list[list[int]], concurrency: int, output_len: int,
-                     stagger_s: float) -> tuple[list[Record], float] | None:
-        self.conn.send(("direct", prompts, concurrency, output_len, stagger_s))
+                     pacing: Pacing) -> tuple[list[Record], float] | None:
+        self.conn.send(("direct", prompts, concurrency, output_len, pacing))
         loop = asyncio.get_running_loop()
         _, records, wall = await loop.run_in_executor(None, self.conn.recv)
         return records, wall
@@ -350,7 +384,7 @@ class RayTarget:
             self.router_pid = int(info["pid"])
 
     async def direct(self, prompts: list[list[int]], concurrency: int, output_len: int,
-                     stagger_s: float) -> tuple[list[Record], float] | None:
+                     pacing: Pacing) -> tuple[list[Record], float] | None:
         if self.handle is None:
             return None
         from cluster.router.backend import ServeBackend
@@ -367,7 +401,7 @@ class RayTarget:
                     return
 
         try:
-            return await run_level(send, prompts, concurrency, stagger_s)
+            return await run_level(send, prompts, concurrency, pacing)
         finally:
             await backend.close()
 
@@ -444,7 +478,7 @@ def _tiny_config(model: str, replicas: int, port: int, num_blocks: int) -> Any:
 
 # ------------------------------------------------------------------------------------------------ router path
 async def router_level(address: str, prompts: list[list[int]], concurrency: int, output_len: int,
-                       token: str | None, stagger_s: float = 0.0) -> tuple[list[Record], float]:
+                       token: str | None, pacing: Pacing = CLOSED_LOOP) -> tuple[list[Record], float]:
     from cluster.client import AsyncClient
 
     # one HTTP/2 connection per 8 streams, as a fleet of clients would have (a single connection serializes
@@ -464,7 +498,7 @@ async def router_level(address: str, prompts: list[list[int]], concurrency: int,
 
         # connect first: channel setup is not part of any request's TTFT
         await asyncio.gather(*(c.channel.channel_ready() for c in clients))
-        return await run_level(send, prompts, concurrency, stagger_s)
+        return await run_level(send, prompts, concurrency, pacing)
     finally:
         for client in clients:
             await client.close()
@@ -590,17 +624,17 @@ def _row(label: str, s: dict[str, Any]) -> str:
             f"{cpu.get('server', float('nan')):.2f} / {cpu.get('client', float('nan')):.2f} |")
 
 
-def _paths(target: Any, level: int, n: int, args: argparse.Namespace, token: str | None, stagger: float,
+def _paths(target: Any, level: int, n: int, args: argparse.Namespace, token: str | None, pacing: Pacing,
            seed: int) -> dict[str, Callable[[], Awaitable[tuple[list[Record], float] | None]]]:
     """One round's runs (different prompts of the same shape: no prefix-cache help for any)."""
     paths: dict[str, Callable[[], Awaitable[tuple[list[Record], float] | None]]] = {
-        "direct": lambda: target.direct(workload(n, args.input_len, seed), level, args.output_len, stagger),
+        "direct": lambda: target.direct(workload(n, args.input_len, seed), level, args.output_len, pacing),
         "router": lambda: router_level(target.address, workload(n, args.input_len, seed + 1), level,
-                                       args.output_len, token, stagger),
+                                       args.output_len, token, pacing),
     }
     if target.floor_address:
         paths["grpc floor"] = lambda: router_level(target.floor_address, workload(n, args.input_len, seed + 2),
-                                                   level, args.output_len, None, stagger)
+                                                   level, args.output_len, None, pacing)
     return paths
 
 
@@ -641,8 +675,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num-requests", type=int, default=0, help="requests per path, level and round (default: "
                                                                     "4 x concurrency, >= 16)")
     p.add_argument("--rounds", type=int, default=2, help="interleaved rounds per level (default 2)")
-    p.add_argument("--arrival", choices=["steady", "burst"], default="steady",
-                   help="steady: starts spread over one request's duration; burst: all at once")
+    p.add_argument("--arrival", choices=["steady", "burst", "poisson"], default="steady",
+                   help="steady: closed loop, starts spread over one request's duration; burst: closed loop, all at "
+                        "once; poisson: open loop at --request-rate, at most --concurrency in flight")
+    p.add_argument("--request-rate", type=float, default=0.0,
+                   help="requests/s of --arrival poisson (the same seeded arrival times for every path)")
     p.add_argument("--input-len", type=int, default=64)
     p.add_argument("--output-len", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
@@ -673,6 +710,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.json:
             args.json.write_text(json.dumps(figures, indent=2))
         return 0
+    if (args.arrival == "poisson") != (args.request_rate > 0):
+        p.error("--arrival poisson needs --request-rate > 0, and --request-rate needs --arrival poisson")
     levels = [int(c) for c in args.concurrency.split(",") if c]
     token = os.environ.get("GPTOSS_AUTH_TOKEN") or None
 
@@ -714,15 +753,17 @@ def main(argv: list[str] | None = None) -> int:
         request_s = 0.0
         if warm:
             await router_level(target.address, warm, len(warm), args.output_len, token)
-            direct = await target.direct(warm, 1, args.output_len, 0.0)
+            direct = await target.direct(warm, 1, args.output_len, CLOSED_LOOP)
             if direct is not None:
                 request_s = statistics.median(r.times[-1] - r.start for r in direct[0] if r.times)
         for level in levels:
             n = args.num_requests or max(16, 4 * level)
-            stagger = request_s if args.arrival == "steady" else 0.0
             pooled: dict[str, list[Any]] = {}
             for rnd in range(args.rounds):
-                runs = _paths(target, level, n, args, token, stagger, args.seed + 1000 * level + 10 * rnd)
+                seed = args.seed + 1000 * level + 10 * rnd
+                pacing = Pacing(stagger_s=request_s if args.arrival == "steady" else 0.0,
+                                rate=args.request_rate if args.arrival == "poisson" else 0.0, seed=seed)
+                runs = _paths(target, level, n, args, token, pacing, seed)
                 order = list(runs)
                 for name in (order if rnd % 2 == 0 else order[::-1]):  # interleaved, alternating order
                     got = await _measure(runs[name], target.router_pid)
