@@ -179,6 +179,101 @@ def test_builtin_tools_come_back_with_their_recipients(engine, tok):
     assert out[2][1][-1].channel == "analysis"  # harmony calls its built-in tools from the analysis channel
 
 
+# ================================================================================================ the masks
+# strings with bounds, nested, beside an enum whose text looks like a bounded repetition before a literal
+BOUNDED = {"type": "object", "properties": {
+    "a": {"type": "string", "minLength": 3, "maxLength": 9},
+    "b": {"type": "array", "items": {"type": "string", "maxLength": 4}, "maxItems": 3},
+    "c": {"enum": ['x{0, 2} "q"', "y"]}}, "required": ["a", "b", "c"]}
+
+
+@pytest.mark.parametrize("schema", [BOUNDED, SCHEMAS[0], SCHEMAS[7], SCHEMAS[16]])
+def test_chained_repeats_give_xgrammar_s_own_masks(engine, schema):
+    """The rewritten grammar (bounded strings as chains of rules) allows exactly what xgrammar's own compile of the
+    schema allows, step by step along random walks that run strings to their bounds and end them early."""
+    import numpy as np
+    import xgrammar as xgr
+
+    d = engine.structured
+    text = json.dumps(schema)
+    ours = d._grammar(ResponseFormat("json_schema", text), "test")
+    theirs = d.json_compiler.compile_json_schema(text, any_whitespace=False, separators=(",", ":"), strict_mode=True)
+    assert "_chain" in str(ours.grammar)
+    rng = np.random.default_rng(0)
+    a, b = d.allocate_bitmask(1), d.allocate_bitmask(1)
+    for _ in range(3):
+        m_ours = xgr.GrammarMatcher(ours, override_stop_tokens=[d.RETURN])
+        m_theirs = xgr.GrammarMatcher(theirs, override_stop_tokens=[d.RETURN])
+        for _ in range(80):
+            m_ours.fill_next_token_bitmask(a, 0)
+            m_theirs.fill_next_token_bitmask(b, 0)
+            assert torch.equal(a, b)
+            allowed = np.flatnonzero(np.unpackbits(b.numpy().view(np.uint8), count=d.vocab_size, bitorder="little"))
+            token = int(rng.choice(allowed))
+            if token == d.RETURN:
+                break
+            assert m_ours.accept_token(token) and m_theirs.accept_token(token)
+
+
+def test_chain_bounded_repeats_rewrites_only_bounded_character_repeats():
+    from workers.engine.structured import chain_bounded_repeats
+
+    ebnf = "\n".join([
+        r'root ::= (("\"" c{2, 5} "\"" c{0, 3} "x{0, 3} \"y\"" c{4, 4} "z" "c{0, 3} \"q\"" w{0, 2} "q" '
+        r'c{0, -1} "\""))',
+        r'c ::= (([^\"\\\r\n]))',
+        r'w ::= (("ab" c))',
+    ])
+    out = chain_bounded_repeats(ebnf).splitlines()
+    # each bounded repeat takes the literal after it into its chain; a literal's own text is never rewritten
+    assert out[0] == (r'root ::= (("\"" c{2, 2} c_chain3_0_3 c_chain3_1_3 c{4, 4} "z" "c{0, 3} \"q\"" w{0, 2} "q" '
+                      r'c{0, -1} "\""))')
+    assert out[1:3] == ebnf.splitlines()[1:3]
+    assert out[3:] == [r'c_chain3_0_3 ::= ("\"" | (c c_chain3_0_2))', r'c_chain3_0_2 ::= ("\"" | (c c_chain3_0_1))',
+                       r'c_chain3_0_1 ::= ("\"" | (c c_chain3_0_0))', r'c_chain3_0_0 ::= ("\"")',
+                       r'c_chain3_1_3 ::= ("x{0, 3} \"y\"" | (c c_chain3_1_2))',
+                       r'c_chain3_1_2 ::= ("x{0, 3} \"y\"" | (c c_chain3_1_1))',
+                       r'c_chain3_1_1 ::= ("x{0, 3} \"y\"" | (c c_chain3_1_0))', r'c_chain3_1_0 ::= ("x{0, 3} \"y\"")']
+    assert chain_bounded_repeats(ebnf, max_extra=2).splitlines()[0].startswith(r'root ::= (("\"" c{2, 5} "\""')
+    plain = 'root ::= (("a" c{0, 3}))\nc ::= (([a-z]))'  # no literal after the repetition: left alone
+    assert chain_bounded_repeats(plain) == plain
+    for postfix in ("*", "+", "?", "{1, 2}"):  # the literal itself repeated is not `X{..} L`: left alone
+        repeated = f'root ::= (("a" c{{0, 3}} "q"{postfix}))\nc ::= (([a-z]))'
+        assert chain_bounded_repeats(repeated) == repeated
+
+
+def test_apply_bitmask_matches_xgrammar_s_kernel(engine):
+    """The vectorized CPU apply: exactly xgrammar's result, for all rows, a subset, all-allowed rows, padding."""
+    import numpy as np
+    import xgrammar as xgr
+
+    from workers.engine.structured import _allows_all
+
+    d = engine.structured
+    g = torch.Generator().manual_seed(0)
+    bitmask = d.allocate_bitmask(6)
+    words = bitmask.shape[1]
+    bitmask[0] = torch.randint(-2 ** 31, 2 ** 31 - 1, (words,), generator=g, dtype=torch.int64).to(torch.int32)
+    bitmask[1] = 0
+    bitmask[1, 7] = 1 << 3  # one token allowed
+    bitmask[2, 100:] = 0  # the first 3200 tokens allowed
+    bitmask[4, -1] = (1 << 31) - 1  # all but the last token
+    bitmask[5] = torch.randint(-2 ** 31, 2 ** 31 - 1, (words,), generator=g, dtype=torch.int64).to(torch.int32)
+    for pad in (0, 5):
+        for rows in ([0, 1, 2, 3, 4, 5], [1, 3, 4], [3], [5, 0]):
+            logits = torch.randn(6, d.vocab_size + pad, generator=g)
+            expected = logits.clone()
+            xgr.apply_token_bitmask_inplace(expected, bitmask, vocab_size=d.vocab_size, indices=rows)
+            d.apply_bitmask(logits, bitmask, rows)
+            assert torch.equal(logits, expected), (pad, rows)
+    row = np.full(3, -1, dtype=np.int32)
+    assert _allows_all(row, 96) and _allows_all(row, 70)
+    row[2] = 0b0111111
+    assert _allows_all(row, 70) and not _allows_all(row, 71)
+    row[0] = -2
+    assert not _allows_all(row, 70)
+
+
 # ================================================================================================ the engine around it
 def test_unconstrained_rows_are_untouched(engine, tok, prompt):
     """A seeded unconstrained request samples the same tokens alone and beside constrained ones."""

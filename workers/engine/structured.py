@@ -14,8 +14,9 @@ sequence token by token:
   may end only where the grammar accepts, with `<|return|>`; a strict tool's arguments follow its parameter schema
   and end with `<|call|>`; python code is free text.
 
-xgrammar compiles grammars (cached by the constraint's hash) off the step loop; each step `fill_bitmask` writes one
-bitmask row per constrained request and the sampler applies all rows in one vectorized call.
+xgrammar compiles grammars (cached by the constraint's hash) off the step loop, JSON Schema strings with a maxLength
+as chains of rules (`chain_bounded_repeats`: same masks, precomputed instead of checked at run time); each step
+`fill_bitmask` writes one bitmask row per constrained request and the sampler applies all rows in one vectorized call.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import base64
 import hashlib
 import json
 import re
+import sys
 import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -224,8 +226,15 @@ class StructuredDecoding:
         try:
             if rf.type == "json_schema":
                 json.loads(rf.value)
-                return self.json_compiler.compile_json_schema(rf.value, any_whitespace=False,
-                                                              separators=(",", ":"), strict_mode=True)
+                options = {"any_whitespace": False, "separators": (",", ":"), "strict_mode": True}
+                ebnf = str(self._xgr.Grammar.from_json_schema(rf.value, **options))
+                chained = chain_bounded_repeats(ebnf)
+                if chained != ebnf:  # the same language, with masks xgrammar can precompute (see the helper)
+                    try:
+                        return self.json_compiler.compile_grammar(chained)
+                    except (RuntimeError, ValueError, TypeError):
+                        pass  # never expected; xgrammar's own compile below is always right, only slower
+                return self.json_compiler.compile_json_schema(rf.value, **options)
             if rf.type == "json_object":
                 return self.json_compiler.compile_json_schema('{"type": "object"}', any_whitespace=False,
                                                               separators=(",", ":"), strict_mode=False)
@@ -274,10 +283,34 @@ class StructuredDecoding:
         return self._xgr.allocate_token_bitmask(num_rows, self.vocab_size)
 
     def apply_bitmask(self, logits: torch.Tensor, bitmask: torch.Tensor, rows: Sequence[int]) -> None:
-        """Disallowed tokens of `rows` -> -inf, in one vectorized call (logits [S, V] float32, in place)."""
-        if logits.device.type != "cpu":
-            bitmask = bitmask.to(logits.device, non_blocking=True)
-        self._xgr.apply_token_bitmask_inplace(logits, bitmask, vocab_size=self.vocab_size, indices=list(rows))
+        """Disallowed tokens of `rows` -> -inf, in place (logits [S, V]; bitmask row i belongs to logits row i).
+
+        On CPU: rows whose mask allows everything are skipped, the others are unpacked to one bool mask (numpy's
+        unpackbits, bit j of word k is token 32k + j) and applied by one `torch.where` over those rows, 2-3x faster
+        than xgrammar's per-row CPU kernel at batch 32 over a 201k vocabulary, with exactly its result (-inf where
+        the bit is 0, the logit untouched where it is 1). Elsewhere: xgrammar's kernel."""
+        rows = list(rows)
+        if logits.device.type != "cpu" or sys.byteorder != "little" or logits.dim() != 2:
+            if logits.device.type != "cpu":
+                bitmask = bitmask.to(logits.device, non_blocking=True)
+            self._xgr.apply_token_bitmask_inplace(logits, bitmask, vocab_size=self.vocab_size, indices=rows)
+            return
+        vocab = min(self.vocab_size, logits.shape[1])
+        words = bitmask.numpy()[:, :(vocab + 31) // 32]
+        rows = [r for r in rows if not _allows_all(words[r], vocab)]
+        if not rows:
+            return
+        every = rows == list(range(logits.shape[0]))
+        allowed = np.unpackbits((words if every else words[rows]).view(np.uint8), axis=1, count=vocab,
+                                bitorder="little").view(bool)
+        neg = torch.tensor(float("-inf"), dtype=logits.dtype)
+        if every and vocab == logits.shape[1]:
+            torch.where(torch.from_numpy(allowed), logits, neg, out=logits)
+            return
+        index = torch.tensor(rows)
+        block = logits[index, :vocab]
+        torch.where(torch.from_numpy(allowed), block, neg, out=block)
+        logits[index, :vocab] = block
 
 
 class ConstraintState:
@@ -387,6 +420,80 @@ def ordinary_token_bytes(tokenizer: Any, vocab_size: int) -> list[bytes]:
         if not tokenizer.is_special(i):
             vocab[i] = tokenizer.decode_bytes([i])
     return vocab
+
+
+def _allows_all(words: np.ndarray, vocab: int) -> bool:
+    """Whether a bitmask row (int32 words) allows every token below `vocab`."""
+    full, rest = divmod(vocab, 32)
+    if not (words[:full] == -1).all():
+        return False
+    return rest == 0 or (int(words[full]) & ((1 << rest) - 1)) == (1 << rest) - 1
+
+
+_EBNF_RULE = re.compile(r"([A-Za-z_][A-Za-z0-9_]*) ::= (.*)")
+_EBNF_CHAR_CLASS = re.compile(r"\(*\[(?:\\.|[^\]\\])*\]\)*")  # a rule whose body is one character class
+# `X{lo, hi} "literal"`: a bounded repetition followed, in the same sequence, by a string literal
+_EBNF_BOUNDED_REPEAT = re.compile(r'([A-Za-z_][A-Za-z0-9_]*)\{(\d+), (\d+)\} ("(?:\\.|[^"\\])+")')
+MAX_CHAINED_REPEAT = 128
+
+
+def chain_bounded_repeats(ebnf: str, max_extra: int = MAX_CHAINED_REPEAT) -> str:
+    """Rewrite `X{lo, hi} L` (X a character-class rule, L a string literal, 0 < hi - lo <= max_extra) as
+    `X{lo, lo} C_k` with k = hi - lo, `C_j ::= L | X C_(j-1)` and `C_0 ::= L`: the same language (X^lo, then 0..k
+    more X, then L), so the same token masks, but each position of the chain is its own rule whose masks xgrammar
+    precomputes at compile time. This is what JSON Schema strings with maxLength become
+    (`"\"" chars{0, 24} "\""`): xgrammar keeps the repetition's count at run time and checks most of the vocabulary
+    against it on every step inside such a string (1 to 80 ms per row on a 201k vocabulary, growing along the
+    string), against well under 0.1 ms per row for the chain. Compile time stays about the same. Anything else is
+    left as it is; string literals and character classes in the text are never touched."""
+    rules: dict[str, str] = {}
+    for line in ebnf.splitlines():
+        m = _EBNF_RULE.fullmatch(line)
+        if m:
+            rules[m[1]] = m[2]
+    char_rules = {name for name, body in rules.items() if _EBNF_CHAR_CLASS.fullmatch(body)}
+    chains: dict[tuple[str, int, str], str] = {}
+
+    def rewrite(body: str) -> str:
+        out, i, n = [], 0, len(body)
+        while i < n:
+            c = body[i]
+            if c in '"[':  # a literal or a character class: copy it whole
+                close, j = ('"' if c == '"' else "]"), i + 1
+                while j < n and body[j] != close:
+                    j += 2 if body[j] == "\\" else 1
+                out.append(body[i:j + 1])
+                i = j + 1
+                continue
+            m = _EBNF_BOUNDED_REPEAT.match(body, i) if (i == 0 or not (body[i - 1].isalnum()
+                                                                      or body[i - 1] == "_")) else None
+            if (m is None or m[1] not in char_rules or not 0 < int(m[3]) - int(m[2]) <= max_extra
+                    or body[m.end():m.end() + 1] in ("*", "+", "?", "{")):  # L itself repeated: not `X{..} L`
+                out.append(c)
+                i += 1
+                continue
+            name, lo, k, literal = m[1], int(m[2]), int(m[3]) - int(m[2]), m[4]
+            key = (name, k, literal)
+            if key not in chains:
+                base = f"{name}_chain{k}_{len(chains)}"
+                while any(r.startswith(base) for r in rules):
+                    base += "_"
+                chains[key] = base
+            chain = f"{chains[key]}_{k}"
+            out.append(f"{name}{{{lo}, {lo}}} {chain}" if lo else chain)
+            i = m.end()
+        return "".join(out)
+
+    lines = []
+    for line in ebnf.splitlines():
+        m = _EBNF_RULE.fullmatch(line)
+        lines.append(f"{m[1]} ::= {rewrite(m[2])}" if m else line)
+    if not chains:
+        return ebnf
+    for (name, k, literal), base in chains.items():
+        lines += [f"{base}_{j} ::= ({literal} | ({name} {base}_{j - 1}))" for j in range(k, 0, -1)]
+        lines.append(f"{base}_0 ::= ({literal})")
+    return "\n".join(lines)
 
 
 def _bits(token_ids: Sequence[int] | np.ndarray, words: int) -> np.ndarray:
