@@ -132,3 +132,34 @@ def test_min_tokens_masks_stop_tokens_and_logprobs_are_raw():
     assert [t for t, _ in logprobs[0].top] == [9, 4]
     assert logprobs[0].top[0][1] == pytest.approx(raw[0, 9].item())
     assert logprobs[1].top == [] and logprobs[1].logprob == pytest.approx(raw[1, 9].item())
+
+
+def _top_p_by_full_sort(probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """The nucleus by definition: sort everything, keep the smallest prefix whose mass reaches top_p."""
+    values, order = torch.sort(probs, dim=-1, descending=True)
+    kept = values.masked_fill(torch.cumsum(values, dim=-1) - values >= top_p[:, None], 0.0)
+    return torch.zeros_like(probs).scatter_(-1, order, kept)
+
+
+def test_top_p_candidates_give_the_nucleus_of_the_full_sort():
+    from workers.engine.sampler import TOP_P_CANDIDATES, _top_p
+
+    g = torch.Generator().manual_seed(5)
+    vocab = 4 * TOP_P_CANDIDATES
+    logits = torch.randn(6, vocab, generator=g)
+    logits[:3, :40] += 8  # a trained model's head: the nucleus within the candidates
+    logits[3] *= 0.01  # flat: known at once to need the full sort
+    logits[4, :TOP_P_CANDIDATES] += 3.0  # candidates hold some mass but not enough: sorted again in full
+    probs = torch.softmax(logits, dim=-1)
+    top_p = torch.tensor([0.9, 0.5, 0.99, 0.9, 0.95, 0.3])
+    assert torch.equal(_top_p(probs, top_p), _top_p_by_full_sort(probs, top_p))
+
+
+def test_masked_tokens_are_never_drawn():
+    logits = torch.full((1, V), float("-inf"))
+    allowed = [0, 7, V // 2, V - 2]  # the last token stays masked: the draw's upper end must not land on it
+    logits[0, allowed] = torch.tensor([0.0, -30.0, 1.0, -60.0])  # 7 and V - 2 are (nearly) impossible
+    n = 3000
+    gen = torch.Generator().manual_seed(3)
+    tokens = sample_rows(logits.expand(n, -1).clone(), [SamplingParams(temperature=1.0)] * n, [None] * n, gen)
+    assert set(tokens) <= set(allowed) and {0, V // 2} <= set(tokens)

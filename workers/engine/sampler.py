@@ -1,10 +1,11 @@
 """The batched sampler: one step's logits rows -> one token per request, the math vectorized over the batch.
 
 Order of operations per row: raw logprobs (for `logprobs`) -> repetition, frequency and presence penalties ->
-stop tokens masked below `min_tokens` -> greedy argmax, or temperature, top-k, top-p, min-p and an exponential race
-(`argmax p_i / E_i` with E_i ~ Exp(1) picks i with probability p_i). A seeded request draws its noise from its own
-generator, a full vocabulary row per step, so its tokens do not depend on what else is in the batch; unseeded rows
-share the engine's generator.
+stop tokens masked below `min_tokens` -> greedy argmax, or temperature, top-k, top-p, min-p and an inverse-CDF draw
+(one uniform per row against the cumulative sum of the kept probabilities). A seeded request draws its uniform from
+its own generator, one per step, so its tokens do not depend on what else is in the batch; unseeded rows share the
+engine's generator. (An exponential race, argmax p_i / E_i, needs a random number per vocabulary entry: ~6 ms per row
+over 201k on a CPU core, against well under 1 ms for the cumulative sum.)
 """
 
 from __future__ import annotations
@@ -91,7 +92,7 @@ def apply_penalties(logits: torch.Tensor, rows: Sequence[int], requests: Sequenc
 def sample_rows(logits: torch.Tensor, params: Sequence[SamplingParams], generators: Sequence[torch.Generator | None],
                 default_generator: torch.Generator | None) -> list[int]:
     """One token per row of logits [S, V]: greedy rows by argmax, the others by temperature / top-k / top-p / min-p
-    and an exponential race (row i's noise from generators[i], else from `default_generator`)."""
+    and an inverse-CDF draw (row i's uniform from generators[i], else from `default_generator`)."""
     num_rows, vocab = logits.shape
     device = logits.device
     greedy = [i for i, p in enumerate(params) if p.temperature == 0]
@@ -118,38 +119,62 @@ def sample_rows(logits: torch.Tensor, params: Sequence[SamplingParams], generato
 
     top_p_rows = [j for j, p in enumerate(rand_params) if p.top_p < 1]
     if top_p_rows:
-        sub_index = torch.tensor(top_p_rows, device=device)
-        sub = probs[sub_index]
-        sorted_probs, order = torch.sort(sub, dim=-1, descending=True)
         top_p = torch.tensor([rand_params[j].top_p for j in top_p_rows], dtype=probs.dtype, device=device)
-        # keep the smallest prefix whose mass reaches top_p (the first token always stays)
-        drop = (torch.cumsum(sorted_probs, dim=-1) - sorted_probs) >= top_p[:, None]
-        sorted_probs = sorted_probs.masked_fill(drop, 0.0)
-        probs[sub_index] = torch.zeros_like(sub).scatter_(-1, order, sorted_probs)
+        probs[torch.tensor(top_p_rows, device=device)] = _top_p(probs[top_p_rows], top_p)
     if any(p.min_p > 0 for p in rand_params):
         min_p = torch.tensor([p.min_p for p in rand_params], dtype=probs.dtype, device=device)
         probs = probs.masked_fill(probs < min_p[:, None] * probs.amax(dim=-1, keepdim=True), 0.0)
 
-    noise = torch.empty_like(probs)
+    # inverse CDF: one uniform per row, from the request's own generator (so a seeded row does not depend on the
+    # batch), else from the engine's. 1 - u lies in (0, 1], so the target is above 0 and at most the row's total:
+    # the first index whose cumulative mass reaches it always has a probability above 0 (masked tokens never).
+    uniforms = torch.empty(len(rand), dtype=torch.float64)
     unseeded = []
     for j, i in enumerate(rand):
         generator = generators[i]
         if generator is None:
             unseeded.append(j)
-        else:  # a fresh full row from the request's own generator: independent of the batch around it
-            noise[j] = torch.empty(vocab).exponential_(1.0, generator=generator).to(device)
-    if len(unseeded) == len(rand):
-        noise = _exponential(noise.shape, default_generator, device)
-    elif unseeded:
-        noise[torch.tensor(unseeded, device=device)] = _exponential((len(unseeded), vocab), default_generator, device)
-    out[index] = argmax_rows(probs / noise)
+        else:
+            uniforms[j] = torch.rand((), dtype=torch.float64, generator=generator)
+    if unseeded:
+        uniforms[unseeded] = torch.rand(len(unseeded), dtype=torch.float64, generator=default_generator)
+    cdf = torch.cumsum(probs, dim=-1)
+    target = (1.0 - uniforms).to(device=device, dtype=cdf.dtype) * cdf[:, -1]
+    out[index] = torch.searchsorted(cdf, target[:, None])[:, 0]
     return out.tolist()
 
 
-def _exponential(shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
-    if generator is None or generator.device == torch.device(device):
-        return torch.empty(shape, device=device).exponential_(1.0, generator=generator)
-    return torch.empty(shape).exponential_(1.0, generator=generator).to(device)
+TOP_P_CANDIDATES = 1024  # sort only this many of the most likely tokens first; rows they do not cover sort all
+
+
+def _top_p(probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """probs [R, V] -> the same with everything outside each row's nucleus set to 0: the smallest prefix of the
+    tokens sorted by probability whose mass reaches top_p (the first token always stays). A full sort of a 201k
+    vocabulary costs ~10 ms per row on a CPU core, and a trained model's nucleus is almost always among its top few
+    hundred tokens: those are sorted first (topk), and only rows whose candidates hold less than top_p of the mass
+    (known at once when even k times the largest probability falls short: a flat distribution) sort everything."""
+    num_rows, vocab = probs.shape
+    k = min(vocab, TOP_P_CANDIDATES)
+    rows = torch.arange(num_rows, device=probs.device)
+    maybe_head = probs.amax(dim=-1) * k >= top_p
+    parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (rows, sorted values, their token ids)
+    full = rows[~maybe_head]
+    if maybe_head.any():
+        head = rows[maybe_head]
+        values, order = probs[head].topk(k, dim=-1)  # descending
+        covered = values.sum(dim=-1) >= top_p[head]
+        parts.append((head[covered], values[covered], order[covered]))
+        full = torch.cat([full, head[~covered]])
+    if len(full):
+        values, order = torch.sort(probs[full], dim=-1, descending=True)
+        parts.append((full, values, order))
+    out = torch.zeros_like(probs)
+    for part_rows, values, order in parts:
+        if len(part_rows):
+            kept = values.masked_fill(torch.cumsum(values, dim=-1) - values >= top_p[part_rows][:, None], 0.0)
+            out[part_rows] = torch.zeros(len(part_rows), vocab, dtype=probs.dtype,
+                                         device=probs.device).scatter_(-1, order, kept)
+    return out
 
 
 def argmax_rows(x: torch.Tensor) -> torch.Tensor:
