@@ -341,7 +341,9 @@ def test_responses_function_call_round_trip_streamed(client):
 
     # the client's own accumulator (strict about item identities and ordering) over the second turn
     history = question + final.output + [{"type": "function_call_output", "call_id": call.call_id, "output": "8C"}]
-    with client.responses.stream(model=MODEL, input=history, tools=[WEATHER_FN], max_output_tokens=300,
+    # tool_choice "none": the answer, never another call (with "auto" a random-weights model may call again)
+    with client.responses.stream(model=MODEL, input=history, tools=[WEATHER_FN], tool_choice="none",
+                                 max_output_tokens=300,
                                  text={"format": {"type": "json_schema", "name": "answer", "schema": ANSWER,
                                                   "strict": True}},
                                  extra_body={"max_reasoning_tokens": 0, "seed": 9}) as stream:

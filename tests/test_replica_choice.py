@@ -155,6 +155,9 @@ def test_serve_router_affinity_accounting_and_exclusion():
         ranks = await router.choose_replicas(replicas, _pending(dict(request), "q2"))
         assert ranks[0] == [first]
         router.on_request_completed(first.replica_id, "q1")
+        # q2 was ranked but not routed yet: its cost counts on its first choice until it is routed or ends
+        assert router.policy.load(first.replica_id.to_full_id_str()) == len(prompt) + 8
+        router.on_request_completed(first.replica_id, "q2")
         assert router.policy.load(first.replica_id.to_full_id_str()) == 0
         # a retry excludes the replica that failed
         retry = dict(request, exclude_replicas=[first.replica_id.to_full_id_str()])
@@ -180,5 +183,34 @@ def test_serve_router_affinity_accounting_and_exclusion():
         # a replica that left is forgotten
         router.update_replicas([other])
         assert first.replica_id.to_full_id_str() not in router.policy.snapshot()["reported"]
+
+    asyncio.run(main())
+
+
+def test_a_burst_ranked_before_any_is_routed_spreads_over_the_replicas():
+    """Serve ranks a burst's requests before it routes the first (it probes the chosen replica's queue first): each
+    first choice counts on its replica at once, so the burst alternates instead of piling onto one replica."""
+    async def main():
+        router = _router()
+        replicas = [FakeReplica("a"), FakeReplica("b")]
+        router.update_replicas(replicas)
+        # an older imbalance in requests routed (the tie-break) must not send the whole burst one way
+        router.policy.routed("old", replicas[0].replica_id.to_full_id_str(), (), 0)
+        firsts = []
+        for i in range(8):
+            request = {"prompt_token_ids": [300 + i, 1, 2], "sampling": {"max_tokens": 200}}
+            ranks = await router.choose_replicas(replicas, _pending(request, f"b{i}"))
+            firsts.append(ranks[0][0].replica_id.unique_id)
+        assert sorted(firsts) == ["a"] * 4 + ["b"] * 4
+        # routing (to the first choice or elsewhere) replaces the provisional cost; completion removes it
+        b = replicas[1].replica_id
+        for i in range(8):
+            request = {"prompt_token_ids": [300 + i, 1, 2], "sampling": {"max_tokens": 200}}
+            router.on_request_routed(_pending(request, f"b{i}"), b, None)
+        assert router.policy.load(b.to_full_id_str()) == 8 * 203
+        assert router.policy.load(replicas[0].replica_id.to_full_id_str()) == 0
+        for i in range(8):
+            router.on_request_completed(b, f"b{i}")
+        assert router.policy.load(b.to_full_id_str()) == 0
 
     asyncio.run(main())

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import random
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -33,6 +34,8 @@ from ray.serve.request_router import MultiplexMixin, PendingRequest, ReplicaID, 
 from workers.engine.kv_cache import hash_block
 
 __all__ = ["AffinityPolicy", "PrefixAffinityRouter", "prefix_hashes", "request_cost"]
+
+CHOSEN_TTL_S = 5.0  # how long a choice not yet routed counts on its replica
 
 
 def prefix_hashes(token_ids: Sequence[int], block_size: int, max_blocks: int) -> list[bytes]:
@@ -71,6 +74,10 @@ class AffinityPolicy:
         self._reported: dict[str, int] = {}  # replica -> outstanding tokens the replica itself reported
         self._inflight: dict[str, tuple[str, int]] = {}  # request key -> (replica, cost)
         self._routed: dict[str, int] = {}  # replica -> requests routed (tie-break: spread equal loads)
+        # request key -> (replica, cost, when): chosen but not yet routed. Serve probes the chosen replica's queue
+        # before it routes (an await), and meanwhile the other requests of a burst are ranked: without this they
+        # would all see the same loads and pile onto the same replica.
+        self._chosen: dict[str, tuple[str, int, float]] = {}
         self._rng = random.Random(seed)
         self.affinity_hits = 0
         self.affinity_overloaded = 0
@@ -89,7 +96,24 @@ class AffinityPolicy:
             return self._load(replica)
 
     def _load(self, replica: str) -> int:
-        return max(self._outstanding.get(replica, 0), self._reported.get(replica, 0))
+        return max(self._outstanding.get(replica, 0) + self._chosen_cost.get(replica, 0),
+                   self._reported.get(replica, 0))
+
+    @property
+    def _chosen_cost(self) -> dict[str, int]:
+        now = time.monotonic()
+        cost: dict[str, int] = {}
+        for key, (replica, tokens, when) in list(self._chosen.items()):
+            if now - when > CHOSEN_TTL_S:  # never routed (cancelled while pending): forget it
+                del self._chosen[key]
+            else:
+                cost[replica] = cost.get(replica, 0) + tokens
+        return cost
+
+    def chosen(self, key: str, replica: str, cost: int) -> None:
+        """`replica` is the first choice for request `key`, not routed yet: count its cost there meanwhile."""
+        with self._lock:
+            self._chosen[key] = (replica, cost, time.monotonic())
 
     # ------------------------------------------------------------------------------------------------ decision
     def rank(self, candidates: Iterable[str], hashes: Sequence[bytes] = (),
@@ -101,7 +125,9 @@ class AffinityPolicy:
         if not allowed:
             return []
         with self._lock:
-            loads = {c: self._load(c) for c in allowed}
+            chosen = self._chosen_cost
+            loads = {c: max(self._outstanding.get(c, 0) + chosen.get(c, 0), self._reported.get(c, 0))
+                     for c in allowed}
             order = sorted(allowed, key=lambda c: (loads[c], self._routed.get(c, 0), self._rng.random()))
             affine = None
             allowed_set = set(allowed)
@@ -122,6 +148,7 @@ class AffinityPolicy:
     def routed(self, key: str, replica: str, hashes: Sequence[bytes] = (), cost: int = 0) -> None:
         """The request `key` went to `replica`: it owns the request's prefixes now and carries its cost."""
         with self._lock:
+            self._chosen.pop(key, None)
             previous = self._inflight.pop(key, None)
             if previous is not None:  # routed again (a retry): move its cost
                 self._sub(*previous)
@@ -136,6 +163,7 @@ class AffinityPolicy:
 
     def completed(self, key: str) -> None:
         with self._lock:
+            self._chosen.pop(key, None)
             entry = self._inflight.pop(key, None)
             if entry is not None:
                 self._sub(*entry)
@@ -158,6 +186,8 @@ class AffinityPolicy:
                 del self._owner[h]
             for key in [k for k, (r, _) in self._inflight.items() if r not in keep]:
                 del self._inflight[key]
+            for key in [k for k, (r, _, _) in self._chosen.items() if r not in keep]:
+                del self._chosen[key]
 
     def snapshot(self) -> dict[str, Any]:
         with self._lock:
@@ -215,8 +245,11 @@ class PrefixAffinityRouter(MultiplexMixin, RequestRouter):
         target = _target_of(pending_request)
         if target is not None:  # nothing when it is gone: the channel's open timeout fails its requests
             return [[by_id[target]]] if target in by_id else []
-        hashes, _, exclude = self._prepare(pending_request)
-        return [[by_id[k] for k in rank] for rank in self.policy.rank(by_id, hashes, exclude)]
+        hashes, cost, exclude = self._prepare(pending_request)
+        ranks = self.policy.rank(by_id, hashes, exclude)
+        if ranks and pending_request is not None and _request_of(pending_request) is not None:
+            self.policy.chosen(pending_request.metadata.internal_request_id, ranks[0][0], cost)
+        return [[by_id[k] for k in rank] for rank in ranks]
 
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result: Any) -> None:
         hashes, cost, _ = self._prepare(pending_request)
