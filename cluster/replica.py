@@ -492,12 +492,17 @@ class _Outbox:
         self.touched = time.monotonic()
 
 
-class ChannelMethods:
-    """The token channel's Serve methods, for a deployment body with `self.core` (`generate`) and
-    `self.channels` (a `TokenChannels`): ModelReplicaImpl and the scripted stand-in of the tests."""
+class ReplicaMethods:
+    """The Serve methods that only hand over to the replica core, and the token channel's, for a deployment body with
+    `self.core` (`generate`, `abort`, `model_info`) and `self.channels` (a `TokenChannels`): ModelReplicaImpl and
+    the scripted stand-in of the tests."""
 
     core: Any
     channels: TokenChannels
+
+    async def generate(self, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        async for item in self.core.generate(request):
+            yield item
 
     async def submit(self, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         async for item in self.channels.submit(request, self.core.generate):
@@ -507,9 +512,15 @@ class ChannelMethods:
         async for batch in self.channels.stream(request):
             yield batch
 
+    async def abort(self, request_id: str) -> bool:
+        return self.core.abort(request_id)
+
+    async def model_info(self) -> dict[str, Any]:
+        return self.core.model_info()
+
 
 # ================================================================================================ Serve deployment
-class ModelReplicaImpl(ChannelMethods):
+class ModelReplicaImpl(ReplicaMethods):
     """The body of the `ModelReplica` Serve deployment (cluster.app applies the deployment options)."""
 
     async def __init__(self, settings: dict[str, Any]) -> None:
@@ -534,19 +545,9 @@ class ModelReplicaImpl(ChannelMethods):
         logger.info("replica %s ready: %s on %s x%d", replica_id, self.settings.model, self.settings.device,
                     self.settings.shards_per_replica)
 
-    async def generate(self, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
-        async for item in self.core.generate(request):
-            yield item
-
-    async def abort(self, request_id: str) -> bool:
-        return self.core.abort(request_id)
-
     async def stats(self) -> dict[str, Any]:
         # engine.stats() asks the shard actors for expert counts (a blocking Ray call): keep it off the loop
         return {**await detached_thread(self.core.stats), **self.channels.stats()}
-
-    async def model_info(self) -> dict[str, Any]:
-        return self.core.model_info()
 
     async def check_health(self) -> None:
         await detached_thread(self.core.check_health)

@@ -26,7 +26,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from typing import Any
 
-from cluster.replica import ChannelMethods, TokenChannels
+from cluster.replica import ReplicaMethods, TokenChannels
 from workers.harmony import RETURN_ID
 
 __all__ = ["ScriptedReplica", "ScriptedReplicaImpl", "ServerThread"]
@@ -161,7 +161,7 @@ def _resolve(future: asyncio.Future[None]) -> None:
         future.set_result(None)
 
 
-class ScriptedReplicaImpl(ChannelMethods):
+class ScriptedReplicaImpl(ReplicaMethods):
     """Body of a Serve deployment standing in for ModelReplica (same methods as `cluster.replica.ModelReplicaImpl`)
     around a `ScriptedReplica(**options)`: the Router deployment, its handle and the request router all run for
     real, only the engine is scripted."""
@@ -173,18 +173,8 @@ class ScriptedReplicaImpl(ChannelMethods):
         self.core = ScriptedReplica(**{**options, "replica_id": replica_id})
         self.channels = TokenChannels(replica_id)
 
-    async def generate(self, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
-        async for item in self.core.generate(request):
-            yield item
-
-    async def abort(self, request_id: str) -> bool:
-        return self.core.abort(request_id)
-
     async def stats(self) -> dict[str, Any]:
         return {**self.core.stats(), **self.channels.stats(), "pid": os.getpid()}
-
-    async def model_info(self) -> dict[str, Any]:
-        return self.core.model_info()
 
     async def check_health(self) -> None:
         return None
