@@ -199,6 +199,15 @@ def _running(client: Client, n: int) -> list[pb.ReplicaInfo]:
     return replicas if len(replicas) == n and all(r.state == "RUNNING" for r in replicas) else []
 
 
+def _serves(client: Client) -> bool:
+    """The router answers a generation: it has seen a replica ready (its poll of the replicas can trail the replica
+    list by an interval) and the request went through."""
+    try:
+        return sum(len(r.token_ids) for r in client.generate([1, 2, 3], max_tokens=1, timeout_seconds=30)) == 1
+    except grpc.RpcError:
+        return False
+
+
 def _generate_many(address: str, prompts: list[list[int]], max_tokens: int, timeout: float = 120.0) -> list:
     async def one(client, prompt):
         ids, last = [], None
@@ -343,13 +352,14 @@ def test_killing_a_shard_worker_fails_its_requests_and_serve_replaces_the_replic
     # Serve notices the failed health checks and replaces the replicas; the cluster serves again
     _wait(lambda: (lambda rs: len(rs) == 2 and not set(r.replica_id for r in rs) & old_ids and rs)(
         _running(client, 2)), 300, "Serve to replace the broken replicas", interval=1.0)
+    _wait(lambda: _serves(client), 60, "the router to serve again")
     results = _generate_many(cluster["address"], [[7, 8, i] for i in range(8)], max_tokens=3)
     assert all(not isinstance(r, BaseException) and len(r[0]) == 3 for r in results), results
 
 
 def test_scale_down_finishes_in_flight_requests(cluster):
     client = cluster["client"]
-    _wait(lambda: _running(client, 2), 240, "two replicas")
+    _wait(lambda: _running(client, 2) and _serves(client), 240, "two replicas, and the router serving")
     outcomes: list = []
 
     def stream(i):

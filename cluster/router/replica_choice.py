@@ -3,8 +3,9 @@
 `AffinityPolicy` is the decision, free of Ray: it hashes the prompt's leading KV blocks with the engine's own hash
 chain (`workers.engine.kv_cache.hash_block`, so "same hash" means "the replica's prefix cache can hold it"),
 remembers which replica each hashed prefix was last sent to, and keeps an estimate of every replica's outstanding
-tokens (prompt + max_tokens of the requests it routed that have not finished; replicas also report their own figure
-through Serve's routing stats, and the larger of the two counts). For a request it ranks the replicas:
+tokens (prompt + max_tokens of the requests it routed that have not finished, and of those it ranked but Serve has
+not routed yet, on their first choice; replicas also report their own figure through Serve's routing stats, and the
+larger of the two counts). For a request it ranks the replicas:
 
 1. the replica that holds the longest matching prefix, if its load is within bounds
    (`load <= load_factor * mean load + slack_tokens`, consistent hashing with bounded loads); otherwise
@@ -93,14 +94,13 @@ class AffinityPolicy:
 
     def load(self, replica: str) -> int:
         with self._lock:
-            return self._load(replica)
+            return self._load(replica, self._chosen_costs())
 
-    def _load(self, replica: str) -> int:
-        return max(self._outstanding.get(replica, 0) + self._chosen_cost.get(replica, 0),
-                   self._reported.get(replica, 0))
+    def _load(self, replica: str, chosen: Mapping[str, int]) -> int:
+        return max(self._outstanding.get(replica, 0) + chosen.get(replica, 0), self._reported.get(replica, 0))
 
-    @property
-    def _chosen_cost(self) -> dict[str, int]:
+    def _chosen_costs(self) -> dict[str, int]:
+        """replica -> cost of the requests chosen for it and not routed yet (dropping choices older than the TTL)."""
         now = time.monotonic()
         cost: dict[str, int] = {}
         for key, (replica, tokens, when) in list(self._chosen.items()):
@@ -125,9 +125,8 @@ class AffinityPolicy:
         if not allowed:
             return []
         with self._lock:
-            chosen = self._chosen_cost
-            loads = {c: max(self._outstanding.get(c, 0) + chosen.get(c, 0), self._reported.get(c, 0))
-                     for c in allowed}
+            chosen = self._chosen_costs()
+            loads = {c: self._load(c, chosen) for c in allowed}
             order = sorted(allowed, key=lambda c: (loads[c], self._routed.get(c, 0), self._rng.random()))
             affine = None
             allowed_set = set(allowed)
