@@ -140,8 +140,9 @@ def _token_auth_for_explicit_address() -> None:
 
 def connect_ray(address: str | None = None, num_cpus: int | None = None, **init_kwargs: Any) -> bool:
     """Make sure this process is connected to Ray: nothing when it already is; join `address` (or $RAY_ADDRESS);
-    otherwise start a local Ray on loopback (no dashboard, token auth on). Returns True when this call connected
-    (the caller owns the connection and may `ray.shutdown()` it)."""
+    otherwise start a local Ray on loopback (no dashboard, token auth on; a start that fails, as Ray's does when its
+    dashboard misses the start-up timeout on a loaded machine, is cleaned up and tried once more). Returns True when
+    this call connected (the caller owns the connection and may `ray.shutdown()` it)."""
     import ray
 
     if ray.is_initialized():
@@ -155,9 +156,46 @@ def connect_ray(address: str | None = None, num_cpus: int | None = None, **init_
             ray.init(address=address, **init_kwargs)
         return True
     init_kwargs.setdefault("include_dashboard", False)
-    with _loopback_ray():
-        ray.init(address="local", _node_ip_address="127.0.0.1", num_cpus=num_cpus, **init_kwargs)
+    for attempt in range(1, LOCAL_START_ATTEMPTS + 1):
+        started_before = _child_pids()
+        try:
+            with _loopback_ray():
+                ray.init(address="local", _node_ip_address="127.0.0.1", num_cpus=num_cpus, **init_kwargs)
+            return True
+        except Exception as e:  # noqa: BLE001 - Ray raises bare Exception when its dashboard does not come up
+            # A loaded machine sometimes starves the dashboard past Ray's start-up timeout; the half-started
+            # node (GCS, reaper) is ours to clean up before trying once more.
+            _kill_new_children(started_before)
+            if attempt == LOCAL_START_ATTEMPTS:
+                raise
+            logger.warning("starting the local Ray node failed (%s); trying once more", e)
     return True
+
+
+LOCAL_START_ATTEMPTS = 2
+
+
+def _child_pids() -> set[int]:
+    """This process's descendants, from /proc (Linux; elsewhere an empty set: nothing is cleaned up)."""
+    parent_of: dict[int, int] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            # "pid (comm) state ppid ...": comm may hold spaces, so split after its closing parenthesis
+            parent_of[int(stat.parent.name)] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+    descendants, frontier = set(), {os.getpid()}
+    while frontier:
+        frontier = {pid for pid, ppid in parent_of.items() if ppid in frontier} - descendants
+        descendants |= frontier
+    return descendants
+
+
+def _kill_new_children(before: set[int]) -> None:
+    """Kill the processes a failed `ray.init` left behind (it raises without its node, so `ray.shutdown` cannot)."""
+    import signal
+
+    for pid in _child_pids() - before:
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
 
 
 def _fits(capacity: dict[str, float], bundle: dict[str, float]) -> int:
