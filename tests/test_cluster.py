@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -25,16 +24,11 @@ from cluster.app import AppConfig, DashboardClient, DashboardError, app_config, 
 from cluster.client import AsyncClient, Client
 from cluster.router.server import INFERENCE_SERVICE
 from proto.gptoss.v1 import gptoss_pb2 as pb
+from tests.tools import free_port
 from workers.harmony import get_tokenizer
 
 SHARDS = 2
 CLI = [sys.executable, "-m", "cluster.cli"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _wait(predicate, timeout: float, what: str, interval: float = 0.25):
@@ -113,13 +107,13 @@ def test_cli_bad_arguments_exit_2_with_one_line(capsys):
 def test_cli_serve_then_chat_then_ctrl_c(tmp_path):
     """`make serve` runs `gptoss-cluster serve`: it brings a cluster up on loopback, `chat` gets an answer, and
     Ctrl-C (SIGINT) shuts everything down with exit code 0."""
-    grpc_port, metrics_port, dashboard_port = _free_port(), _free_port(), _free_port()
+    grpc_port, metrics_port, dashboard_port = free_port(), free_port(), free_port()
     env = dict(os.environ, GPTOSS_CACHE_DIR=str(tmp_path / "cache"), PYTHONUNBUFFERED="1")
     env.pop("RAY_ADDRESS", None)
     env.pop("GPTOSS_AUTH_TOKEN", None)
     log = open(tmp_path / "serve.log", "w+")
     proc = subprocess.Popen(
-        CLI + ["serve", "--host", "127.0.0.1", "--grpc-port", str(grpc_port), "--http-port", str(_free_port()),
+        CLI + ["serve", "--host", "127.0.0.1", "--grpc-port", str(grpc_port), "--http-port", str(free_port()),
                "--metrics-port", str(metrics_port),
                "--dashboard-port", str(dashboard_port), "--num-blocks", "256", "--max-model-len", "1024"],
         stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
@@ -165,7 +159,7 @@ def cluster(checkpoints):
 
     from workers.engine.ray_executor import connect_ray
 
-    dashboard_port, grpc_port = _free_port(), _free_port()
+    dashboard_port, grpc_port = free_port(), free_port()
     os.environ["GPTOSS_NO_PROGRESS"] = "1"
     if ray.is_initialized():  # a previous module left its connection: this module needs its own node + dashboard
         ray.shutdown()
@@ -173,7 +167,7 @@ def cluster(checkpoints):
     dashboard = f"http://127.0.0.1:{dashboard_port}"
     config = AppConfig(model=str(checkpoints["tiny-hf"]), served_model_name="tiny", dtype="float32", device="cpu",
                        num_replicas=1, shards_per_replica=SHARDS, max_ongoing_requests=128, grpc_port=grpc_port,
-                       http_port=_free_port(),
+                       http_port=free_port(),
                        grpc_host="127.0.0.1", metrics_port=0, routing_stats_period_s=0.5, health_interval_s=0.2,
                        graceful_shutdown_timeout_s=30,
                        engine={"num_blocks": 512, "max_model_len": 1024, "max_num_seqs": 64})

@@ -31,6 +31,7 @@ from cluster.client import Client
 from cluster.metrics import Metrics
 from cluster.router.server import RouterSettings
 from cluster.router.testing import ScriptedReplica, ServerThread
+from tests.tools import free_port
 from workers.harmony import get_tokenizer
 
 TOKEN = "http-test-token"
@@ -40,12 +41,6 @@ WEATHER_FN = {"type": "function", "name": WEATHER_TOOL["name"], "description": W
               "parameters": WEATHER_TOOL["parameters"], "strict": True}
 ANSWER = {"type": "object", "properties": {"summary": {"type": "string", "maxLength": 20}},
           "required": ["summary"], "additionalProperties": False}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _http(method: str, url: str, body: bytes | None = None, token: str | None = None) -> tuple[int, dict]:
@@ -83,13 +78,13 @@ def cluster(checkpoints):
 
     if ray.is_initialized():  # a previous module's connection: this module starts its own node
         ray.shutdown()
-    grpc_port, http_port = _free_port(), _free_port()
+    grpc_port, http_port = free_port(), free_port()
     config = AppConfig(model=str(checkpoints["tiny-hf"]), served_model_name=MODEL, dtype="float32", device="cpu",
                        num_replicas=1, shards_per_replica=1, max_ongoing_requests=128, grpc_port=grpc_port,
                        grpc_host="127.0.0.1", http_port=http_port, metrics_port=0, auth_token_env=TOKEN_ENV,
                        health_interval_s=0.2, routing_stats_period_s=0.5, graceful_shutdown_timeout_s=10,
                        engine={"num_blocks": 2048, "max_model_len": 2048, "max_num_seqs": 64})
-    local = LocalCluster(config, ray_address="", dashboard_port=_free_port(), num_cpus=4,
+    local = LocalCluster(config, ray_address="", dashboard_port=free_port(), num_cpus=4,
                          env_vars={TOKEN_ENV: TOKEN, "GPTOSS_NO_PROGRESS": "1"})
     try:
         local.start(ready_timeout_s=300)
@@ -447,7 +442,7 @@ FUNCTION_CALL = ("<|channel|>analysis<|message|>Need the weather.<|end|>"
 
 def _scripted(*replicas, metrics=None, wait_ready=True, **settings):
     st = ServerThread()
-    st.start(list(replicas), RouterSettings(host="127.0.0.1", port=0, http_port=_free_port(),
+    st.start(list(replicas), RouterSettings(host="127.0.0.1", port=0, http_port=free_port(),
                                             health_interval_s=0.05, **settings), metrics, wait_ready=wait_ready)
     base = f"http://127.0.0.1:{st.server.http_port}"
     return st, base, openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=30)

