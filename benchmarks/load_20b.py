@@ -27,7 +27,7 @@ def measure(checkpoint: str, tokens: int, dtype: str) -> dict:
     import torch
 
     from workers.checkpoint import open_checkpoint
-    from workers.llm import DTYPES
+    from workers.engine.ray_executor import DTYPES
     from workers.model import GptOssModel
 
     start = time.perf_counter()

@@ -192,8 +192,10 @@ def _credentials(tls: bool, root_certificates: bytes | None) -> grpc.ChannelCred
     return grpc.ssl_channel_credentials(root_certificates) if tls or root_certificates else None
 
 
-class Client:
-    """Blocking client (one channel)."""
+class _ClientBase:
+    """The channel, bearer-token metadata and stubs that both clients set up the same way."""
+
+    _channels: Any  # the module that opens the channel: grpc (blocking) or grpc.aio; the stubs serve both
 
     def __init__(self, address: str, *, token: str | None = None, tls: bool = False,
                  root_certificates: bytes | None = None, timeout: float | None = None,
@@ -202,12 +204,19 @@ class Client:
         self.timeout = timeout
         creds = _credentials(tls, root_certificates)
         opts = _options(max_message_bytes)
-        self.channel = grpc.secure_channel(address, creds, opts) if creds else grpc.insecure_channel(address, opts)
+        self.channel = (self._channels.secure_channel(address, creds, opts) if creds else
+                        self._channels.insecure_channel(address, opts))
         token = _token(token)
         self.metadata = (("authorization", f"Bearer {token}"),) if token else ()
         self.inference = pb_grpc.InferenceStub(self.channel)
         self.admin = pb_grpc.AdminStub(self.channel)
         self.health_stub = health_pb2_grpc.HealthStub(self.channel)
+
+
+class Client(_ClientBase):
+    """Blocking client (one channel)."""
+
+    _channels = grpc
 
     def __enter__(self) -> Client:
         return self
@@ -243,23 +252,10 @@ class Client:
         return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
 
 
-class AsyncClient:
+class AsyncClient(_ClientBase):
     """asyncio client (one grpc.aio channel); create it inside the running loop."""
 
-    def __init__(self, address: str, *, token: str | None = None, tls: bool = False,
-                 root_certificates: bytes | None = None, timeout: float | None = None,
-                 max_message_bytes: int = 64 * 1024 * 1024) -> None:
-        self.address = address
-        self.timeout = timeout
-        creds = _credentials(tls, root_certificates)
-        opts = _options(max_message_bytes)
-        self.channel = (grpc.aio.secure_channel(address, creds, opts) if creds else
-                        grpc.aio.insecure_channel(address, opts))
-        token = _token(token)
-        self.metadata = (("authorization", f"Bearer {token}"),) if token else ()
-        self.inference = pb_grpc.InferenceStub(self.channel)
-        self.admin = pb_grpc.AdminStub(self.channel)
-        self.health_stub = health_pb2_grpc.HealthStub(self.channel)
+    _channels = grpc.aio
 
     async def __aenter__(self) -> AsyncClient:
         return self

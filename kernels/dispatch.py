@@ -10,6 +10,7 @@ import functools
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from types import ModuleType
 
 import torch
 
@@ -29,15 +30,20 @@ class Kernels:
     paged_attention: Callable[..., torch.Tensor]
 
 
-TORCH_KERNELS = Kernels(
-    name="torch",
-    rms_norm=reference.rms_norm,
-    apply_rope=reference.apply_rope,
-    attention=reference.attention_with_sinks,
-    route=reference.route,
-    moe_experts=reference.moe_experts,
-    paged_attention=paged.paged_attention,
-)
+def _bundle(name: str, impl: ModuleType, paged_impl: ModuleType) -> Kernels:
+    """The bundle of module `impl`'s kernels and `paged_impl`'s paged_attention (both backends use the same names)."""
+    return Kernels(
+        name=name,
+        rms_norm=impl.rms_norm,
+        apply_rope=impl.apply_rope,
+        attention=impl.attention_with_sinks,
+        route=impl.route,
+        moe_experts=impl.moe_experts,
+        paged_attention=paged_impl.paged_attention,
+    )
+
+
+TORCH_KERNELS = _bundle("torch", reference, paged)
 
 
 def select_kernels(device: torch.device | str = "cpu", backend: str | None = None) -> Kernels:
@@ -65,15 +71,7 @@ def _triton_kernels() -> Kernels:
     except ImportError as exc:
         raise RuntimeError(f"GPTOSS_KERNELS=triton needs the triton package, which does not import here ({exc}); "
                            "install triton or use GPTOSS_KERNELS=torch") from exc
-    return Kernels(
-        name="triton",
-        rms_norm=tk.rms_norm,
-        apply_rope=tk.apply_rope,
-        attention=tk.attention_with_sinks,
-        route=tk.route,
-        moe_experts=tk.moe_experts,
-        paged_attention=tk.paged_attention,
-    )
+    return _bundle("triton", tk, tk)
 
 
 def __getattr__(name: str):

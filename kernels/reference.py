@@ -7,6 +7,7 @@ checkpoints, layers or the engine: tensors in, tensors out.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 
@@ -149,15 +150,39 @@ def moe_experts(
     dequantized, one at a time, so no dense copy of all experts ever exists.
     gate_up_blocks [E_local, 2I, H/32, 16], down_blocks [E_local, H, I/32, 16] (rows = output features).
     """
+
+    def dequantized(expert: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return (dequantize_mxfp4(gate_up_blocks[expert], gate_up_scales[expert], x.dtype),  # [2I, H]
+                dequantize_mxfp4(down_blocks[expert], down_scales[expert], x.dtype))  # [H, I]
+
+    return mix_experts(x, expert_weights, expert_ids, gate_up_blocks.shape[0], dequantized, gate_up_bias, down_bias,
+                       swiglu_limit, swiglu_alpha, first_expert)
+
+
+def mix_experts(
+    x: torch.Tensor,
+    expert_weights: torch.Tensor,
+    expert_ids: torch.Tensor,
+    num_local: int,
+    expert_matrices: Callable[[int], tuple[torch.Tensor, torch.Tensor]],
+    gate_up_bias: torch.Tensor,
+    down_bias: torch.Tensor,
+    swiglu_limit: float,
+    swiglu_alpha: float,
+    first_expert: int = 0,
+) -> torch.Tensor:
+    """The per-token math of `moe_experts`, given each local expert's dense weights by `expert_matrices(e)` ->
+    (gate_up [2I, H], down [H, I]) in x's dtype; asked only for experts that received tokens, once each.
+
+    Shared with the executor's dequantize-once MoE, so that both give bit-identical outputs.
+    """
     out = torch.zeros_like(x)
-    num_local = gate_up_blocks.shape[0]
     local_ids = expert_ids - first_expert
     for expert in torch.unique(local_ids).tolist():
         if not 0 <= expert < num_local:
             continue
         token_idx, slot = torch.where(local_ids == expert)
-        w1 = dequantize_mxfp4(gate_up_blocks[expert], gate_up_scales[expert], x.dtype)  # [2I, H]
-        w2 = dequantize_mxfp4(down_blocks[expert], down_scales[expert], x.dtype)  # [H, I]
+        w1, w2 = expert_matrices(expert)
         hidden = torch.nn.functional.linear(x[token_idx], w1, gate_up_bias[expert].to(x.dtype))
         hidden = swiglu(hidden, swiglu_limit, swiglu_alpha)
         y = torch.nn.functional.linear(hidden, w2, down_bias[expert].to(x.dtype))

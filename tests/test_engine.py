@@ -10,6 +10,7 @@ import threading
 import pytest
 import torch
 
+from tests.helpers import ForwardingExecutor, torch_threads
 from workers.checkpoint import open_checkpoint, write_checkpoint
 from workers.config import ModelConfig
 from workers.engine import Engine, EngineConfig, Executor, LocalExecutor, RequestStatus
@@ -24,10 +25,8 @@ GREEDY = dict(temperature=0, ignore_eos=True)
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
     # 2 shared cores: OpenMP spinning under contention costs far more than it gains on matrices this small.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with torch_threads(1):
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -62,34 +61,22 @@ def reference_greedy(model, prompt, n):
     return _reference_cache[key]
 
 
-class HookExecutor(Executor):
+class HookExecutor(ForwardingExecutor):
     """A LocalExecutor that records logits and calls `hook(step)` while a step executes (outside the engine lock)."""
 
     def __init__(self, model):
-        self.inner = LocalExecutor(model)
+        super().__init__(LocalExecutor(model))
         self.hook = None
         self.steps = 0
         self.logits = []
 
-    def kv_block_bytes(self, layout):
-        return self.inner.kv_block_bytes(layout)
-
-    def available_kv_memory(self):
-        return self.inner.available_kv_memory()
-
-    def initialize_cache(self, layout, num_blocks):
-        self.inner.initialize_cache(layout, num_blocks)
-
     def execute(self, plan):
-        out = self.inner.execute(plan)
+        out = super().execute(plan)
         self.steps += 1
         self.logits.append(out)
         if self.hook is not None:
             self.hook(self.steps)
         return out
-
-    def expert_counts(self):
-        return self.inner.expert_counts()
 
 
 MIX = [(5, 12), (40, 8), (150, 6), (300, 10), (17, 30), (129, 3), (64, 5)]  # (prompt, max_tokens)

@@ -23,6 +23,7 @@ import time
 import pytest
 import torch
 
+from tests.helpers import ForwardingExecutor, torch_threads
 from workers import LLM
 from workers.checkpoint import open_checkpoint
 from workers.config import ModelConfig
@@ -41,37 +42,21 @@ FAST = dict(collective_timeout_s=10.0, step_timeout_s=60.0, start_timeout_s=120.
 
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with torch_threads(1):
+        yield
 
 
-class Recording(Executor):
+class Recording(ForwardingExecutor):
     """Wraps an engine's executor and keeps a copy of every step's logits."""
 
     def __init__(self, inner: Executor) -> None:
-        self.inner, self.logits = inner, []
-
-    def kv_block_bytes(self, layout):
-        return self.inner.kv_block_bytes(layout)
-
-    def available_kv_memory(self):
-        return self.inner.available_kv_memory()
-
-    def initialize_cache(self, layout, num_blocks):
-        self.inner.initialize_cache(layout, num_blocks)
+        super().__init__(inner)
+        self.logits = []
 
     def execute(self, plan):
-        out = self.inner.execute(plan)
+        out = super().execute(plan)
         self.logits.append(out.clone())
         return out
-
-    def expert_counts(self):
-        return self.inner.expert_counts()
-
-    def shutdown(self):
-        self.inner.shutdown()
 
 
 def run(llm: LLM) -> dict:

@@ -167,19 +167,11 @@ class ModelConfig:
         if isinstance(eos, list):
             eos = eos[0] if eos else 200002
         kwargs = dict(
-            num_hidden_layers=data.get("num_hidden_layers", 24),
+            **_same_named_fields(data),
             num_experts=data.get("num_local_experts", 32),
             experts_per_token=experts_per_token,
-            vocab_size=data.get("vocab_size", 201088),
-            hidden_size=data.get("hidden_size", 2880),
-            intermediate_size=data.get("intermediate_size", 2880),
-            head_dim=data.get("head_dim", 64),
-            num_attention_heads=data.get("num_attention_heads", 64),
-            num_key_value_heads=data.get("num_key_value_heads", 8),
-            sliding_window=data.get("sliding_window", 128),
             layer_types=tuple(data.get("layer_types") or ()),
             rms_norm_eps=data.get("rms_norm_eps", 1e-5),
-            swiglu_limit=data.get("swiglu_limit", 7.0),
             swiglu_alpha=data.get("swiglu_alpha", 1.702),
             rope_theta=rope.get("rope_theta", data.get("rope_theta", 150000.0)),
             rope_scaling_factor=rope.get("factor", 32.0),
@@ -250,17 +242,9 @@ class ModelConfig:
         if data.get("rope_ntk_alpha", 1.0) <= 0 or data.get("rope_ntk_beta", 32.0) <= 0:
             raise ConfigError("config fields 'rope_ntk_alpha' and 'rope_ntk_beta' must be positive")
         return cls(
-            num_hidden_layers=data.get("num_hidden_layers", 24),
+            **_same_named_fields(data),
             num_experts=data.get("num_experts", 32),
             experts_per_token=data.get("experts_per_token", 4),
-            vocab_size=data.get("vocab_size", 201088),
-            hidden_size=data.get("hidden_size", 2880),
-            intermediate_size=data.get("intermediate_size", 2880),
-            head_dim=data.get("head_dim", 64),
-            num_attention_heads=data.get("num_attention_heads", 64),
-            num_key_value_heads=data.get("num_key_value_heads", 8),
-            sliding_window=data.get("sliding_window", 128),
-            swiglu_limit=data.get("swiglu_limit", 7.0),
             rope_theta=data.get("rope_theta", 150000.0),
             rope_scaling_factor=data.get("rope_scaling_factor", 32.0),
             rope_original_context=data.get("initial_context_length", 4096),
@@ -317,6 +301,18 @@ class ModelConfig:
             raise ConfigError(f"{path}: {exc}") from None
         except TypeError as exc:  # a field of the wrong JSON type reaching arithmetic
             raise ConfigError(f"{path}: {exc}") from None
+
+
+# Fields both layouts spell as ModelConfig does.
+_SAME_NAMED_FIELDS = (
+    "num_hidden_layers", "vocab_size", "hidden_size", "intermediate_size", "head_dim", "num_attention_heads",
+    "num_key_value_heads", "sliding_window", "swiglu_limit",
+)
+
+
+def _same_named_fields(data: dict[str, Any]) -> dict[str, Any]:
+    """The same-named fields `data` gives; the ones it leaves out keep ModelConfig's defaults."""
+    return {name: data[name] for name in _SAME_NAMED_FIELDS if name in data}
 
 
 def _refuse_unknown(data: dict[str, Any], known: set[str], layout: str) -> None:

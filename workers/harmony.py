@@ -587,29 +587,11 @@ def render_conversation(conversation: Conversation) -> list[int]:
         raise ValueError(f"harmony cannot render this conversation: {e}") from e
 
 
-def render_chat(
-    messages: Sequence[Mapping[str, Any]],
-    *,
-    reasoning_effort: str = "medium",
-    tools: Sequence[Mapping[str, Any]] | None = None,
-    developer_instructions: str | None = None,
-    builtin_tools: Sequence[str] | None = None,
-    model_identity: str | None = None,
-    knowledge_cutoff: str | None = None,
-    conversation_start_date: str | None = None,
-) -> list[int]:
-    """OpenAI-style messages -> prompt token ids ending in `<|start|>assistant` (fields: see build_conversation)."""
-    conversation = build_conversation(
-        messages,
-        reasoning_effort=reasoning_effort,
-        tools=tools,
-        developer_instructions=developer_instructions,
-        builtin_tools=builtin_tools,
-        model_identity=model_identity,
-        knowledge_cutoff=knowledge_cutoff,
-        conversation_start_date=conversation_start_date,
-    )
-    return render_conversation(conversation)
+def render_chat(messages: Sequence[Mapping[str, Any]], **options: Any) -> list[int]:
+    """OpenAI-style messages -> prompt token ids ending in `<|start|>assistant`; `options` are build_conversation's
+    keywords (reasoning_effort, tools, developer_instructions, builtin_tools, model_identity, ...), passed on as is so
+    that they are declared once."""
+    return render_conversation(build_conversation(messages, **options))
 
 
 def render_chat_text(messages: Sequence[Mapping[str, Any]], **options: Any) -> str:

@@ -17,12 +17,10 @@ import torch
 
 from workers.checkpoint import open_checkpoint
 from workers.engine import Engine, EngineConfig
+from workers.engine.ray_executor import as_dtype
 from workers.harmony import ParsedMessage, get_tokenizer, parse_completion, render_chat
 from workers.model import GptOssModel, KVCache
 from workers.sampling import SamplingParams
-
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "auto": torch.bfloat16}
 
 Prompt = str | Sequence[int] | Sequence[dict[str, Any]]
 
@@ -45,12 +43,7 @@ class LLM:
         replica): on the Ray this process is connected to, else $RAY_ADDRESS, else a local Ray started on loopback
         (and stopped by `shutdown()`). `executor_kwargs` go to `make_executor` (device, cpus_per_shard,
         placement_group, timeouts, ...)."""
-        if isinstance(dtype, str):
-            if dtype not in DTYPES:
-                raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-            dtype = DTYPES[dtype]
-        if dtype not in (torch.float32, torch.bfloat16):
-            raise ValueError(f"dtype must be float32 or bfloat16, got {dtype}")
+        dtype = as_dtype(dtype)
         self.tokenizer = get_tokenizer()
         if num_shards != 1:
             from workers.engine.ray_executor import make_executor

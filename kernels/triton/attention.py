@@ -46,6 +46,39 @@ MIN_SPLIT_KEYS = 256  # below this a split's fixed costs (q load, partial write,
 
 
 @jit
+def _query_rows(tile, kv_head, num_q, BLOCK_Q: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr):
+    """A program's M = BLOCK_Q·GROUP_PAD rows, query-major: each row's query index, query head, and whether it is
+    real (past the last query or in GROUP's padding to a power of two it is not)."""
+    r = tl.arange(0, BLOCK_Q * GROUP_PAD)
+    qi = tile * BLOCK_Q + r // GROUP_PAD
+    head_in_group = r % GROUP_PAD
+    row_ok = (qi < num_q) & (head_in_group < GROUP)
+    return qi, kv_head * GROUP + head_in_group, row_ok
+
+
+@jit
+def _attend_keys(q, k, v, visible, m_i, l_i, acc, qk_scale, DT: tl.constexpr, DOT_FP32: tl.constexpr):
+    """One online-softmax step over a tile of keys: the scores q·k^T (base 2: log2(e) is in qk_scale) where
+    `visible`, folded into the running max `m_i`, running sum `l_i` and unnormalised output `acc`."""
+    if DOT_FP32:
+        s = tl.dot(q, tl.trans(k.to(DT)), input_precision="ieee")
+    else:
+        s = tl.dot(q, tl.trans(k.to(DT)))
+    s = tl.where(visible, s * qk_scale, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    # A row that has seen neither a key nor a sink (a split's partial starts at -inf) keeps p = alpha = 0, not NaN.
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp2(s - m_use[:, None])
+    alpha = tl.exp2(m_i - m_use)
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    if DOT_FP32:
+        acc = tl.dot(p, v.to(DT), acc * alpha[:, None], input_precision="ieee")
+    else:
+        acc = tl.dot(p.to(DT), v.to(DT), acc * alpha[:, None])
+    return m_new, l_i, acc
+
+
+@jit
 def _paged_attention_kernel(q_ptr, k_ptr, v_ptr, block_tables_ptr, qsl_ptr, seq_lens_ptr, sinks_ptr,
                             out_ptr, part_acc_ptr, part_ml_ptr,
                             num_seqs, num_tokens, num_q_heads, num_splits, min_split_keys, window, qk_scale,
@@ -75,11 +108,7 @@ def _paged_attention_kernel(q_ptr, k_ptr, v_ptr, block_tables_ptr, qsl_ptr, seq_
     seq_len = tl.load(seq_lens_ptr + seq)
 
     M: tl.constexpr = BLOCK_Q * GROUP_PAD
-    r = tl.arange(0, M)
-    qi = tile * BLOCK_Q + r // GROUP_PAD
-    head_in_group = r % GROUP_PAD
-    row_ok = (qi < q_len) & (head_in_group < GROUP)
-    head = kv_head * GROUP + head_in_group
+    qi, head, row_ok = _query_rows(tile, kv_head, q_len, BLOCK_Q, GROUP, GROUP_PAD)
     pos = seq_len - q_len + qi  # query positions
     token = (q_start + qi).to(tl.int64)
     d = tl.arange(0, HEAD_DIM)
@@ -119,24 +148,10 @@ def _paged_attention_kernel(q_ptr, k_ptr, v_ptr, block_tables_ptr, qsl_ptr, seq_
                     mask=kmask[:, None], other=0.0)
         v = tl.load(v_ptr + (page * v_stride_b + slot * v_stride_t + kv_head * v_stride_h)[:, None] + d[None, :],
                     mask=kmask[:, None], other=0.0)
-        if DOT_FP32:
-            s = tl.dot(q, tl.trans(k.to(DT)), input_precision="ieee")
-        else:
-            s = tl.dot(q, tl.trans(k.to(DT)))
         visible = kmask[None, :] & (kpos[None, :] <= pos[:, None])
         if SLIDING:
             visible = visible & (pos[:, None] - kpos[None, :] < window)
-        s = tl.where(visible, s * qk_scale, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(s - m_use[:, None])
-        alpha = tl.exp2(m_i - m_use)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        if DOT_FP32:
-            acc = tl.dot(p, v.to(DT), acc * alpha[:, None], input_precision="ieee")
-        else:
-            acc = tl.dot(p.to(DT), v.to(DT), acc * alpha[:, None])
-        m_i = m_new
+        m_i, l_i, acc = _attend_keys(q, k, v, visible, m_i, l_i, acc, qk_scale, DT, DOT_FP32)
 
     if SPLIT:
         part = (split * num_tokens + token) * num_q_heads + head  # [M] rows of [splits, T, Hq]
@@ -278,11 +293,7 @@ def _dense_attention_kernel(q_ptr, k_ptr, v_ptr, sinks_ptr, q_pos_ptr, k_pos_ptr
     tile = tl.program_id(0)
     kv_head = tl.program_id(1)
     M: tl.constexpr = BLOCK_Q * GROUP_PAD
-    r = tl.arange(0, M)
-    qi = tile * BLOCK_Q + r // GROUP_PAD
-    head_in_group = r % GROUP_PAD
-    row_ok = (qi < num_q) & (head_in_group < GROUP)
-    head = kv_head * GROUP + head_in_group
+    qi, head, row_ok = _query_rows(tile, kv_head, num_q, BLOCK_Q, GROUP, GROUP_PAD)
     pos = tl.load(q_pos_ptr + qi, mask=qi < num_q, other=0)
     d = tl.arange(0, HEAD_DIM)
     qi64 = qi.to(tl.int64)
@@ -302,24 +313,11 @@ def _dense_attention_kernel(q_ptr, k_ptr, v_ptr, sinks_ptr, q_pos_ptr, k_pos_ptr
                     other=0.0)
         v = tl.load(v_ptr + kj64[:, None] * v_stride_t + kv_head * v_stride_h + d[None, :], mask=kmask[:, None],
                     other=0.0)
-        if DOT_FP32:
-            s = tl.dot(q, tl.trans(k.to(DT)), input_precision="ieee")
-        else:
-            s = tl.dot(q, tl.trans(k.to(DT)))
         delta = pos[:, None] - kpos[None, :]
         visible = kmask[None, :] & (delta >= 0)
         if SLIDING:
             visible = visible & (delta < window)
-        s = tl.where(visible, s * qk_scale, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        p = tl.exp2(s - m_new[:, None])
-        alpha = tl.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        if DOT_FP32:
-            acc = tl.dot(p, v.to(DT), acc * alpha[:, None], input_precision="ieee")
-        else:
-            acc = tl.dot(p.to(DT), v.to(DT), acc * alpha[:, None])
-        m_i = m_new
+        m_i, l_i, acc = _attend_keys(q, k, v, visible, m_i, l_i, acc, qk_scale, DT, DOT_FP32)
     out = acc / l_i[:, None]
     tl.store(out_ptr + qi64[:, None] * o_stride_t + head[:, None] * o_stride_h + d[None, :],
              out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])

@@ -3,8 +3,8 @@
 The reference `moe_experts` dequantizes each routed expert's MXFP4 weights on every call, which on CPU costs as much
 as the expert matmuls themselves. When the dense copy of all experts is small (the tiny test / benchmark models), the
 executor swaps in this version: every expert tensor is dequantized once, on first use, and cached; the per-token math
-is the reference's, op for op, so outputs are bit-identical. Large models keep the MXFP4 path (a dense fp32 copy of
-gpt-oss-20b's experts would be ~76 GB).
+is the reference's own (`kernels.reference.mix_experts`), so outputs are bit-identical. Large models keep the MXFP4
+path (a dense fp32 copy of gpt-oss-20b's experts would be ~76 GB).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import torch
 
 from kernels.dispatch import Kernels
 from kernels.mxfp4 import dequantize_mxfp4
-from kernels.reference import swiglu
+from kernels.reference import mix_experts
 
 DEFAULT_LIMIT_BYTES = 1 << 30
 
@@ -48,18 +48,9 @@ class DequantizedMoE:
                  swiglu_alpha: float, first_expert: int = 0) -> torch.Tensor:
         w1_all = self._dense(gate_up_blocks, gate_up_scales, x.dtype)  # [E_local, 2I, H]
         w2_all = self._dense(down_blocks, down_scales, x.dtype)  # [E_local, H, I]
-        out = torch.zeros_like(x)
-        num_local = gate_up_blocks.shape[0]
-        local_ids = expert_ids - first_expert
-        for expert in torch.unique(local_ids).tolist():
-            if not 0 <= expert < num_local:
-                continue
-            token_idx, slot = torch.where(local_ids == expert)
-            hidden = torch.nn.functional.linear(x[token_idx], w1_all[expert], gate_up_bias[expert].to(x.dtype))
-            hidden = swiglu(hidden, swiglu_limit, swiglu_alpha)
-            y = torch.nn.functional.linear(hidden, w2_all[expert], down_bias[expert].to(x.dtype))
-            out.index_add_(0, token_idx, y * expert_weights[token_idx, slot, None].to(x.dtype))
-        return out
+        return mix_experts(x, expert_weights, expert_ids, gate_up_blocks.shape[0],
+                           lambda expert: (w1_all[expert], w2_all[expert]), gate_up_bias, down_bias, swiglu_limit,
+                           swiglu_alpha, first_expert)
 
 
 def with_dequantized_experts(kernels: Kernels) -> Kernels:

@@ -1,0 +1,46 @@
+"""Test doubles shared by several test modules."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+
+from workers.engine import Executor, KVCacheLayout, StepPlan
+
+
+@contextlib.contextmanager
+def torch_threads(count: int) -> Iterator[None]:
+    """torch's intra-op thread count set to `count` inside the block, restored after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+class ForwardingExecutor(Executor):
+    """An executor that hands every call to `inner`: subclasses override the calls they watch (usually `execute`)."""
+
+    def __init__(self, inner: Executor) -> None:
+        self.inner = inner
+
+    def kv_block_bytes(self, layout: KVCacheLayout) -> int:
+        return self.inner.kv_block_bytes(layout)
+
+    def available_kv_memory(self) -> int:
+        return self.inner.available_kv_memory()
+
+    def initialize_cache(self, layout: KVCacheLayout, num_blocks: int) -> None:
+        self.inner.initialize_cache(layout, num_blocks)
+
+    def execute(self, plan: StepPlan) -> torch.Tensor:
+        return self.inner.execute(plan)
+
+    def expert_counts(self) -> torch.Tensor | None:
+        return self.inner.expert_counts()
+
+    def shutdown(self) -> None:
+        self.inner.shutdown()
