@@ -270,7 +270,7 @@ def _floor_server(cores: list[Any]) -> Any:
 
 
 def _server_process(conn: Any, engine: str, model: str, replicas: int, step_ms: float, num_blocks: int,
-                    lockstep: bool, coalesce: bool) -> None:
+                    lockstep: bool, coalesce: bool, stream_interval: int = 1) -> None:
     os.environ.setdefault("GPTOSS_NO_PROGRESS", "1")
     from cluster.metrics import Metrics
     from cluster.router.backend import LocalBackend
@@ -293,7 +293,8 @@ def _server_process(conn: Any, engine: str, model: str, replicas: int, step_ms: 
                                            executor=LocalExecutor(first.executor.model, True))
                                for i in range(1, replicas)]
         server = GptossServer(LocalBackend(cores), RouterSettings(host="127.0.0.1", port=0, max_queued_requests=4096,
-                                                                  health_interval_s=0.5), Metrics())
+                                                                  health_interval_s=0.5,
+                                                                  stream_interval=stream_interval), Metrics())
         port = await server.start()
         await server.wait_ready(60)
         floor = _floor_server(cores)
@@ -321,11 +322,12 @@ class LocalTarget:
     """A router + replica(s) in a child process; `direct` runs a level inside that process."""
 
     def __init__(self, engine: str, model: str, replicas: int, step_ms: float, num_blocks: int,
-                 lockstep: bool, coalesce: bool) -> None:
+                 lockstep: bool, coalesce: bool, stream_interval: int = 1) -> None:
         ctx = mp.get_context("spawn")
         self.conn, child = ctx.Pipe()
         self.proc = ctx.Process(target=_server_process, daemon=True,
-                                args=(child, engine, model, replicas, step_ms, num_blocks, lockstep, coalesce))
+                                args=(child, engine, model, replicas, step_ms, num_blocks, lockstep, coalesce,
+                                      stream_interval))
         self.proc.start()
         if not self.conn.poll(600):
             raise TimeoutError("the server process did not start")
@@ -414,7 +416,7 @@ class ServeTarget(RayTarget):
     model (cluster.app's application), or a scripted engine inside the same deployment methods."""
 
     def __init__(self, engine: str, model: str, replicas: int, step_ms: float, num_blocks: int,
-                 lockstep: bool, coalesce: bool, env: dict[str, str] | None = None) -> None:
+                 lockstep: bool, coalesce: bool, env: dict[str, str] | None = None, stream_interval: int = 1) -> None:
         from ray import serve
 
         from workers.engine.ray_executor import connect_ray
@@ -438,13 +440,14 @@ class ServeTarget(RayTarget):
             router = serve.deployment(name="Router", num_replicas=1, max_ongoing_requests=1000,
                                       ray_actor_options={"num_cpus": 0.5, "runtime_env": {"env_vars": dict(env or {})}},
                                       )(RouterImpl)
-            settings = RouterSettings(host="127.0.0.1", port=port, max_queued_requests=4096, health_interval_s=0.5)
+            settings = RouterSettings(host="127.0.0.1", port=port, max_queued_requests=4096, health_interval_s=0.5,
+                                      stream_interval=stream_interval)
             app = router.bind(replica.bind({"step_s": step_ms / 1000, "max_ongoing_requests": 1024,
                                             "lockstep": lockstep, "coalesce": coalesce}), settings.to_dict())
         else:
             from cluster.app import build_application
 
-            app = build_application(_tiny_config(model, replicas, port, num_blocks))
+            app = build_application(_tiny_config(model, replicas, port, num_blocks, stream_interval))
         serve.run(app, name=APP, route_prefix=None)
         super().__init__(f"127.0.0.1:{port}", None)
         self.handle = serve.get_deployment_handle("ModelReplica", app_name=APP)
@@ -466,11 +469,12 @@ class ServeTarget(RayTarget):
             ray.shutdown()
 
 
-def _tiny_config(model: str, replicas: int, port: int, num_blocks: int) -> Any:
+def _tiny_config(model: str, replicas: int, port: int, num_blocks: int, stream_interval: int = 1) -> Any:
     from cluster.app import parse_args
 
     config = parse_args({"model": model, "num_replicas": replicas, "dtype": "float32", "grpc_port": port,
                          "metrics_port": 0, "max_ongoing_requests": 1024, "max_queued_requests": 4096,
+                         "stream_interval": stream_interval,
                          "engine": {"num_blocks": num_blocks, "max_num_seqs": 256}})
     config.grpc_host = "127.0.0.1"
     return config
@@ -680,6 +684,8 @@ def main(argv: list[str] | None = None) -> int:
                         "once; poisson: open loop at --request-rate, at most --concurrency in flight")
     p.add_argument("--request-rate", type=float, default=0.0,
                    help="requests/s of --arrival poisson (the same seeded arrival times for every path)")
+    p.add_argument("--stream-interval", type=int, default=1,
+                   help="the router's stream_interval: tokens per delta after the first (default 1)")
     p.add_argument("--input-len", type=int, default=64)
     p.add_argument("--output-len", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
@@ -725,19 +731,20 @@ def main(argv: list[str] | None = None) -> int:
             write_checkpoint(ModelConfig.preset("tiny"), DEFAULT_CHECKPOINT, seed=0, progress=False)
     engine = (f"{args.replicas} {args.engine} replica(s)"
               + (f" ({args.step_ms:g} ms/token{', lockstep' if args.lockstep else ''}"
-                 f"{', coalescing' if args.coalesce else ''})" if args.engine == "scripted" else " (float32, CPU)"))
+                 f"{', coalescing' if args.coalesce else ''})" if args.engine == "scripted" else " (float32, CPU)")
+              + (f"; router stream_interval {args.stream_interval}" if args.stream_interval != 1 else ""))
     if args.address:
         target: Any = RayTarget(args.address, args.ray_app)
         what = f"cluster at {args.address}"
     elif args.serve:
         env = dict(kv.split("=", 1) for kv in args.serve_env)
         target = ServeTarget(args.engine, model or "", args.replicas, args.step_ms, args.num_blocks, args.lockstep,
-                             args.coalesce, env)
+                             args.coalesce, env, args.stream_interval)
         what = (f"local Ray Serve: Router deployment + {engine} as ModelReplica deployment(s)"
                 + (f"; deployments' env {env}" if env else ""))
     else:
         target = LocalTarget(args.engine, model or "", args.replicas, args.step_ms, args.num_blocks, args.lockstep,
-                             args.coalesce)
+                             args.coalesce, args.stream_interval)
         what = f"local router (LocalBackend, one process) + {engine}"
     freeze_gc()
     results: dict[str, Any] = {"target": what, "input_len": args.input_len, "output_len": args.output_len,

@@ -82,6 +82,7 @@ class AppConfig:
     max_ongoing_requests: int = 256
     router_replicas: int = 1
     max_queued_requests: int = 1024
+    stream_interval: int = 1  # tokens per streamed delta after the first (RouterSettings.stream_interval)
     grpc_port: int = 50051
     http_port: int = 8000  # the Routers' OpenAI-compatible HTTP server; 0: off
     metrics_port: int = 9400
@@ -128,8 +129,9 @@ class AppConfig:
         else:
             out["num_replicas"] = self.replicas
         out.update(max_ongoing_requests=self.max_ongoing_requests, router_replicas=self.router_replicas,
-                   max_queued_requests=self.max_queued_requests, grpc_port=self.grpc_port,
-                   http_port=self.http_port, metrics_port=self.metrics_port, auth_token_env=self.auth_token_env)
+                   max_queued_requests=self.max_queued_requests, stream_interval=self.stream_interval,
+                   grpc_port=self.grpc_port, http_port=self.http_port, metrics_port=self.metrics_port,
+                   auth_token_env=self.auth_token_env)
         if self.engine:
             out["engine"] = dict(self.engine)
         if self.sampling_defaults:
@@ -139,7 +141,8 @@ class AppConfig:
 
 
 _SCHEMA_KEYS = ("model", "served_model_name", "shards_per_replica", "device", "dtype", "num_replicas",
-                "autoscaling_config", "max_ongoing_requests", "router_replicas", "max_queued_requests", "grpc_port",
+                "autoscaling_config", "max_ongoing_requests", "router_replicas", "max_queued_requests",
+                "stream_interval", "grpc_port",
                 "http_port", "metrics_port", "auth_token_env", "engine", "sampling_defaults",
                 "default_reasoning_effort")
 
@@ -197,7 +200,7 @@ def validate(c: AppConfig) -> AppConfig:
                                                                   a[key] == 0)):
                 fail(f"autoscaling_config.{key}", f"must be a number {'> 0' if 'target' in key else '>= 0'}")
     for key, low in (("max_ongoing_requests", 1), ("router_replicas", 1), ("max_queued_requests", 0),
-                     ("grpc_port", 0), ("http_port", 0), ("metrics_port", 0)):
+                     ("stream_interval", 1), ("grpc_port", 0), ("http_port", 0), ("metrics_port", 0)):
         value = getattr(c, key)
         if not _is_int(value) or value < low or (key.endswith("port") and value > 65535):
             fail(key, f"must be an integer >= {low}{' and <= 65535' if key.endswith('port') else ''}, got {value!r}")
@@ -290,7 +293,8 @@ def router_settings(config: AppConfig) -> dict[str, Any]:
     return RouterSettings(
         served_model_name=config.name, host=config.grpc_host, port=config.grpc_port, http_port=config.http_port,
         http_host=config.http_host,
-        max_queued_requests=config.max_queued_requests, auth_token_env=config.auth_token_env,
+        max_queued_requests=config.max_queued_requests, stream_interval=config.stream_interval,
+        auth_token_env=config.auth_token_env,
         auth_token_file=config.auth_token_file, tls_cert_file=config.tls_cert_file,
         tls_key_file=config.tls_key_file, max_message_bytes=config.max_message_bytes,
         sampling_defaults=dict(config.sampling_defaults), default_reasoning_effort=config.default_reasoning_effort,

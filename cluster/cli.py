@@ -149,6 +149,8 @@ def _register_serve(sub: Any) -> None:
     p.add_argument("--metrics-port", type=_port, default=9400, help="Prometheus metrics port, 0: none (default 9400)")
     p.add_argument("--dashboard-port", type=_port, default=8265, help="Ray dashboard port (default 8265)")
     p.add_argument("--max-queued-requests", type=int, default=1024, help="router admission queue (default 1024)")
+    p.add_argument("--stream-interval", type=_positive_int, default=1,
+                   help="tokens per streamed delta after the first: larger sends fewer messages (default 1)")
     p.add_argument("--max-ongoing-requests", type=_positive_int, default=256,
                    help="requests in flight per replica (default 256)")
     p.add_argument("--num-blocks", type=_positive_int, default=None, help="KV-cache blocks per replica")
@@ -178,7 +180,8 @@ def _serve_config(args: argparse.Namespace) -> Any:
         ("gptoss-tiny" if args.model is None else None), shards_per_replica=args.shards_per_replica,
         device=args.device, dtype=args.dtype or ("float32" if args.model is None else "bfloat16"),
         num_replicas=args.replicas, max_ongoing_requests=args.max_ongoing_requests,
-        max_queued_requests=args.max_queued_requests, grpc_port=args.grpc_port, http_port=args.http_port,
+        max_queued_requests=args.max_queued_requests, stream_interval=args.stream_interval,
+        grpc_port=args.grpc_port, http_port=args.http_port,
         metrics_port=args.metrics_port,
         engine=engine, grpc_host=args.host, metrics_host=args.host,
         auth_token_file=str(args.auth_token_file.absolute()) if args.auth_token_file else None,

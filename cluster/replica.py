@@ -29,7 +29,6 @@ import asyncio
 import contextlib
 import contextvars
 import dataclasses
-import importlib
 import logging
 import os
 import time
@@ -41,12 +40,6 @@ from typing import Any
 logger = logging.getLogger("gptoss.replica")
 
 STARTING, RUNNING, DRAINING, UNHEALTHY = "STARTING", "RUNNING", "DRAINING", "UNHEALTHY"
-DTYPE_NAMES = ("bfloat16", "float32")
-
-# Where the sharded executor factory may live (the workers side is built concurrently; first hit wins).
-_EXECUTOR_FACTORIES = ("workers.engine:make_executor", "workers.engine.executors:make_executor",
-                       "workers.engine.ray_executor:make_executor", "workers.engine.executor:make_executor")
-
 
 @dataclass
 class ReplicaSettings:
@@ -74,51 +67,15 @@ class ReplicaSettings:
         return dataclasses.asdict(self)
 
 
-def _torch_dtype(name: str) -> Any:
-    import torch
-
-    if name not in DTYPE_NAMES:
-        raise ValueError(f"dtype must be one of {DTYPE_NAMES}, got {name!r}")
-    return getattr(torch, name)
-
-
-def find_executor_factory() -> Any | None:
-    """workers' `make_executor(model_path, num_shards, dtype=, device=, placement_group=, placement_strategy=)`,
-    or None while it does not exist yet."""
-    for spec in _EXECUTOR_FACTORIES:
-        module, _, name = spec.partition(":")
-        try:
-            factory = getattr(importlib.import_module(module), name, None)
-        except ImportError:
-            continue
-        if callable(factory):
-            return factory
-    return None
-
-
 def build_executor(settings: ReplicaSettings, placement_group: Any = None) -> Any:
-    """The executor of one replica: workers' `make_executor` (LocalExecutor in this process for one shard, a
-    RayExecutor with G ShardWorkers in bundles 1..G of the replica's placement group otherwise); before that factory
-    existed, an in-process LocalExecutor."""
-    count = bool(settings.engine.get("count_expert_tokens", True))
-    factory = find_executor_factory()
-    if factory is not None:
-        return factory(settings.model, num_shards=settings.shards_per_replica, dtype=settings.dtype,
-                       device=settings.device, placement_group=placement_group,
-                       placement_strategy=settings.placement_strategy, count_expert_tokens=count)
-    if settings.shards_per_replica != 1:
-        raise RuntimeError(f"shards_per_replica={settings.shards_per_replica} needs workers.engine's make_executor "
-                           "(the RayExecutor), which this installation does not have; use 1")
-    from workers.checkpoint import open_checkpoint
-    from workers.engine import LocalExecutor
-    from workers.model import GptOssModel
+    """The executor of one replica: `make_executor` (a LocalExecutor in this process for one shard, a RayExecutor
+    with G ShardWorkers in bundles 1..G of the replica's placement group otherwise)."""
+    from workers.engine.ray_executor import make_executor
 
-    with open_checkpoint(settings.model) as reader:
-        model = GptOssModel.from_checkpoint(reader, dtype=_torch_dtype(settings.dtype), device=settings.device,
-                                            progress=False)
-    executor = LocalExecutor(model, count)
-    executor.model_config = model.config
-    return executor
+    return make_executor(settings.model, num_shards=settings.shards_per_replica, dtype=settings.dtype,
+                         device=settings.device, placement_group=placement_group,
+                         placement_strategy=settings.placement_strategy,
+                         count_expert_tokens=bool(settings.engine.get("count_expert_tokens", True)))
 
 
 def _short(replica_id: str) -> str:
@@ -131,13 +88,6 @@ def _logprobs(items: Any) -> list[dict[str, Any]] | None:
         return None
     return [{"token_id": lp.token_id, "logprob": float(lp.logprob), "top": [(int(t), float(p)) for t, p in lp.top]}
             for lp in items]
-
-
-def _has_ready(stream: Any) -> bool:
-    """Whether the engine's request stream already holds its next output, so that taking it does not wait.
-    (`workers.engine.RequestStream` keeps its outputs in an asyncio.Queue; a stream without one never coalesces.)"""
-    queue = getattr(stream, "_queue", None)
-    return queue is not None and not queue.empty()
 
 
 def _item(outs: list[Any]) -> dict[str, Any]:
@@ -153,6 +103,16 @@ def _item(outs: list[Any]) -> dict[str, Any]:
     usage = last.usage if last.finished else None
     return {"token_ids": token_ids, "logprobs": logprobs, "finish_reason": last.finish_reason,
             "stop_reason": last.stop_reason, "usage": dataclasses.asdict(usage) if usage is not None else None}
+
+
+def merge_deltas(first: dict[str, Any], then: dict[str, Any]) -> dict[str, Any]:
+    """Two consecutive deltas of one request as one: token ids and logprobs concatenated, the rest (finish, stop
+    reason, usage) from `then`."""
+    if first.get("logprobs") is None and then.get("logprobs") is None:
+        logprobs = None
+    else:
+        logprobs = [*(first.get("logprobs") or ()), *(then.get("logprobs") or ())]
+    return {**then, "token_ids": [*first["token_ids"], *then["token_ids"]], "logprobs": logprobs}
 
 
 def _error(code: str, message: str) -> dict[str, Any]:
@@ -314,7 +274,7 @@ class ReplicaCore:
                 # (each item costs a Serve/Ray message; a consumer that fell behind catches up in one). Nothing
                 # waits for more, so the first token and a consumer that keeps up see no delay.
                 failed: RuntimeError | None = None
-                while not outs[-1].finished and _has_ready(stream):
+                while not outs[-1].finished and stream.ready():
                     try:
                         outs.append(await anext(stream))  # returns at once: the output is queued
                     except RuntimeError as exc:

@@ -15,7 +15,9 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -83,6 +85,7 @@ def test_build_app_arguments_follow_the_chart_schema(tmp_path):
         ({"model": "/m", "autoscaling_config": {"min_replicas": 5, "max_replicas": 2}}, "min_replicas"),
         ({"model": "/m", "grpc_port": 70000}, "grpc_port"),
         ({"model": "/m", "default_reasoning_effort": "max"}, "default_reasoning_effort"),
+        ({"model": "/m", "stream_interval": 0}, "stream_interval: must be an integer >= 1"),
     ]:
         with pytest.raises(AppConfigError) as info:
             parse_args(args)
@@ -94,7 +97,7 @@ def test_cli_bad_arguments_exit_2_with_one_line(capsys):
 
     for argv in (["chat", "--address", "nowhere", "hi"], ["chat", "hi"], ["serve", "--replicas", "0"],
                  ["serve", "--model", "/no/such/dir"], ["serve", "--grpc-port", "99999"],
-                 ["scale", "--replicas", "-1"], ["generate", "--prompt", "x"],
+                 ["scale", "--replicas", "-1"], ["serve", "--stream-interval", "0"], ["generate", "--prompt", "x"],
                  ["generate", "--address", "127.0.0.1:1"], ["generate", "--address", "h:1", "--token-ids", "1,x"]):
         assert main(argv) == 2, argv
         err = capsys.readouterr().err
@@ -310,6 +313,23 @@ def _shard_workers(dashboard: str) -> list:
     return actors
 
 
+def _start_streams(open_stream: Callable[[int], Iterable[Any]], count: int = 8) -> tuple[list[threading.Thread], list]:
+    """`count` threads, thread i reading stream `open_stream(i)` to the end; each appends its outcome to the returned
+    list: ("OK", tokens streamed) or (gRPC status name, details)."""
+    outcomes: list = []
+
+    def consume(i: int) -> None:
+        try:
+            outcomes.append(("OK", sum(len(r.token_ids) for r in open_stream(i))))
+        except grpc.RpcError as exc:
+            outcomes.append((exc.code().name, exc.details()))
+
+    threads = [threading.Thread(target=consume, args=(i,)) for i in range(count)]
+    for t in threads:
+        t.start()
+    return threads, outcomes
+
+
 def test_killing_a_shard_worker_fails_its_requests_and_serve_replaces_the_replica(cluster):
     client = cluster["client"]
     if len(client.list_replicas()) != 2:  # run on its own (-k): the scale-up test has not run
@@ -318,20 +338,9 @@ def test_killing_a_shard_worker_fails_its_requests_and_serve_replaces_the_replic
     old_ids = {r.replica_id for r in client.list_replicas()}
     workers = _shard_workers(cluster["dashboard"])
     assert len(workers) == 2 * SHARDS
-    outcomes: list = []
-
-    def stream(i):
-        try:
-            n = sum(len(r.token_ids) for r in client.inference.Generate(
-                pb.GenerateRequest(token_ids=pb.TokenIds(ids=[50 + i, 9, 9]),
-                                   sampling=pb.SamplingParams(max_tokens=1000, ignore_eos=True)), timeout=150))
-            outcomes.append(("OK", n))
-        except grpc.RpcError as exc:
-            outcomes.append((exc.code().name, exc.details()))
-
-    threads = [threading.Thread(target=stream, args=(i,)) for i in range(8)]
-    for t in threads:
-        t.start()
+    threads, outcomes = _start_streams(lambda i: client.inference.Generate(
+        pb.GenerateRequest(token_ids=pb.TokenIds(ids=[50 + i, 9, 9]),
+                           sampling=pb.SamplingParams(max_tokens=1000, ignore_eos=True)), timeout=150))
     _wait(lambda: sum(r.running_requests for r in client.list_replicas()) >= 6, 60, "all streams running")
     # Every replica loses a shard (which worker serves which replica is not visible from here, and the streams may
     # all sit on one replica): each running stream must fail cleanly, never hang
@@ -354,19 +363,8 @@ def test_killing_a_shard_worker_fails_its_requests_and_serve_replaces_the_replic
 def test_scale_down_finishes_in_flight_requests(cluster):
     client = cluster["client"]
     _wait(lambda: _running(client, 2) and _serves(client), 240, "two replicas, and the router serving")
-    outcomes: list = []
-
-    def stream(i):
-        try:
-            # long enough that every replica is still busy when the scale-down lands, even on an idle machine
-            n = sum(len(r.token_ids) for r in client.generate([300 + i, 1, 2], max_tokens=200, ignore_eos=True))
-            outcomes.append(("OK", n))
-        except grpc.RpcError as exc:
-            outcomes.append((exc.code().name, exc.details()))
-
-    threads = [threading.Thread(target=stream, args=(i,)) for i in range(8)]
-    for t in threads:
-        t.start()
+    # long enough that every replica is still busy when the scale-down lands, even on an idle machine
+    threads, outcomes = _start_streams(lambda i: client.generate([300 + i, 1, 2], max_tokens=200, ignore_eos=True))
     _wait(lambda: all(r.running_requests > 0 for r in client.list_replicas()), 60, "both replicas busy",
           interval=0.05)
     scale(1, address=cluster["dashboard"])

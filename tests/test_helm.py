@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import yaml
 
-from cluster.app import parse_args, replica_max_ongoing
+from cluster.app import parse_args, replica_max_ongoing, router_settings
 from tests.tools import find_tool
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -251,6 +251,8 @@ def test_serve_args_follow_the_values_and_the_args_schema(rendered: dict, values
     assert replica["max_ongoing_requests"] == args["max_ongoing_requests"] + args["router_replicas"] == \
         replica_max_ongoing(parse_args(args))
     assert args["auth_token_env"] == ("GPTOSS_AUTH_TOKEN" if v["auth"]["enabled"] else "")
+    assert args["stream_interval"] == v["serve"]["router"]["streamInterval"] == \
+        router_settings(parse_args(args))["stream_interval"]
 
 
 def test_grpc_host_renders_into_the_applications_environment(helm: str) -> None:

@@ -428,6 +428,10 @@ def test_http_port_setting_from_args_and_cli(checkpoints, capsys):
     cli = _serve_config(build_parser().parse_args(["serve", "--model", str(checkpoints["tiny-hf"]), "--http-port",
                                                    "0", "--host", "127.0.0.1"]))
     assert cli.http_port == 0 and router_settings(cli)["host"] == "127.0.0.1"
+    assert router_settings(cli)["stream_interval"] == 1
+    cli = _serve_config(build_parser().parse_args(["serve", "--model", str(checkpoints["tiny-hf"]),
+                                                   "--stream-interval", "8"]))
+    assert router_settings(cli)["stream_interval"] == 8
     assert main(["serve", "--http-port", "99999"]) == 2
     assert "--http-port" in capsys.readouterr().err
 

@@ -196,6 +196,33 @@ def test_chat_tool_call(script, name, channel, arguments):
     assert sorted(replica.started[0]["eos_token_ids"]) == [200002, 200012]
 
 
+@pytest.mark.parametrize("interval", [1, 4])
+def test_stream_interval_sends_the_first_token_alone_then_deltas_of_that_many(interval):
+    """RouterSettings.stream_interval (vLLM's --stream-interval): the first token at once, then at least `interval`
+    tokens per message, the last message whatever is left; nothing lost or reordered, text and chat channels
+    intact."""
+    script = _encode(ANALYSIS_THEN_FINAL)
+    replica = ScriptedReplica(script, step_s=0.002)  # one token per replica item
+    st, address = _scripted_server(replica, stream_interval=interval)
+    try:
+        with Client(address, timeout=30) as c:
+            generated, generated_ids = _collect(c.generate([1, 2, 3], max_tokens=10, ignore_eos=True))
+            chat, chat_ids = _collect(c.chat("hi", max_tokens=100))
+    finally:
+        st.stop()
+    assert generated_ids == (script * 2)[:10]
+    assert [len(r.token_ids) for r in generated] == ([1] * 10 if interval == 1 else [1, 4, 4, 1])
+    assert "".join(r.text for r in generated) == get_tokenizer().decode((script * 2)[:10])
+    assert generated[-1].finish_reason == pb.FINISH_REASON_LENGTH and generated[-1].usage.completion_tokens == 10
+    assert chat_ids == script
+    text = {ch: "".join(r.text for r in chat if r.channel == ch) for ch in (pb.CHANNEL_ANALYSIS, pb.CHANNEL_FINAL)}
+    assert text == {pb.CHANNEL_ANALYSIS: "The user greets.", pb.CHANNEL_FINAL: "Hello there!"}
+    assert chat[-1].finish_reason == pb.FINISH_REASON_STOP and chat[-1].usage.completion_tokens == len(script)
+    messages_with_tokens = sum(1 for r in chat if r.token_ids)
+    expected = len(script) if interval == 1 else 1 + -(-(len(script) - 1) // interval)
+    assert messages_with_tokens <= expected + 2  # a delta crossing a channel boundary is split at it
+
+
 def test_chat_garbled_output_degrades_to_plain_text():
     tokens = [200005, 200005, 200008] + get_tokenizer().encode(" plain words")
     st, address = _scripted_server(ScriptedReplica(tokens))

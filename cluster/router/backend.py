@@ -24,6 +24,7 @@ import uuid
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
+from cluster.replica import merge_deltas
 from cluster.router.replica_choice import AffinityPolicy
 
 __all__ = ["Backend", "BackendError", "LocalBackend", "ServeBackend"]
@@ -116,15 +117,6 @@ def _open_delta(item: Any) -> bool:
     return _delta(item) and not item.get("finish_reason")
 
 
-def _merge(first: dict[str, Any], then: dict[str, Any]) -> dict[str, Any]:
-    """Two consecutive deltas of one request as one: token ids and logprobs concatenated, the rest from `then`."""
-    if first.get("logprobs") is None and then.get("logprobs") is None:
-        logprobs = None
-    else:
-        logprobs = [*(first.get("logprobs") or ()), *(then.get("logprobs") or ())]
-    return {**then, "token_ids": [*first["token_ids"], *then["token_ids"]], "logprobs": logprobs}
-
-
 def _backend_error(exc: BaseException) -> BaseException:
     """A Serve/Ray failure as BackendError when it is the infrastructure's, else itself."""
     if isinstance(exc, BackendError) or not _is_infrastructure_error(exc):
@@ -198,7 +190,7 @@ class ServeBackend(Backend):
                     if not _delta(following):
                         held = following
                         break
-                    item = _merge(item, following)
+                    item = merge_deltas(item, following)
                 if isinstance(item, BaseException):
                     finished = True
                     raise item

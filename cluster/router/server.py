@@ -39,6 +39,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from cluster.replica import merge_deltas
 from cluster.router.admission import Admission, DeadlineExceeded, QueueFull
 from cluster.router.backend import Backend, BackendError
 from cluster.router.replica_choice import prefix_hashes
@@ -91,6 +92,10 @@ class RouterSettings:
     drain_timeout_s: float = 30.0
     metrics_port: int = 0
     metrics_host: str = "0.0.0.0"
+    # After the first token, pass a request's tokens on in deltas of at least this many (or its last): fewer
+    # messages per token for the router, Serve and the client, at the cost of a coarser stream (vLLM's and
+    # SGLang's --stream-interval). 1: every delta as it comes.
+    stream_interval: int = 1
     router_name: str = "router"
 
     @classmethod
@@ -528,6 +533,8 @@ class GptossServer:
             assert self._validator is not None
             request["prefix_hashes"] = prefix_hashes(prep.prompt_token_ids, self._block_size, PREFIX_BLOCKS)
             exclude: list[str] = []
+            interval = self.settings.stream_interval
+            held: dict[str, Any] | None = None  # deltas taken but not yet passed on (stream_interval > 1)
             for attempt in range(2):
                 request["exclude_replicas"] = exclude
                 stream = self.backend.stream(request)
@@ -555,8 +562,15 @@ class GptossServer:
                             if code == grpc.StatusCode.UNAVAILABLE and not started and attempt == 0:
                                 raise BackendError(err.get("message", "replica unavailable"))
                             raise RouterError(code, err.get("message", "replica error"))
-                        started = True
-                        yield item
+                        if not started:  # the first token goes out at once, whatever the stream interval
+                            started = True
+                            yield item
+                        else:
+                            held = item if held is None else merge_deltas(held, item)
+                            if len(held["token_ids"]) < interval and not held.get("finish_reason"):
+                                continue
+                            item, held = held, None
+                            yield item
                         if item.get("finish_reason"):
                             return
                 except BackendError as exc:

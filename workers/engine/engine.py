@@ -126,6 +126,10 @@ class RequestStream:
             self._done = True
         return item
 
+    def ready(self) -> bool:
+        """Whether the next output is already here, so that taking it does not wait (a consumer may coalesce)."""
+        return not self._queue.empty()
+
     def abort(self) -> bool:
         return self.engine.abort(self.request_id)
 

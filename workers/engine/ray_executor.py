@@ -56,6 +56,7 @@ class ShardFailure(RuntimeError):
 
 # ---------------------------------------------------------------------------------------------------- helpers
 def as_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """A model dtype given by name (DTYPES) or as torch.float32 / torch.bfloat16; the offline LLM checks with it too."""
     if isinstance(dtype, str):
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")

@@ -136,6 +136,7 @@ true
       "max_ongoing_requests" (int $s.maxOngoingRequests)
       "router_replicas" (int .Values.routers.replicas)
       "max_queued_requests" (int $s.router.maxQueuedRequests)
+      "stream_interval" (int $s.router.streamInterval)
       "grpc_port" (int $s.grpcPort)
       "http_port" (int $s.openaiPort)
       "metrics_port" 0
