@@ -2,6 +2,8 @@
 
     .venv/bin/python benchmarks/kernels.py                 # on a CUDA GPU (H100 / H200): timings, markdown tables
     .venv/bin/python benchmarks/kernels.py --ptxas         # any machine: sm_90a registers / spills / shared memory
+    .venv/bin/python benchmarks/kernels.py --smoke         # any machine: the whole script at tiny shapes on CPU
+                                                           # through Triton's interpreter (checks it, times nothing)
 
 MoE: one layer's `moe_experts` for gpt-oss-20b (32 experts) and -120b (128 experts) expert shapes (hidden 2880,
 intermediate 2880, top-4, MXFP4 weights), bf16 activations, at 1, 8, 64 and 256 tokens. Bytes = the packed weights,
@@ -23,7 +25,12 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import os
+import statistics
 import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,19 +42,62 @@ HBM_PEAK_GBPS = {"H100": 3350.0, "H200": 4800.0}  # SXM datasheet figures (H100 
 PRESETS = {"20b": 32, "120b": 128}
 
 
+@dataclass
+class Setup:
+    """Where and at what size the benchmarks run: the real shapes on a GPU, or (--smoke) tiny ones on CPU through
+    Triton's interpreter, float32 (its bf16 math is wrong), timed by the wall clock."""
+
+    device: torch.device
+    dtype: torch.dtype
+    hidden: int  # = the expert intermediate size, as in gpt-oss
+    max_experts: int  # caps PRESETS' expert counts
+    heads: tuple[int, int, int]  # attention: query heads, KV heads, head dim
+    time_graph: Callable[[Callable[[], object]], float]  # ms per call of a capturable function
+    time_host: Callable[[Callable[[], object]], float]  # ms per call of one that syncs with the host
+
+
+def _wall_ms(fn: Callable[[], object], repeats: int = 3) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
+
+
+def gpu_setup() -> Setup:
+    import triton.testing
+
+    return Setup(torch.device("cuda"), torch.bfloat16, 2880, 1 << 30, (64, 8, 64), triton.testing.do_bench_cudagraph,
+                 triton.testing.do_bench)
+
+
+def smoke_setup() -> Setup:
+    os.environ["TRITON_INTERPRET"] = "1"  # read at each launch (kernels/triton/_jit.py)
+    return Setup(torch.device("cpu"), torch.float32, 64, 8, (8, 2, 32), _wall_ms, _wall_ms)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--ptxas", action="store_true", help="compile every kernel for sm_90a and print ptxas "
                         "registers / spills / shared memory (no GPU needed)")
+    parser.add_argument("--smoke", action="store_true", help="run the whole script on CPU through Triton's "
+                        "interpreter at tiny shapes (hidden 64, <= 8 experts, float32): checks it, times nothing")
     parser.add_argument("--models", default="20b,120b", help="comma-separated presets (20b, 120b)")
-    parser.add_argument("--tokens", default="1,8,64,256", help="MoE batch sizes")
-    parser.add_argument("--contexts", default="1024,8192,32768", help="decode context lengths")
-    parser.add_argument("--decode-batch", type=int, default=16, help="sequences per attention decode step")
+    parser.add_argument("--tokens", default=None, help="MoE batch sizes (default 1,8,64,256; --smoke 1,3)")
+    parser.add_argument("--contexts", default=None, help="decode context lengths (default 1024,8192,32768; "
+                        "--smoke 40,100)")
+    parser.add_argument("--decode-batch", type=int, default=None, help="sequences per attention decode step "
+                        "(default 16; --smoke 2)")
     parser.add_argument("--peak-gbps", type=float, default=None, help="HBM peak to compare against (default: by "
                         "device name)")
     parser.add_argument("--skip-reference", action="store_true", help="time only the Triton kernels")
     parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
     args = parser.parse_args(argv)
+    args.tokens = args.tokens or ("1,3" if args.smoke else "1,8,64,256")
+    args.contexts = args.contexts or ("40,100" if args.smoke else "1024,8192,32768")
+    args.decode_batch = args.decode_batch or (2 if args.smoke else 16)
     for name in args.models.split(","):
         if name not in PRESETS:
             parser.error(f"unknown model {name!r}; choose from {', '.join(PRESETS)}")
@@ -82,16 +132,15 @@ def ptxas_table() -> list[dict]:
 
 
 # ---------------------------------------------------------------------------------------------------- GPU
-def memset_gbps(device: torch.device) -> float:
-    import triton.testing
-
-    buf = torch.empty(2 * 1024**3, dtype=torch.uint8, device=device)
-    ms = triton.testing.do_bench_cudagraph(lambda: buf.zero_())
+def memset_gbps(setup: Setup) -> float:
+    size = 2 * 1024**3 if setup.device.type == "cuda" else 64 * 1024**2
+    buf = torch.empty(size, dtype=torch.uint8, device=setup.device)
+    ms = setup.time_graph(lambda: buf.zero_())
     return buf.numel() / (ms * 1e-3) / 1e9
 
 
-def random_experts(num_experts: int, hidden: int, inter: int, device: torch.device):
-    """Random MXFP4 bytes with scales near 2^-6 (weights of a realistic magnitude), bf16 biases."""
+def random_experts(num_experts: int, hidden: int, inter: int, device: torch.device, dtype: torch.dtype):
+    """Random MXFP4 bytes with scales near 2^-6 (weights of a realistic magnitude), biases in `dtype`."""
     g = torch.Generator(device=device).manual_seed(0)
 
     def blocks(*shape):
@@ -101,82 +150,82 @@ def random_experts(num_experts: int, hidden: int, inter: int, device: torch.devi
         return torch.randint(118, 124, shape, dtype=torch.uint8, device=device, generator=g)
 
     gu = (blocks(num_experts, 2 * inter, hidden // 32, 16), scales(num_experts, 2 * inter, hidden // 32),
-          torch.randn(num_experts, 2 * inter, device=device, generator=g).bfloat16())
+          torch.randn(num_experts, 2 * inter, device=device, generator=g).to(dtype))
     dn = (blocks(num_experts, hidden, inter // 32, 16), scales(num_experts, hidden, inter // 32),
-          torch.randn(num_experts, hidden, device=device, generator=g).bfloat16())
+          torch.randn(num_experts, hidden, device=device, generator=g).to(dtype))
     return gu, dn
 
 
-def bench_moe(args, device, peak, memset) -> list[dict]:
-    import triton.testing
-
+def bench_moe(args, setup: Setup, peak, memset) -> list[dict]:
     from kernels import reference
     from kernels import triton as tk
 
-    hidden = inter = 2880
+    hidden = inter = setup.hidden
+    device, dtype = setup.device, setup.dtype
     rows = []
     for preset in args.models.split(","):
-        num_experts = PRESETS[preset]
-        gu, dn = random_experts(num_experts, hidden, inter, device)
+        num_experts = min(PRESETS[preset], setup.max_experts)
+        gu, dn = random_experts(num_experts, hidden, inter, device, dtype)
         per_expert = sum(t[0].numel() * t.element_size() for t in (*gu, *dn))
         for tokens in map(int, args.tokens.split(",")):
-            x = torch.randn(tokens, hidden, device=device).bfloat16()
+            x = torch.randn(tokens, hidden, device=device).to(dtype)
             logits = torch.randn(tokens, num_experts, device=device)
-            weights, ids = tk.route(logits.bfloat16(), 4)
+            weights, ids = tk.route(logits.to(dtype), 4)
             used = int(torch.unique(ids).numel())
             nbytes = used * per_expert + 2 * x.numel() * x.element_size()
 
             run = functools.partial(tk.moe_experts, x, weights, ids, *gu, *dn, 7.0, 1.702)
             ref = functools.partial(reference.moe_experts, x, weights, ids, *gu, *dn, 7.0, 1.702)
-            ms = triton.testing.do_bench_cudagraph(run)
+            ms = setup.time_graph(run)
             row = {"bench": "moe", "model": preset, "tokens": tokens, "experts_used": used, "MB": nbytes / 1e6,
                    "triton_us": ms * 1e3, "GBps": nbytes / (ms * 1e-3) / 1e9}
             row["pct_peak"], row["pct_memset"] = 100 * row["GBps"] / peak, 100 * row["GBps"] / memset
             if not args.skip_reference:
-                ref_ms = triton.testing.do_bench(ref)
+                ref_ms = setup.time_host(ref)
                 row["torch_us"], row["speedup"] = ref_ms * 1e3, ref_ms / ms
                 expected = ref()
                 torch.testing.assert_close(run(), expected, rtol=3e-2, atol=3e-2 * float(expected.abs().max()))
             rows.append(row)
         del gu, dn, run, ref
-        torch.cuda.empty_cache()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     return rows
 
 
-def bench_attention(args, device, peak, memset) -> list[dict]:
-    import triton.testing
-
+def bench_attention(args, setup: Setup, peak, memset) -> list[dict]:
     from kernels import paged
     from kernels import triton as tk
 
-    hq, hkv, d, page, batch = 64, 8, 64, 16, args.decode_batch
+    (hq, hkv, d), page, batch = setup.heads, 16, args.decode_batch
+    device, dtype = setup.device, setup.dtype
     rows = []
     for context in map(int, args.contexts.split(",")):
         pages_per_seq = -(-context // page)
         num_blocks = batch * pages_per_seq
-        k_cache = torch.randn(num_blocks, page, hkv, d, device=device).bfloat16()
-        v_cache = torch.randn(num_blocks, page, hkv, d, device=device).bfloat16()
+        k_cache = torch.randn(num_blocks, page, hkv, d, device=device).to(dtype)
+        v_cache = torch.randn(num_blocks, page, hkv, d, device=device).to(dtype)
         tables = torch.randperm(num_blocks, device=device).int().reshape(batch, pages_per_seq)
-        q = torch.randn(batch, hq, d, device=device).bfloat16()
+        q = torch.randn(batch, hq, d, device=device).to(dtype)
         qsl = torch.arange(batch + 1, device=device, dtype=torch.int32)
         lens = torch.full((batch,), context, device=device, dtype=torch.int32)
         sinks = torch.randn(hq, device=device)
-        nbytes = 2 * batch * context * hkv * d * 2
+        nbytes = 2 * batch * context * hkv * d * k_cache.element_size()
 
         args_ = (q, k_cache, v_cache, tables, qsl, lens, sinks, None, d**-0.5)
         run = functools.partial(tk.paged_attention, *args_)
         ref = functools.partial(paged.paged_attention, *args_)
-        ms = triton.testing.do_bench_cudagraph(run)
+        ms = setup.time_graph(run)
         row = {"bench": "decode-attention", "batch": batch, "context": context, "MB": nbytes / 1e6,
                "triton_us": ms * 1e3, "GBps": nbytes / (ms * 1e-3) / 1e9}
         row["pct_peak"], row["pct_memset"] = 100 * row["GBps"] / peak, 100 * row["GBps"] / memset
         if not args.skip_reference:
-            ref_ms = triton.testing.do_bench(ref)
+            ref_ms = setup.time_host(ref)
             row["torch_us"], row["speedup"] = ref_ms * 1e3, ref_ms / ms
             torch.testing.assert_close(run(), ref(), rtol=2e-2, atol=2e-2)
         rows.append(row)
         del k_cache, v_cache, args_, run, ref
-        torch.cuda.empty_cache()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     return rows
 
 
@@ -196,23 +245,28 @@ def main(argv: list[str] | None = None) -> int:
         if args.json:
             args.json.write_text(json.dumps(rows, indent=1))
         return 0
-    if not torch.cuda.is_available():
-        print("benchmarks/kernels.py: no CUDA GPU here, and the kernel timings need one (an H100 or H200). "
-              "Run it on a GPU node; `--ptxas` prints the compile-only register/spill table on any machine.",
-              file=sys.stderr)
-        return 1
-    device = torch.device("cuda")
-    name = torch.cuda.get_device_name(device)
-    peak = args.peak_gbps or next((v for k, v in HBM_PEAK_GBPS.items() if k in name), None)
-    if peak is None:
-        print(f"unknown HBM peak for {name!r}; pass --peak-gbps", file=sys.stderr)
-        return 2
-    memset = memset_gbps(device)
+    if args.smoke:
+        setup, name = smoke_setup(), "CPU (Triton interpreter, smoke run: the figures mean nothing)"
+        memset = memset_gbps(setup)
+        peak = args.peak_gbps or memset
+    else:
+        if not torch.cuda.is_available():
+            print("benchmarks/kernels.py: no CUDA GPU here, and the kernel timings need one (an H100 or H200). "
+                  "Run it on a GPU node; `--ptxas` prints the compile-only register/spill table and `--smoke` runs "
+                  "the script at tiny shapes on any machine.", file=sys.stderr)
+            return 1
+        setup = gpu_setup()
+        name = torch.cuda.get_device_name(setup.device)
+        peak = args.peak_gbps or next((v for k, v in HBM_PEAK_GBPS.items() if k in name), None)
+        if peak is None:
+            print(f"unknown HBM peak for {name!r}; pass --peak-gbps", file=sys.stderr)
+            return 2
+        memset = memset_gbps(setup)
     print(f"device: {name}; HBM peak {peak:.0f} GB/s; memset {memset:.0f} GB/s ({100 * memset / peak:.0f}% of peak)")
-    moe_rows = bench_moe(args, device, peak, memset)
+    moe_rows = bench_moe(args, setup, peak, memset)
     print_rows("MoE (one layer)", moe_rows, ["model", "tokens", "experts_used", "MB", "triton_us", "GBps",
                                              "pct_peak", "pct_memset", "torch_us", "speedup"])
-    attn_rows = bench_attention(args, device, peak, memset)
+    attn_rows = bench_attention(args, setup, peak, memset)
     print_rows(f"Decode attention (batch {args.decode_batch}, full-attention layer)", attn_rows,
                ["context", "MB", "triton_us", "GBps", "pct_peak", "pct_memset", "torch_us", "speedup"])
     if args.json:
