@@ -55,9 +55,9 @@ def select_kernels(device: torch.device | str = "cpu", backend: str | None = Non
     if backend == "torch":
         return TORCH_KERNELS
     bundle = _triton_kernels()
-    from kernels.triton import interpreting
+    from kernels.triton import runs_on_cpu_tensors
 
-    if device.type != "cuda" and not interpreting():
+    if device.type != "cuda" and not runs_on_cpu_tensors():
         raise ValueError(f"the Triton kernels run on CUDA devices, not {device.type}; use GPTOSS_KERNELS=torch there "
                          "(or TRITON_INTERPRET=1 to run them on CPU through the Triton interpreter, for tests)")
     return bundle

@@ -10,7 +10,7 @@ Picked through kernels.dispatch (GPTOSS_KERNELS=triton, default on CUDA). Every 
 tensors, or through Triton's interpreter on CPU tensors while TRITON_INTERPRET=1 (decided per launch, see _jit.py).
 """
 
-from kernels.triton._jit import interpreting, record_launches
+from kernels.triton._jit import interpreting, offload_launches, record_launches, runs_on_cpu_tensors
 from kernels.triton.attention import attention_with_sinks, paged_attention
 from kernels.triton.moe import moe_experts
 from kernels.triton.norm_rope import apply_rope, rms_norm
@@ -22,9 +22,11 @@ __all__ = [
     "expert_histogram",
     "interpreting",
     "moe_experts",
+    "offload_launches",
     "paged_attention",
     "record_launches",
     "rms_norm",
     "route",
     "route_with_histogram",
+    "runs_on_cpu_tensors",
 ]

@@ -9,6 +9,8 @@ compiled otherwise. A device-function call only ever reaches Python under the in
 `launch` is the single launch point of every host wrapper; `record_launches` captures launches instead of running
 them, which is how the compile test and the ptxas report learn the exact kernels, argument types and block sizes the
 wrappers pick for a given shape (wrappers never read device values on the host, so they run on meta tensors).
+`offload_launches` runs every launch on a GPU over device copies of its CPU tensors, which is how the kernel tests,
+written for CPU tensors and the interpreter, run unchanged against the compiled kernels on a GPU.
 """
 
 from __future__ import annotations
@@ -76,9 +78,14 @@ def interpreting() -> bool:
     return bool(knobs.runtime.interpret)
 
 
+def runs_on_cpu_tensors() -> bool:
+    """Whether the kernels take CPU tensors now: interpreted, or offloaded to a GPU (`offload_launches`)."""
+    return interpreting() or getattr(_offload, "device", None) is not None
+
+
 def check_device(*tensors: torch.Tensor) -> None:
     """Triton kernels need CUDA tensors, or the interpreter (which runs on CPU tensors)."""
-    if interpreting():
+    if runs_on_cpu_tensors():
         return
     for t in tensors:
         if t.device.type not in ("cuda", "meta"):
@@ -114,6 +121,7 @@ class Launch:
 
 
 _recording = threading.local()
+_offload = threading.local()
 
 
 @contextlib.contextmanager
@@ -128,6 +136,37 @@ def record_launches() -> Iterator[list[Launch]]:
         _recording.launches = previous
 
 
+@contextlib.contextmanager
+def offload_launches(device: str | torch.device = "cuda") -> Iterator[None]:
+    """Within this block `launch` runs each kernel on `device` over device copies of its CPU tensor arguments (whole
+    storages, so views, strides and aliasing stay as they are) and copies those storages back after it; wrappers
+    accept CPU tensors. The kernel tests use it to run against the compiled kernels on a GPU
+    (GPTOSS_KERNEL_TEST_DEVICE=cuda); the interpreter honours it too, which is how it is tested on CPU."""
+    previous = getattr(_offload, "device", None)
+    _offload.device = torch.device(device)
+    try:
+        yield
+    finally:
+        _offload.device = previous
+
+
+def _on_device(args: tuple[Any, ...], device: torch.device) -> tuple[tuple[Any, ...], list[tuple[Any, Any]]]:
+    """`args` with every CPU tensor re-viewed onto a device copy of its storage (one copy per storage), and the
+    (host, device) storage pairs to copy back."""
+    copies: dict[int, tuple[Any, Any]] = {}
+    moved = []
+    for arg in args:
+        if isinstance(arg, torch.Tensor) and arg.device.type == "cpu":
+            host = arg.untyped_storage()
+            pair = copies.get(host.data_ptr())
+            if pair is None:
+                pair = copies[host.data_ptr()] = (host, torch.UntypedStorage(host.nbytes(), device=device).copy_(host))
+            arg = torch.empty(0, dtype=arg.dtype, device=device).set_(pair[1], arg.storage_offset(), arg.size(),
+                                                                      arg.stride())
+        moved.append(arg)
+    return tuple(moved), list(copies.values())
+
+
 def launch(kernel: JITFunction, grid: tuple[int, ...], *args: Any, num_warps: int = 4, num_stages: int = 2,
            **constexprs: Any) -> None:
     launches = getattr(_recording, "launches", None)
@@ -136,7 +175,14 @@ def launch(kernel: JITFunction, grid: tuple[int, ...], *args: Any, num_warps: in
         return
     if min(grid) <= 0:
         return
+    device = getattr(_offload, "device", None)
+    if device is None:
+        kernel[grid](*args, num_warps=num_warps, num_stages=num_stages, **constexprs)
+        return
+    args, storages = _on_device(args, device)
     kernel[grid](*args, num_warps=num_warps, num_stages=num_stages, **constexprs)
+    for host, on_device in storages:
+        host.copy_(on_device)
 
 
 def next_power_of_2(n: int) -> int:

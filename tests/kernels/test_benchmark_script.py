@@ -8,10 +8,13 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "kernels.py"
 
 
-def test_kernel_benchmark_smoke_run_writes_every_row(interpreter, tmp_path, monkeypatch):
+@pytest.mark.interpreter_only
+def test_kernel_benchmark_smoke_run_writes_every_row(run_kernels, tmp_path, monkeypatch):
     spec = importlib.util.spec_from_file_location("kernel_benchmark", SCRIPT)
     bench = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, "kernel_benchmark", bench)  # its dataclass looks its module up there

@@ -9,7 +9,7 @@ import torch
 from kernels import paged, reference
 from kernels.triton import attention
 
-pytestmark = pytest.mark.usefixtures("interpreter")
+pytestmark = pytest.mark.usefixtures("run_kernels")
 
 
 def gen(seed: int) -> torch.Generator:

@@ -74,7 +74,7 @@ def generate(model: GptOssModel, backend: str, prompt: list[int], steps: int, pa
     return tokens, torch.stack(all_logits)
 
 
-@pytest.mark.usefixtures("interpreter")
+@pytest.mark.usefixtures("run_kernels")
 @pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
 def test_fp32_model_greedy_tokens_identical(paged):
     model = random_model(torch.float32)
@@ -85,7 +85,7 @@ def test_fp32_model_greedy_tokens_identical(paged):
     torch.testing.assert_close(logits, ref_logits, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.usefixtures("interpreter")
+@pytest.mark.usefixtures("run_kernels")
 def test_bf16_model_logits_within_tolerance():
     """bf16 logits of both paths measured against the fp32 forward of the same (bf16-representable) weights: the
     Triton path (fp32 accumulation throughout) is no further from it than the bf16 reference is."""
@@ -104,7 +104,8 @@ def test_bf16_model_logits_within_tolerance():
 
 
 # ---------------------------------------------------------------------------------------------------- dispatch
-@pytest.mark.usefixtures("interpreter")
+@pytest.mark.interpreter_only
+@pytest.mark.usefixtures("run_kernels")
 def test_select_triton_on_cpu_under_the_interpreter(monkeypatch):
     kernels = select_kernels("cpu", backend="triton")
     assert kernels.name == "triton"

@@ -9,7 +9,7 @@ from kernels import reference
 from kernels.mxfp4 import quantize_mxfp4
 from kernels.triton import moe
 
-pytestmark = pytest.mark.usefixtures("interpreter")
+pytestmark = pytest.mark.usefixtures("run_kernels")
 
 LIMIT, ALPHA = 7.0, 1.702
 

@@ -8,7 +8,7 @@ import torch
 from kernels import reference
 from kernels.triton import norm_rope, routing
 
-pytestmark = pytest.mark.usefixtures("interpreter")
+pytestmark = pytest.mark.usefixtures("run_kernels")
 
 
 def gen(seed: int) -> torch.Generator:
@@ -83,3 +83,24 @@ def test_histograms():
     assert torch.equal(counts.long(), expected)
     assert torch.equal(routing.expert_histogram(ids, 32), expected)
     assert int(counts.sum()) == 300 * 4
+
+
+@pytest.mark.interpreter_only
+def test_offloaded_launches_run_on_storage_copies_and_write_back():
+    """`offload_launches` (how these tests run on a GPU): each launch sees copies of its tensors' storages, views
+    keep their offsets and strides, and what the kernel wrote comes back. Offloading to "cpu" under the interpreter
+    takes the same copy path, minus the GPU."""
+    from kernels.triton import offload_launches
+
+    g = torch.Generator().manual_seed(7)
+    storage = torch.randn(6, 2 * 48, generator=g)
+    x = storage[1:, 48:]  # a view: storage offset 48, row stride 96
+    w = torch.randn(48, generator=g)
+    expected = reference.rms_norm(x, w, 1e-5)
+    with offload_launches("cpu"):
+        out = norm_rope.rms_norm(x, w, 1e-5)
+        weights, ids = routing.route(storage[:, :8], 2)
+    torch.testing.assert_close(out, expected)
+    ref_weights, ref_ids = reference.route(storage[:, :8], 2)
+    assert torch.equal(ids, ref_ids)
+    torch.testing.assert_close(weights, ref_weights)
