@@ -21,10 +21,6 @@ if importlib.util.find_spec("triton") is None:
 KERNEL_TEST_DEVICE = os.environ.get("GPTOSS_KERNEL_TEST_DEVICE", "cpu")
 
 
-def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line("markers", "interpreter_only: checks the CPU interpreter path; skipped on a GPU run")
-
-
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if KERNEL_TEST_DEVICE == "cpu":
         return
