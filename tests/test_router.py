@@ -142,6 +142,15 @@ def test_generate_logprobs_and_seed(client):
 
 
 # ------------------------------------------------------------------------------------------------ Chat
+def test_chat_logprobs_ride_on_each_delta(client):
+    out, ids = _collect(client.chat("hi", max_tokens=12, logprobs=2, temperature=0.7, seed=3))
+    assert ids and all(len(r.logprobs) == len(r.token_ids) for r in out)
+    lps = [lp for r in out for lp in r.logprobs]
+    assert [lp.token_id for lp in lps] == ids and all(len(lp.top) == 2 and lp.logprob <= 0 for lp in lps)
+    plain, _ = _collect(client.chat("hi", max_tokens=4))
+    assert not any(r.logprobs for r in plain)  # only when asked for
+
+
 def test_chat_on_the_tiny_model_ends_with_usage(client):
     messages = [{"role": "user", "content": "What is 2+2?"}]
     out, ids = _collect(client.chat(messages, max_tokens=12, temperature=0))

@@ -96,7 +96,7 @@ class ChatCompletion:
         logprobs: list[dict[str, Any]] = []
         last = pb.ChatResponse()
         async with contextlib.aclosing(events):
-            async for r, lps in events:
+            async for r in events:
                 kind = _kind(r)
                 if kind == "tool_call":
                     call = calls.setdefault(r.tool_call.index, {"id": r.tool_call.id, "type": "function",
@@ -106,7 +106,7 @@ class ChatCompletion:
                 else:
                     text[kind].append(r.text)
                     if kind == "content" and self.logprobs is not None:
-                        logprobs += self.logprobs.chat(lps)
+                        logprobs += self.logprobs.chat(r.logprobs)
                 last = r
         content, reasoning = "".join(text["content"]), "".join(text["reasoning"])
         message: dict[str, Any] = {"role": "assistant", "content": content if content or not calls else None,
@@ -126,7 +126,7 @@ class ChatCompletion:
         last = None
         try:
             async with contextlib.aclosing(events):
-                async for r, lps in events:
+                async for r in events:
                     kind = _kind(r)
                     if kind == "tool_call":
                         tc = r.tool_call
@@ -139,7 +139,7 @@ class ChatCompletion:
                         if kind == "reasoning":
                             yield self._chunk({"reasoning_content": r.text, "reasoning": r.text})
                         else:
-                            lp = {"content": self.logprobs.chat(lps)} if self.logprobs is not None else None
+                            lp = {"content": self.logprobs.chat(r.logprobs)} if self.logprobs is not None else None
                             yield self._chunk({"content": r.text}, logprobs=lp)
                     last = r
         except RouterError as exc:
@@ -342,7 +342,7 @@ class ResponsesStream:
     async def collect(self, events: ChatEvents) -> dict[str, Any]:
         last = pb.ChatResponse()
         async with contextlib.aclosing(events):
-            async for r, _ in events:
+            async for r in events:
                 self.feed(r)
                 last = r
         return self.end(last)[-1]["response"]
@@ -353,7 +353,7 @@ class ResponsesStream:
         last = pb.ChatResponse()
         try:
             async with contextlib.aclosing(events):
-                async for r, _ in events:
+                async for r in events:
                     for event in self.feed(r):
                         yield _sse(event, event["type"])
                     last = r

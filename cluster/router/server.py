@@ -473,10 +473,9 @@ class GptossServer:
                             yield response(request_id=request_id, token_ids=kept, text=delta)
 
     async def chat_events(self, request: pb.ChatRequest, *, timeout: float | None = None, protocol: str = "grpc"
-                          ) -> AsyncIterator[tuple[pb.ChatResponse, list[pb.TokenLogprob]]]:
-        """The body of Chat for any transport: (ChatResponse delta, logprobs of its token_ids) pairs, the last
-        delta with finish_reason and usage. The logprobs ride beside the message because ChatResponse has no field
-        for them; they are empty unless the request asked for sampling.logprobs. Arguments and errors as
+                          ) -> AsyncIterator[pb.ChatResponse]:
+        """The body of Chat for any transport: ChatResponse deltas (with the logprobs of their token_ids when the
+        request asked for sampling.logprobs), the last one with finish_reason and usage. Arguments and errors as
         `generate_events`."""
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._observed("Chat", protocol, deadline) as call:
@@ -500,14 +499,14 @@ class GptossServer:
                         deltas += chat.finish()
                         break
                     for delta in deltas:
-                        yield _chat_response(prep.request_id, delta), logprobs.pop(len(delta.token_ids))
+                        yield _chat_response(prep.request_id, delta, logprobs)
             last = deltas.pop() if deltas else ChatDelta(None)
             for delta in deltas:
-                yield _chat_response(prep.request_id, delta), logprobs.pop(len(delta.token_ids))
-            final = _chat_response(prep.request_id, last)
+                yield _chat_response(prep.request_id, delta, logprobs)
+            final = _chat_response(prep.request_id, last, logprobs)
             final.finish_reason = _FINISH[finish or "stop"]
             final.usage.CopyFrom(_usage(prep, chat.num_tokens, usage, chat.reasoning_tokens))
-            yield final, logprobs.pop(len(last.token_ids))
+            yield final
 
     async def replica_stream(self, prep: Prepared, timeout: float | None,
                              timer: Any) -> AsyncIterator[dict[str, Any]]:
@@ -657,7 +656,7 @@ class _Inference(pb_grpc.InferenceServicer):
                    context: grpc.aio.ServicerContext) -> AsyncIterator[pb.ChatResponse]:
         try:
             async with contextlib.aclosing(self.s.chat_events(request, timeout=context.time_remaining())) as rs:
-                async for response, _ in rs:
+                async for response in rs:
                     yield response
         except RouterError as exc:
             await _abort(context, exc)
@@ -687,9 +686,9 @@ class _Inference(pb_grpc.InferenceServicer):
             raise AssertionError("unreachable") from None
 
 
-def _chat_response(request_id: str, delta: ChatDelta) -> pb.ChatResponse:
+def _chat_response(request_id: str, delta: ChatDelta, logprobs: _LogprobQueue) -> pb.ChatResponse:
     out = pb.ChatResponse(request_id=request_id, channel=_CHANNELS.get(delta.channel or "", pb.CHANNEL_UNSPECIFIED),
-                          text=delta.text, token_ids=delta.token_ids)
+                          text=delta.text, token_ids=delta.token_ids, logprobs=logprobs.pop(len(delta.token_ids)))
     if delta.tool_call is not None:
         tc = delta.tool_call
         out.tool_call.CopyFrom(pb.ToolCallDelta(index=tc["index"], id=tc["id"], name=tc["name"],
