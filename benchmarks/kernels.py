@@ -36,6 +36,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # triton's default; set, so that 3.9 does not warn
+
 import torch  # noqa: E402
 
 HBM_PEAK_GBPS = {"H100": 3350.0, "H200": 4800.0}  # SXM datasheet figures (H100 PCIe: 2000; pass --peak-gbps)

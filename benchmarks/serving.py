@@ -269,8 +269,8 @@ def _floor_server(cores: list[Any]) -> Any:
     return server
 
 
-def _server_process(conn: Any, engine: str, model: str, replicas: int, step_ms: float, num_blocks: int,
-                    lockstep: bool, coalesce: bool, stream_interval: int = 1) -> None:
+def _server_process(conn: Any, engine: str, model: str, replicas: int, scripted: dict[str, Any], num_blocks: int,
+                    stream_interval: int = 1) -> None:
     os.environ.setdefault("GPTOSS_NO_PROGRESS", "1")
     from cluster.metrics import Metrics
     from cluster.router.backend import LocalBackend
@@ -280,8 +280,7 @@ def _server_process(conn: Any, engine: str, model: str, replicas: int, step_ms: 
         if engine == "scripted":
             from cluster.router.testing import ScriptedReplica
 
-            cores = [ScriptedReplica(step_s=step_ms / 1000, max_ongoing_requests=1024, lockstep=lockstep,
-                                     coalesce=coalesce) for _ in range(replicas)]
+            cores = [ScriptedReplica(**scripted) for _ in range(replicas)]
         else:
             from cluster.replica import ReplicaCore, ReplicaSettings
             from workers.engine import LocalExecutor
@@ -321,13 +320,12 @@ def _server_process(conn: Any, engine: str, model: str, replicas: int, step_ms: 
 class LocalTarget:
     """A router + replica(s) in a child process; `direct` runs a level inside that process."""
 
-    def __init__(self, engine: str, model: str, replicas: int, step_ms: float, num_blocks: int,
-                 lockstep: bool, coalesce: bool, stream_interval: int = 1) -> None:
+    def __init__(self, engine: str, model: str, replicas: int, scripted: dict[str, Any], num_blocks: int,
+                 stream_interval: int = 1) -> None:
         ctx = mp.get_context("spawn")
         self.conn, child = ctx.Pipe()
         self.proc = ctx.Process(target=_server_process, daemon=True,
-                                args=(child, engine, model, replicas, step_ms, num_blocks, lockstep, coalesce,
-                                      stream_interval))
+                                args=(child, engine, model, replicas, scripted, num_blocks, stream_interval))
         self.proc.start()
         if not self.conn.poll(600):
             raise TimeoutError("the server process did not start")
@@ -415,8 +413,8 @@ class ServeTarget(RayTarget):
     """A local Ray on 127.0.0.1 running the real Router deployment in front of ModelReplica deployments: the tiny
     model (cluster.app's application), or a scripted engine inside the same deployment methods."""
 
-    def __init__(self, engine: str, model: str, replicas: int, step_ms: float, num_blocks: int,
-                 lockstep: bool, coalesce: bool, env: dict[str, str] | None = None, stream_interval: int = 1) -> None:
+    def __init__(self, engine: str, model: str, replicas: int, scripted: dict[str, Any], num_blocks: int,
+                 env: dict[str, str] | None = None, stream_interval: int = 1) -> None:
         from ray import serve
 
         from workers.engine.ray_executor import connect_ray
@@ -442,8 +440,7 @@ class ServeTarget(RayTarget):
                                       )(RouterImpl)
             settings = RouterSettings(host="127.0.0.1", port=port, max_queued_requests=4096, health_interval_s=0.5,
                                       stream_interval=stream_interval)
-            app = router.bind(replica.bind({"step_s": step_ms / 1000, "max_ongoing_requests": 1024,
-                                            "lockstep": lockstep, "coalesce": coalesce}), settings.to_dict())
+            app = router.bind(replica.bind(scripted), settings.to_dict())
         else:
             from cluster.app import build_application
 
@@ -674,6 +671,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--coalesce", action="store_true",
                    help="scripted engine: tokens fall due on schedule and each item carries all that are due, as "
                         "ReplicaCore does with the engine's queued outputs (default: one token per item)")
+    p.add_argument("--first-token-ms", type=float, default=None,
+                   help="scripted engine: each stream's first token this long after its request arrived, off the "
+                        "step clock (TTFT then shows the router's latency, not rounded to whole lockstep steps)")
     p.add_argument("--num-blocks", type=int, default=4096, help="KV blocks per local replica")
     p.add_argument("--concurrency", default="1,16,64", help="comma-separated levels (default 1,16,64)")
     p.add_argument("--num-requests", type=int, default=0, help="requests per path, level and round (default: "
@@ -729,22 +729,26 @@ def main(argv: list[str] | None = None) -> int:
         model = str(DEFAULT_CHECKPOINT)
         if not (DEFAULT_CHECKPOINT / "config.json").exists():
             write_checkpoint(ModelConfig.preset("tiny"), DEFAULT_CHECKPOINT, seed=0, progress=False)
+    scripted = {"step_s": args.step_ms / 1000, "max_ongoing_requests": 1024, "lockstep": args.lockstep,
+                "coalesce": args.coalesce,
+                "first_token_s": None if args.first_token_ms is None else args.first_token_ms / 1000}
     engine = (f"{args.replicas} {args.engine} replica(s)"
               + (f" ({args.step_ms:g} ms/token{', lockstep' if args.lockstep else ''}"
-                 f"{', coalescing' if args.coalesce else ''})" if args.engine == "scripted" else " (float32, CPU)")
+                 f"{', coalescing' if args.coalesce else ''}"
+                 f"{f', first token {args.first_token_ms:g} ms after arrival' if args.first_token_ms else ''})"
+                 if args.engine == "scripted" else " (float32, CPU)")
               + (f"; router stream_interval {args.stream_interval}" if args.stream_interval != 1 else ""))
     if args.address:
         target: Any = RayTarget(args.address, args.ray_app)
         what = f"cluster at {args.address}"
     elif args.serve:
         env = dict(kv.split("=", 1) for kv in args.serve_env)
-        target = ServeTarget(args.engine, model or "", args.replicas, args.step_ms, args.num_blocks, args.lockstep,
-                             args.coalesce, env, args.stream_interval)
+        target = ServeTarget(args.engine, model or "", args.replicas, scripted, args.num_blocks, env,
+                             args.stream_interval)
         what = (f"local Ray Serve: Router deployment + {engine} as ModelReplica deployment(s)"
                 + (f"; deployments' env {env}" if env else ""))
     else:
-        target = LocalTarget(args.engine, model or "", args.replicas, args.step_ms, args.num_blocks, args.lockstep,
-                             args.coalesce, args.stream_interval)
+        target = LocalTarget(args.engine, model or "", args.replicas, scripted, args.num_blocks, args.stream_interval)
         what = f"local router (LocalBackend, one process) + {engine}"
     freeze_gc()
     results: dict[str, Any] = {"target": what, "input_len": args.input_len, "output_len": args.output_len,

@@ -9,7 +9,10 @@ it replays a fixed token sequence (or a function of the request), one token per 
 asked for, so tests can force exact harmony sequences (tool calls, channels) and benchmarks can measure the
 router's own overhead. With `lockstep=True` every stream waits for the same step clock, as in an engine that batches
 all running requests into one step (a token for every stream at once, every `step_s`); otherwise each stream keeps
-its own cadence. With `coalesce=True` tokens fall due on that schedule whether or not the consumer is reading, and
+its own cadence. `first_token_s` makes each stream's first token fall due that long after the request arrived,
+whatever the clock (a prefill of fixed length that is not aligned to steps), so that a benchmark sees the router's
+added latency itself rather than rounded to whole steps, while later tokens keep the lockstep cadence and its
+batched token channel. With `coalesce=True` tokens fall due on that schedule whether or not the consumer is reading, and
 each item carries every token due by the time it is sent, as `cluster.replica.ReplicaCore` does with the engine's
 queued outputs (a consumer that falls behind gets fewer, larger items); otherwise one token per item.
 `ScriptedReplicaImpl` wraps one as the body of a Serve deployment with ModelReplica's methods, so the whole Serve
@@ -39,9 +42,10 @@ class ScriptedReplica:
                  step_s: float = 0.0, replica_id: str | None = None, vocab_size: int = 201088,
                  context_length: int = 4096, max_ongoing_requests: int = 256, state: str = "RUNNING",
                  kv_blocks: int = 256, block_size: int = 16, lockstep: bool = False,
-                 coalesce: bool = False) -> None:
+                 coalesce: bool = False, first_token_s: float | None = None) -> None:
         self.tokens = tokens
         self.step_s = step_s
+        self.first_token_s = first_token_s
         self.lockstep = lockstep
         self.coalesce = coalesce
         self._tick: asyncio.Future[None] | None = None  # lockstep: resolved at the next step of the clock
@@ -96,6 +100,8 @@ class ScriptedReplica:
         # when token k is due: every step_s from now, or (lockstep) from the clock's next step
         first = loop.time() + (self.step_s - loop.time() % self.step_s if self.lockstep and self.step_s
                                else self.step_s)
+        if self.first_token_s is not None:
+            first = loop.time() + self.first_token_s
         try:
             i = 0
             while i < max_tokens:
@@ -109,6 +115,8 @@ class ScriptedReplica:
                     if delay > 0:
                         await asyncio.sleep(delay)
                     n = max(1, min(max_tokens, int((loop.time() - first) / self.step_s) + 1) - i)
+                elif i == 0 and self.first_token_s is not None:
+                    await asyncio.sleep(self.first_token_s)
                 elif self.step_s:
                     await self._step()
                 tokens: list[int] = []
