@@ -414,7 +414,8 @@ class ServeTarget(RayTarget):
     model (cluster.app's application), or a scripted engine inside the same deployment methods."""
 
     def __init__(self, engine: str, model: str, replicas: int, scripted: dict[str, Any], num_blocks: int,
-                 env: dict[str, str] | None = None, stream_interval: int = 1) -> None:
+                 env: dict[str, str] | None = None, stream_interval: int = 1,
+                 router_env: dict[str, str] | None = None) -> None:
         from ray import serve
 
         from workers.engine.ray_executor import connect_ray
@@ -425,6 +426,7 @@ class ServeTarget(RayTarget):
         if engine == "scripted":
             from ray.serve.config import RequestRouterConfig
 
+            from cluster.app import ROUTER_SERVE_ENV
             from cluster.router.replica_choice import PrefixAffinityRouter
             from cluster.router.server import RouterImpl, RouterSettings
             from cluster.router.testing import ScriptedReplicaImpl
@@ -436,7 +438,8 @@ class ServeTarget(RayTarget):
                                                           request_router_kwargs={"block_size": 16}),
             )(ScriptedReplicaImpl)
             router = serve.deployment(name="Router", num_replicas=1, max_ongoing_requests=1000,
-                                      ray_actor_options={"num_cpus": 0.5, "runtime_env": {"env_vars": dict(env or {})}},
+                                      ray_actor_options={"num_cpus": 0.5, "runtime_env": {
+                                          "env_vars": {**ROUTER_SERVE_ENV, **(env or {}), **(router_env or {})}}},
                                       )(RouterImpl)
             settings = RouterSettings(host="127.0.0.1", port=port, max_queued_requests=4096, health_interval_s=0.5,
                                       stream_interval=stream_interval)
@@ -662,6 +665,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--serve", action="store_true", help="start a local Ray + Serve application (target 3)")
     p.add_argument("--serve-env", action="append", default=[], metavar="KEY=VALUE",
                    help="--serve --engine scripted: environment of both deployments (e.g. Serve's own flags)")
+    p.add_argument("--router-env", action="append", default=[], metavar="KEY=VALUE",
+                   help="--serve --engine scripted: environment of the Router deployment only, over "
+                        "cluster.app.ROUTER_SERVE_ENV")
     p.add_argument("--engine", choices=["tiny", "scripted"], default="tiny", help="local target's engine")
     p.add_argument("--model", default=None, help="checkpoint for --engine tiny (default: written once)")
     p.add_argument("--replicas", type=int, default=1, help="local replicas (default 1)")
@@ -743,10 +749,11 @@ def main(argv: list[str] | None = None) -> int:
         what = f"cluster at {args.address}"
     elif args.serve:
         env = dict(kv.split("=", 1) for kv in args.serve_env)
+        router_env = dict(kv.split("=", 1) for kv in args.router_env)
         target = ServeTarget(args.engine, model or "", args.replicas, scripted, args.num_blocks, env,
-                             args.stream_interval)
+                             args.stream_interval, router_env)
         what = (f"local Ray Serve: Router deployment + {engine} as ModelReplica deployment(s)"
-                + (f"; deployments' env {env}" if env else ""))
+                + (f"; deployments' env {env}" if env else "") + (f"; Router's env {router_env}" if router_env else ""))
     else:
         target = LocalTarget(args.engine, model or "", args.replicas, scripted, args.num_blocks, args.stream_interval)
         what = f"local router (LocalBackend, one process) + {engine}"

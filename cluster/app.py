@@ -32,6 +32,11 @@ APP_NAME = "gptoss"
 IMPORT_PATH = "cluster.app:build_app"
 ROUTER = "Router"
 MODEL_REPLICA = "ModelReplica"
+# Serve's own flags for the Router's processes: Serve's request router on the caller's event loop, and the
+# deployment's code on the replica's main loop, instead of a thread and a loop of their own each. All of the Router's
+# work is per-request async code on one loop, and the cross-thread hops cost it up to a third of its CPU per request
+# and tens of ms of TTFT under load (benchmarks/RESULTS.md, session 4). ModelReplica keeps Serve's defaults.
+ROUTER_SERVE_ENV = {"RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0", "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}
 DEFAULT_DASHBOARD = "http://127.0.0.1:8265"
 SERVE_APPS_PATH = "/api/serve/applications/"
 
@@ -303,6 +308,11 @@ def router_settings(config: AppConfig) -> dict[str, Any]:
     ).to_dict()
 
 
+def router_actor_options(config: AppConfig) -> dict[str, Any]:
+    """The Router deployment's Ray actor options (Serve merges these env vars with the application's)."""
+    return {"num_cpus": config.router_cpus, "runtime_env": {"env_vars": dict(ROUTER_SERVE_ENV)}}
+
+
 def replica_max_ongoing(config: AppConfig) -> int:
     """ModelReplica's Serve `max_ongoing_requests`: the requests it takes, plus one slot per Router replica for that
     router's token channel (a long-lived call; see cluster.replica.TokenChannels)."""
@@ -345,7 +355,7 @@ def build_application(config: AppConfig) -> Any:
     router = serve.deployment(
         name=ROUTER,
         num_replicas=config.router_replicas,
-        ray_actor_options={"num_cpus": config.router_cpus},
+        ray_actor_options=router_actor_options(config),
         max_ongoing_requests=1000,
         health_check_period_s=5.0,
         graceful_shutdown_wait_loop_s=0.5,
@@ -386,7 +396,7 @@ def app_config(config: AppConfig, *, app_name: str = APP_NAME, env_vars: Mapping
         "args": args,
         "deployments": [
             {"name": ROUTER, "num_replicas": config.router_replicas,
-             "ray_actor_options": {"num_cpus": config.router_cpus}},
+             "ray_actor_options": router_actor_options(config)},
             replica,
         ],
     }

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import yaml
 
-from cluster.app import parse_args, replica_max_ongoing, router_settings
+from cluster.app import ROUTER_SERVE_ENV, parse_args, replica_max_ongoing, router_settings
 from tests.tools import find_tool
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -247,6 +247,7 @@ def test_serve_args_follow_the_values_and_the_args_schema(rendered: dict, values
         assert args["num_replicas"] == replica["num_replicas"] == v["serve"]["replicas"]
     assert router["num_replicas"] == args["router_replicas"] == v["routers"]["replicas"]
     assert router["ray_actor_options"]["resources"] == {"gptoss_router": 1}
+    assert router["ray_actor_options"]["runtime_env"] == {"env_vars": ROUTER_SERVE_ENV}
     # one slot per Router replica for its token channel, exactly as cluster.app builds it
     assert replica["max_ongoing_requests"] == args["max_ongoing_requests"] + args["router_replicas"] == \
         replica_max_ongoing(parse_args(args))
