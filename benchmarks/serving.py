@@ -53,11 +53,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
-import itertools
 import json
 import multiprocessing as mp
 import os
-import random
 import resource
 import socket
 import statistics
@@ -65,133 +63,26 @@ import sys
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from cluster.bench import (  # noqa: E402
+    CLOSED_LOOP,
+    Pacing,
+    Record,
+    Sender,
+    format_row,
+    router_level,
+    run_level,
+    summarize,
+    table_header,
+    workload,
+)
+
 DEFAULT_CHECKPOINT = Path(os.environ.get("TMPDIR", "/tmp")) / "gptoss-bench" / "tiny-hf"
 APP = "gptoss-bench"
-
-
-# ------------------------------------------------------------------------------------------------ statistics
-def pct(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    values = sorted(values)
-    k = (len(values) - 1) * q / 100
-    lo, hi = int(k), min(int(k) + 1, len(values) - 1)
-    return values[lo] + (values[hi] - values[lo]) * (k - lo)
-
-
-class Record:
-    """One request: arrival, token arrival times."""
-
-    __slots__ = ("start", "times", "tokens", "error")
-
-    def __init__(self) -> None:
-        self.start = time.perf_counter()
-        self.times: list[float] = []
-        self.tokens = 0
-        self.error: str | None = None
-
-    def got(self, n: int) -> None:
-        if n:
-            now = time.perf_counter()
-            self.times.extend([now] * n)
-            self.tokens += n
-
-
-def summarize(records: list[Record], wall_s: float, cpu: dict[str, float] | None = None) -> dict[str, Any]:
-    ok = [r for r in records if r.error is None and r.times]
-    ttft = [(r.times[0] - r.start) * 1e3 for r in ok]
-    itl = []
-    for r in ok:
-        # deltas with several tokens: spread their gap evenly, as the metrics do
-        i = 1
-        while i < len(r.times):
-            j = i
-            while j < len(r.times) and r.times[j] == r.times[i]:
-                j += 1
-            gap = (r.times[i] - r.times[i - 1]) * 1e3 / (j - i)
-            itl.extend([gap] * (j - i))
-            i = j
-    e2e = [(r.times[-1] - r.start) * 1e3 for r in ok]
-    tokens = sum(r.tokens for r in ok)
-    out: dict[str, Any] = {"requests": len(records), "errors": len(records) - len(ok), "wall_s": wall_s,
-                           "req_per_s": len(ok) / wall_s if wall_s else 0.0,
-                           "output_tok_per_s": tokens / wall_s if wall_s else 0.0}
-    for name, values in (("ttft_ms", ttft), ("itl_ms", itl), ("e2e_ms", e2e)):
-        out[name] = {"mean": statistics.fmean(values) if values else float("nan"),
-                     **{f"p{q}": pct(values, q) for q in (50, 90, 99)}}
-    # CPU-seconds each process spent during the level, per request (ms)
-    out["cpu_ms_per_request"] = {k: v * 1e3 / max(1, len(records)) for k, v in (cpu or {}).items()}
-    errors = [r.error for r in records if r.error]
-    if errors:
-        out["first_error"] = errors[0]
-    return out
-
-
-Sender = Callable[[list[int], Record], Awaitable[None]]
-
-
-class Pacing(NamedTuple):
-    """When requests start. Closed loop (rate 0): `concurrency` workers, worker i starting after
-    i * stagger_s / concurrency, each sending its next request when the last one ended. Open loop (rate > 0): Poisson
-    arrivals at `rate` requests/s (the same times for every path: seeded), at most `concurrency` in flight (later
-    arrivals wait for a slot; their TTFT counts from arrival), as `vllm bench serve --request-rate`."""
-
-    stagger_s: float = 0.0
-    rate: float = 0.0
-    seed: int = 0
-
-
-CLOSED_LOOP = Pacing()  # all at once, closed loop
-
-
-async def run_level(send: Sender, prompts: list[list[int]], concurrency: int,
-                    pacing: Pacing = CLOSED_LOOP) -> tuple[list[Record], float]:
-    """`send(prompt, record)` for every prompt, paced by `pacing`. Returns the records and the wall time."""
-    records: list[Record] = []
-
-    async def one(prompt: list[int], record: Record) -> None:
-        try:
-            await send(prompt, record)
-        except Exception as exc:  # noqa: BLE001 - a benchmark counts errors, it does not stop
-            record.error = f"{type(exc).__name__}: {str(exc)[:200]}"
-
-    start = time.perf_counter()
-    if pacing.rate > 0:
-        rng = random.Random(pacing.seed)
-        slots = asyncio.Semaphore(concurrency)
-
-        async def arrive(prompt: list[int], at: float) -> None:
-            await asyncio.sleep(max(0.0, at - (time.perf_counter() - start)))
-            record = Record()
-            records.append(record)
-            async with slots:
-                await one(prompt, record)
-
-        times = list(itertools.accumulate(rng.expovariate(pacing.rate) for _ in prompts))
-        await asyncio.gather(*(arrive(prompt, at) for prompt, at in zip(prompts, times, strict=True)))
-        return records, time.perf_counter() - start
-    queue = list(prompts)
-
-    async def worker(i: int) -> None:
-        if pacing.stagger_s:
-            await asyncio.sleep(i * pacing.stagger_s / concurrency)
-        while queue:
-            record = Record()
-            records.append(record)
-            await one(queue.pop(), record)
-
-    await asyncio.gather(*(worker(i) for i in range(concurrency)))
-    return records, time.perf_counter() - start
-
-
-def workload(n: int, input_len: int, seed: int, vocab: int = 199_998) -> list[list[int]]:
-    rng = random.Random(seed)
-    return [[rng.randrange(vocab) for _ in range(input_len)] for _ in range(n)]
 
 
 def process_cpu_s(pid: int | None = None) -> float:
@@ -481,33 +372,6 @@ def _tiny_config(model: str, replicas: int, port: int, num_blocks: int, stream_i
 
 
 # ------------------------------------------------------------------------------------------------ router path
-async def router_level(address: str, prompts: list[list[int]], concurrency: int, output_len: int,
-                       token: str | None, pacing: Pacing = CLOSED_LOOP) -> tuple[list[Record], float]:
-    from cluster.client import AsyncClient
-
-    # one HTTP/2 connection per 8 streams, as a fleet of clients would have (a single connection serializes
-    # the setup of new streams behind the frames of all the others)
-    clients = [AsyncClient(address, token=token) for _ in range(max(1, -(-concurrency // 8)))]
-    turn = [0]
-    try:
-        async def send(prompt: list[int], record: Record) -> None:
-            client = clients[turn[0] % len(clients)]
-            turn[0] += 1
-            last = None
-            async for response in client.generate(prompt, max_tokens=output_len, ignore_eos=True, temperature=0):
-                record.got(len(response.token_ids))
-                last = response
-            if last is None or last.usage.completion_tokens != output_len:
-                raise RuntimeError(f"expected {output_len} tokens, got {record.tokens}")
-
-        # connect first: channel setup is not part of any request's TTFT
-        await asyncio.gather(*(c.channel.channel_ready() for c in clients))
-        return await run_level(send, prompts, concurrency, pacing)
-    finally:
-        for client in clients:
-            await client.close()
-
-
 # ------------------------------------------------------------------------------------------------ micro
 def micro(reps: int = 5, requests: int = 1000, long_tokens: int = 256) -> dict[str, Any]:
     """CPU per request (1-token requests) and per extra token (`long_tokens`-token requests) of: the scripted
@@ -619,15 +483,6 @@ def serve_micro(items: int = 3200) -> list[dict[str, Any]]:
 
 
 # ------------------------------------------------------------------------------------------------ main
-def _row(label: str, s: dict[str, Any]) -> str:
-    cpu = s.get("cpu_ms_per_request") or {}
-    return (f"| {label} | {s['requests']} | {s['errors']} | {s['req_per_s']:.1f} | {s['output_tok_per_s']:.0f} | "
-            f"{s['ttft_ms']['p50']:.1f} / {s['ttft_ms']['p90']:.1f} / {s['ttft_ms']['p99']:.1f} | "
-            f"{s['itl_ms']['p50']:.2f} / {s['itl_ms']['p99']:.2f} | "
-            f"{s['e2e_ms']['p50']:.0f} / {s['e2e_ms']['p99']:.0f} | "
-            f"{cpu.get('server', float('nan')):.2f} / {cpu.get('client', float('nan')):.2f} |")
-
-
 def _paths(target: Any, level: int, n: int, args: argparse.Namespace, token: str | None, pacing: Pacing,
            seed: int) -> dict[str, Callable[[], Awaitable[tuple[list[Record], float] | None]]]:
     """One round's runs (different prompts of the same shape: no prefix-cache help for any)."""
@@ -762,9 +617,7 @@ def main(argv: list[str] | None = None) -> int:
                                "arrival": args.arrival, "rounds": args.rounds, "levels": {}}
     print(f"# serving benchmark: {what}; prompts {args.input_len} tokens, outputs {args.output_len} tokens; "
           f"{args.arrival} arrivals; {args.rounds} interleaved rounds per level")
-    print("| path @ concurrency | requests | errors | req/s | out tok/s | TTFT p50 / p90 / p99 ms | "
-          "ITL p50 / p99 ms | E2E p50 / p99 ms | CPU ms/request: router process / client |")
-    print("|---|---:|---:|---:|---:|---|---|---|---|")
+    print(table_header("path @ concurrency"))
 
     async def sweep() -> None:
         warm = workload(args.warmup, args.input_len, args.seed + 99)
@@ -804,13 +657,13 @@ def main(argv: list[str] | None = None) -> int:
                 rc, dc = router["cpu_ms_per_request"], direct["cpu_ms_per_request"]
                 if "server" in rc and "server" in dc:
                     entry["router_cpu_ms_per_request"] = rc["server"] - dc["server"]
-                print(_row(f"direct @ {level}", direct))
+                print(format_row(f"direct @ {level}", direct))
             floor = entry.get("grpc floor")
             if floor is not None:
                 entry["router_over_floor_ms"] = {k: {q: router[k][q] - floor[k][q] for q in ("p50", "p90", "p99")}
                                                  for k in ("ttft_ms", "itl_ms", "e2e_ms")}
-                print(_row(f"gRPC floor @ {level}", floor))
-            print(_row(f"router @ {level}", router))
+                print(format_row(f"gRPC floor @ {level}", floor))
+            print(format_row(f"router @ {level}", router))
             if direct is not None:
                 a = entry["added_ms"]["ttft_ms"]
                 cpu_text = ""

@@ -478,9 +478,90 @@ def _cmd_scale(args: argparse.Namespace) -> int:
     return 0
 
 
+# =================================================================================================== bench
+def _levels(text: str) -> list[int]:
+    """'1,16,64' -> [1, 16, 64] (each >= 1)."""
+    try:
+        levels = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not levels or min(levels) < 1:
+        raise argparse.ArgumentTypeError(f"every concurrency must be >= 1, got {text!r}")
+    return levels
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text!r}")
+    return value
+
+
+def _register_bench(sub: Any) -> None:
+    p = sub.add_parser(
+        "bench", help="load a running cluster with streaming requests and print latency percentiles",
+        description="Send streaming Generate requests to a router (random prompt token ids, exactly --output-len "
+                    "tokens each, greedy, EOS ignored) at each concurrency level, closed loop, or as a Poisson "
+                    "arrival process with --request-rate (at most the concurrency in flight), as `vllm bench serve` "
+                    "does; print TTFT, inter-token and end-to-end latency percentiles and throughput per level. "
+                    "The bearer token comes from $GPTOSS_AUTH_TOKEN.")
+    _add_client_args(p)
+    p.add_argument("--concurrency", type=_levels, default=[1, 16, 64], help="levels, e.g. 1,16,64 (the default)")
+    p.add_argument("--request-rate", type=_non_negative_float, default=0.0,
+                   help="requests per second, Poisson arrivals (default 0: closed loop)")
+    p.add_argument("--num-requests", type=_positive_int, default=None,
+                   help="requests per level (default: 4 x concurrency, at least 16)")
+    p.add_argument("--input-len", type=_positive_int, default=64, help="prompt tokens (default 64)")
+    p.add_argument("--output-len", type=_positive_int, default=32, help="generated tokens (default 32)")
+    p.add_argument("--seed", type=int, default=0, help="prompt and arrival seed (default 0)")
+    p.add_argument("--json", type=Path, default=None, metavar="FILE", help="also write every figure here")
+    p.set_defaults(func=_cmd_bench)
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    import asyncio
+    import json
+
+    from cluster import bench
+
+    if args.address is None:
+        raise UsageError("bench needs --address HOST:PORT of a running router")
+    roots = args.ca_cert.read_bytes() if args.ca_cert else None
+    results: dict[str, Any] = {"address": args.address, "input_len": args.input_len, "output_len": args.output_len,
+                               "request_rate": args.request_rate, "levels": {}}
+    print(f"# {PROG} bench: {args.address}; prompts {args.input_len} tokens, outputs {args.output_len} tokens; "
+          + (f"Poisson arrivals at {args.request_rate:g} requests/s" if args.request_rate else "closed loop"))
+    print(bench.table_header("concurrency", cpu=False))
+    for level in args.concurrency:
+        n = args.num_requests or max(16, 4 * level)
+        prompts = bench.workload(n, args.input_len, args.seed + level)
+        pacing = bench.Pacing(rate=args.request_rate, seed=args.seed + level)
+        try:
+            records, wall_s = asyncio.run(bench.router_level(
+                args.address, prompts, level, args.output_len, None, pacing, tls=args.tls, root_certificates=roots))
+        except ConnectionError as exc:
+            _error(str(exc))
+            return 1
+        summary = bench.summarize(records, wall_s)
+        results["levels"][str(level)] = summary
+        print(bench.format_row(str(level), summary, cpu=False), flush=True)
+        if summary["errors"] == summary["requests"]:
+            _error(f"every request failed at concurrency {level}: {summary.get('first_error')}")
+            return 1
+        if summary["errors"]:
+            print(f"# {summary['errors']} of {summary['requests']} requests failed; the first: "
+                  f"{summary['first_error']}")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+    return 0
+
+
 # =================================================================================================== main
 COMMANDS: list[Callable[[Any], None]] = [_register_make_checkpoint, _register_generate, _register_serve,
-                                          _register_chat, _register_scale]
+                                          _register_chat, _register_scale, _register_bench]
 
 
 def build_parser() -> argparse.ArgumentParser:

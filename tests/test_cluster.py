@@ -97,7 +97,9 @@ def test_cli_bad_arguments_exit_2_with_one_line(capsys):
 
     for argv in (["chat", "--address", "nowhere", "hi"], ["chat", "hi"], ["serve", "--replicas", "0"],
                  ["serve", "--model", "/no/such/dir"], ["serve", "--grpc-port", "99999"],
-                 ["scale", "--replicas", "-1"], ["serve", "--stream-interval", "0"], ["generate", "--prompt", "x"],
+                 ["scale", "--replicas", "-1"], ["serve", "--stream-interval", "0"],
+                 ["bench", "--concurrency", "1"], ["bench", "--address", "h:1", "--concurrency", "0,4"],
+                 ["bench", "--address", "h:1", "--request-rate", "-1"], ["generate", "--prompt", "x"],
                  ["generate", "--address", "127.0.0.1:1"], ["generate", "--address", "h:1", "--token-ids", "1,x"]):
         assert main(argv) == 2, argv
         err = capsys.readouterr().err

@@ -232,6 +232,40 @@ def test_stream_interval_sends_the_first_token_alone_then_deltas_of_that_many(in
     assert messages_with_tokens <= expected + 2  # a delta crossing a channel boundary is split at it
 
 
+def test_cli_bench_against_a_router_prints_every_level(tmp_path, capsys):
+    """`gptoss-cluster bench`: each level's requests all stream their tokens; the table and the JSON agree."""
+    from cluster.cli import main
+
+    replica = ScriptedReplica(step_s=0.001)
+    st, address = _scripted_server(replica)
+    try:
+        out = tmp_path / "bench.json"
+        code = main(["bench", "--address", address, "--concurrency", "1,4", "--num-requests", "6", "--input-len", "5",
+                     "--output-len", "3", "--json", str(out)])
+        printed = capsys.readouterr().out
+    finally:
+        st.stop()
+    assert code == 0, printed
+    rows = [line.split("|")[1:-1] for line in printed.splitlines() if line.startswith("| ") and "---" not in line]
+    assert [row[0].strip() for row in rows] == ["concurrency", "1", "4"]
+    assert all(int(row[1]) == 6 and int(row[2]) == 0 for row in rows[1:])  # requests, errors
+    levels = json.loads(out.read_text())["levels"]
+    assert {k: (v["requests"], v["errors"]) for k, v in levels.items()} == {"1": (6, 0), "4": (6, 0)}
+    assert len(replica.started) == 12 and all(len(r["prompt_token_ids"]) == 5 for r in replica.started)
+    assert all(r["sampling"]["max_tokens"] == 3 for r in replica.started)
+
+
+def test_cli_bench_without_a_router_fails_in_seconds(capsys):
+    from cluster.bench import CONNECT_TIMEOUT_S
+    from cluster.cli import main
+    from tests.tools import free_port
+
+    start = time.monotonic()
+    assert main(["bench", "--address", f"127.0.0.1:{free_port()}", "--concurrency", "1"]) == 1
+    assert time.monotonic() - start < CONNECT_TIMEOUT_S + 5
+    assert "no router answers" in capsys.readouterr().err
+
+
 def test_chat_garbled_output_degrades_to_plain_text():
     tokens = [200005, 200005, 200008] + get_tokenizer().encode(" plain words")
     st, address = _scripted_server(ScriptedReplica(tokens))
