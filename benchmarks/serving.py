@@ -306,7 +306,7 @@ class ServeTarget(RayTarget):
 
     def __init__(self, engine: str, model: str, replicas: int, scripted: dict[str, Any], num_blocks: int,
                  env: dict[str, str] | None = None, stream_interval: int = 1,
-                 router_env: dict[str, str] | None = None) -> None:
+                 router_env: dict[str, str] | None = None, access_log: bool = False) -> None:
         from ray import serve
 
         from workers.engine.ray_executor import connect_ray
@@ -317,21 +317,23 @@ class ServeTarget(RayTarget):
         if engine == "scripted":
             from ray.serve.config import RequestRouterConfig
 
-            from cluster.app import ROUTER_SERVE_ENV
+            from cluster.app import DEPLOYMENT_LOGGING, ROUTER_SERVE_ENV
             from cluster.router.replica_choice import PrefixAffinityRouter
             from cluster.router.server import RouterImpl, RouterSettings
             from cluster.router.testing import ScriptedReplicaImpl
 
+            logging = {**DEPLOYMENT_LOGGING, "enable_access_log": True} if access_log else DEPLOYMENT_LOGGING
             replica = serve.deployment(
                 name="ModelReplica", num_replicas=replicas, max_ongoing_requests=1024,
                 ray_actor_options={"num_cpus": 0.5, "runtime_env": {"env_vars": dict(env or {})}},
                 request_router_config=RequestRouterConfig(request_router_class=PrefixAffinityRouter,
                                                           request_router_kwargs={"block_size": 16}),
+                logging_config=logging,
             )(ScriptedReplicaImpl)
             router = serve.deployment(name="Router", num_replicas=1, max_ongoing_requests=1000,
                                       ray_actor_options={"num_cpus": 0.5, "runtime_env": {
                                           "env_vars": {**ROUTER_SERVE_ENV, **(env or {}), **(router_env or {})}}},
-                                      )(RouterImpl)
+                                      logging_config=logging)(RouterImpl)
             settings = RouterSettings(host="127.0.0.1", port=port, max_queued_requests=4096, health_interval_s=0.5,
                                       stream_interval=stream_interval)
             app = router.bind(replica.bind(scripted), settings.to_dict())
@@ -523,6 +525,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--router-env", action="append", default=[], metavar="KEY=VALUE",
                    help="--serve --engine scripted: environment of the Router deployment only, over "
                         "cluster.app.ROUTER_SERVE_ENV")
+    p.add_argument("--access-log", action="store_true",
+                   help="--serve --engine scripted: Serve's access log line per call on (cluster.app turns it off)")
     p.add_argument("--engine", choices=["tiny", "scripted"], default="tiny", help="local target's engine")
     p.add_argument("--model", default=None, help="checkpoint for --engine tiny (default: written once)")
     p.add_argument("--replicas", type=int, default=1, help="local replicas (default 1)")
@@ -606,7 +610,7 @@ def main(argv: list[str] | None = None) -> int:
         env = dict(kv.split("=", 1) for kv in args.serve_env)
         router_env = dict(kv.split("=", 1) for kv in args.router_env)
         target = ServeTarget(args.engine, model or "", args.replicas, scripted, args.num_blocks, env,
-                             args.stream_interval, router_env)
+                             args.stream_interval, router_env, args.access_log)
         what = (f"local Ray Serve: Router deployment + {engine} as ModelReplica deployment(s)"
                 + (f"; deployments' env {env}" if env else "") + (f"; Router's env {router_env}" if router_env else ""))
     else:

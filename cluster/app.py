@@ -37,6 +37,10 @@ MODEL_REPLICA = "ModelReplica"
 # work is per-request async code on one loop, and the cross-thread hops cost it up to a third of its CPU per request
 # and tens of ms of TTFT under load (benchmarks/RESULTS.md, session 4). ModelReplica keeps Serve's defaults.
 ROUTER_SERVE_ENV = {"RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0", "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}
+# No Serve access log line per call: every request is a `submit` call on a ModelReplica (plus long-lived channel
+# calls), which the router's own request metrics and logs already cover; at hundreds of requests a second the lines
+# cost CPU in the replica and in Ray's log forwarding. A Serve config's deployment `logging_config` can turn it on.
+DEPLOYMENT_LOGGING = {"enable_access_log": False}
 DEFAULT_DASHBOARD = "http://127.0.0.1:8265"
 SERVE_APPS_PATH = "/api/serve/applications/"
 
@@ -344,6 +348,7 @@ def build_application(config: AppConfig) -> Any:
         health_check_timeout_s=30.0,
         graceful_shutdown_wait_loop_s=0.5,
         graceful_shutdown_timeout_s=config.graceful_shutdown_timeout_s,
+        logging_config=DEPLOYMENT_LOGGING,
         request_router_config=RequestRouterConfig(
             request_router_class=PrefixAffinityRouter,
             request_router_kwargs={"block_size": block},
@@ -360,6 +365,7 @@ def build_application(config: AppConfig) -> Any:
         health_check_period_s=5.0,
         graceful_shutdown_wait_loop_s=0.5,
         graceful_shutdown_timeout_s=config.drain_timeout_s + 5.0,
+        logging_config=DEPLOYMENT_LOGGING,
     )(RouterImpl)
     return router.bind(model_replica.bind(replica_settings(config, device)), router_settings(config))
 
