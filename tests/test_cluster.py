@@ -92,6 +92,23 @@ def test_build_app_arguments_follow_the_chart_schema(tmp_path):
         assert message in str(info.value), (args, str(info.value))
 
 
+def test_build_application_deployment_options():
+    """The Router runs Serve's request router and its code on one loop; neither deployment writes Serve's per-call
+    access log; the app's Serve config entry carries the same Router options (a config's options replace the
+    code's)."""
+    from cluster.app import ROUTER_SERVE_ENV, app_config, build_application, parse_args
+
+    config = parse_args({"model": "/m", "device": "cpu"})
+    router = build_application(config)._bound_deployment  # Serve's Application has no public accessor
+    replica = router.init_args[0]._bound_deployment
+    assert (router.name, replica.name) == ("Router", "ModelReplica")
+    assert router.ray_actor_options["runtime_env"] == {"env_vars": ROUTER_SERVE_ENV}
+    assert "runtime_env" not in replica.ray_actor_options  # ModelReplica keeps Serve's defaults
+    assert router.logging_config["enable_access_log"] is False and replica.logging_config["enable_access_log"] is False
+    entry = {d["name"]: d for d in app_config(config)["deployments"]}
+    assert entry["Router"]["ray_actor_options"] == router.ray_actor_options
+
+
 def test_cli_bad_arguments_exit_2_with_one_line(capsys):
     from cluster.cli import main
 
