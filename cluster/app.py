@@ -46,7 +46,7 @@ SERVE_APPS_PATH = "/api/serve/applications/"
 
 SHARD_COUNTS = (1, 2, 4, 8)
 DEVICES = ("cuda", "cpu")
-DTYPES = ("bfloat16", "float16", "float32")
+DTYPES = ("bfloat16", "float32")  # float16 is not supported by the engine
 EFFORTS = ("low", "medium", "high")
 AUTOSCALING_KEYS = {"min_replicas", "max_replicas", "initial_replicas", "target_ongoing_requests",
                     "upscale_delay_s", "downscale_delay_s"}
@@ -186,8 +186,6 @@ def validate(c: AppConfig) -> AppConfig:
         fail("device", f"must be one of {DEVICES}, got {c.device!r}")
     if c.dtype not in DTYPES:
         fail("dtype", f"must be one of {DTYPES}, got {c.dtype!r}")
-    if c.dtype == "float16":
-        fail("dtype", "float16 is not supported by the engine yet; use bfloat16 or float32")
     if c.num_replicas is not None and c.autoscaling_config is not None:
         fail("num_replicas", "give num_replicas or autoscaling_config, not both")
     if c.num_replicas is not None and (not _is_int(c.num_replicas) or c.num_replicas < 1):

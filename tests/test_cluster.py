@@ -86,6 +86,7 @@ def test_build_app_arguments_follow_the_chart_schema(tmp_path):
         ({"model": "/m", "grpc_port": 70000}, "grpc_port"),
         ({"model": "/m", "default_reasoning_effort": "max"}, "default_reasoning_effort"),
         ({"model": "/m", "stream_interval": 0}, "stream_interval: must be an integer >= 1"),
+        ({"model": "/m", "dtype": "float16"}, "dtype: must be one of ('bfloat16', 'float32')"),
     ]:
         with pytest.raises(AppConfigError) as info:
             parse_args(args)
