@@ -245,8 +245,9 @@ class LocalTarget:
 class RayTarget:
     """A running cluster; `direct` calls ModelReplica.generate through a Serve handle (no router)."""
 
-    def __init__(self, address: str, app: str | None) -> None:
+    def __init__(self, address: str, app: str | None, transport: str = "grpc") -> None:
         self.address = address
+        self.transport = transport
         self.floor_address: str | None = None
         self.handle = None
         self.router_pid: int | None = None
@@ -281,7 +282,7 @@ class RayTarget:
         from cluster.router.backend import ServeBackend
 
         # the router's own replica transport (per-request call + multiplexed token channel), without the router
-        backend = ServeBackend(self.handle)
+        backend = ServeBackend(self.handle, transport=self.transport)
 
         async def send(prompt: list[int], record: Record) -> None:
             async for item in backend.stream(_engine_request(prompt, output_len)):
@@ -306,7 +307,8 @@ class ServeTarget(RayTarget):
 
     def __init__(self, engine: str, model: str, replicas: int, scripted: dict[str, Any], num_blocks: int,
                  env: dict[str, str] | None = None, stream_interval: int = 1,
-                 router_env: dict[str, str] | None = None, access_log: bool = False) -> None:
+                 router_env: dict[str, str] | None = None, access_log: bool = False,
+                 transport: str = "grpc") -> None:
         from ray import serve
 
         from workers.engine.ray_executor import connect_ray
@@ -335,14 +337,14 @@ class ServeTarget(RayTarget):
                                           "env_vars": {**ROUTER_SERVE_ENV, **(env or {}), **(router_env or {})}}},
                                       logging_config=logging)(RouterImpl)
             settings = RouterSettings(host="127.0.0.1", port=port, max_queued_requests=4096, health_interval_s=0.5,
-                                      stream_interval=stream_interval)
+                                      stream_interval=stream_interval, replica_transport=transport)
             app = router.bind(replica.bind(scripted), settings.to_dict())
         else:
             from cluster.app import build_application
 
-            app = build_application(_tiny_config(model, replicas, port, num_blocks, stream_interval))
+            app = build_application(_tiny_config(model, replicas, port, num_blocks, stream_interval, transport))
         serve.run(app, name=APP, route_prefix=None)
-        super().__init__(f"127.0.0.1:{port}", None)
+        super().__init__(f"127.0.0.1:{port}", None, transport)
         self.handle = serve.get_deployment_handle("ModelReplica", app_name=APP)
         self._find_router(APP)
         deadline = time.monotonic() + 120
@@ -362,12 +364,13 @@ class ServeTarget(RayTarget):
             ray.shutdown()
 
 
-def _tiny_config(model: str, replicas: int, port: int, num_blocks: int, stream_interval: int = 1) -> Any:
+def _tiny_config(model: str, replicas: int, port: int, num_blocks: int, stream_interval: int = 1,
+                 transport: str = "grpc") -> Any:
     from cluster.app import parse_args
 
     config = parse_args({"model": model, "num_replicas": replicas, "dtype": "float32", "grpc_port": port,
                          "metrics_port": 0, "max_ongoing_requests": 1024, "max_queued_requests": 4096,
-                         "stream_interval": stream_interval,
+                         "stream_interval": stream_interval, "replica_transport": transport,
                          "engine": {"num_blocks": num_blocks, "max_num_seqs": 256}})
     config.grpc_host = "127.0.0.1"
     return config
@@ -551,6 +554,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="requests/s of --arrival poisson (the same seeded arrival times for every path)")
     p.add_argument("--stream-interval", type=int, default=1,
                    help="the router's stream_interval: tokens per delta after the first (default 1)")
+    p.add_argument("--replica-transport", choices=["grpc", "ray"], default="grpc",
+                   help="--serve / --ray-app: how the router's and the direct path's Serve calls reach the replicas "
+                        "(RouterSettings.replica_transport; default grpc)")
     p.add_argument("--input-len", type=int, default=64)
     p.add_argument("--output-len", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
@@ -604,14 +610,15 @@ def main(argv: list[str] | None = None) -> int:
                  if args.engine == "scripted" else " (float32, CPU)")
               + (f"; router stream_interval {args.stream_interval}" if args.stream_interval != 1 else ""))
     if args.address:
-        target: Any = RayTarget(args.address, args.ray_app)
+        target: Any = RayTarget(args.address, args.ray_app, args.replica_transport)
         what = f"cluster at {args.address}"
     elif args.serve:
         env = dict(kv.split("=", 1) for kv in args.serve_env)
         router_env = dict(kv.split("=", 1) for kv in args.router_env)
         target = ServeTarget(args.engine, model or "", args.replicas, scripted, args.num_blocks, env,
-                             args.stream_interval, router_env, args.access_log)
-        what = (f"local Ray Serve: Router deployment + {engine} as ModelReplica deployment(s)"
+                             args.stream_interval, router_env, args.access_log, args.replica_transport)
+        what = (f"local Ray Serve: Router deployment + {engine} as ModelReplica deployment(s), "
+                f"{args.replica_transport} transport"
                 + (f"; deployments' env {env}" if env else "") + (f"; Router's env {router_env}" if router_env else ""))
     else:
         target = LocalTarget(args.engine, model or "", args.replicas, scripted, args.num_blocks, args.stream_interval)

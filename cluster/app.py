@@ -93,6 +93,7 @@ class AppConfig:
     router_replicas: int = 1
     max_queued_requests: int = 1024
     stream_interval: int = 1  # tokens per streamed delta after the first (RouterSettings.stream_interval)
+    replica_transport: str = "grpc"  # router -> replica calls: Serve's gRPC transport or Ray actor tasks ("ray")
     grpc_port: int = 50051
     http_port: int = 8000  # the Routers' OpenAI-compatible HTTP server; 0: off
     metrics_port: int = 9400
@@ -140,8 +141,8 @@ class AppConfig:
             out["num_replicas"] = self.replicas
         out.update(max_ongoing_requests=self.max_ongoing_requests, router_replicas=self.router_replicas,
                    max_queued_requests=self.max_queued_requests, stream_interval=self.stream_interval,
-                   grpc_port=self.grpc_port, http_port=self.http_port, metrics_port=self.metrics_port,
-                   auth_token_env=self.auth_token_env)
+                   replica_transport=self.replica_transport, grpc_port=self.grpc_port, http_port=self.http_port,
+                   metrics_port=self.metrics_port, auth_token_env=self.auth_token_env)
         if self.engine:
             out["engine"] = dict(self.engine)
         if self.sampling_defaults:
@@ -152,7 +153,7 @@ class AppConfig:
 
 _SCHEMA_KEYS = ("model", "served_model_name", "shards_per_replica", "device", "dtype", "num_replicas",
                 "autoscaling_config", "max_ongoing_requests", "router_replicas", "max_queued_requests",
-                "stream_interval", "grpc_port",
+                "stream_interval", "replica_transport", "grpc_port",
                 "http_port", "metrics_port", "auth_token_env", "engine", "sampling_defaults",
                 "default_reasoning_effort")
 
@@ -212,6 +213,10 @@ def validate(c: AppConfig) -> AppConfig:
         value = getattr(c, key)
         if not _is_int(value) or value < low or (key.endswith("port") and value > 65535):
             fail(key, f"must be an integer >= {low}{' and <= 65535' if key.endswith('port') else ''}, got {value!r}")
+    from cluster.router.backend import REPLICA_TRANSPORTS
+
+    if c.replica_transport not in REPLICA_TRANSPORTS:
+        fail("replica_transport", f"must be one of {REPLICA_TRANSPORTS}, got {c.replica_transport!r}")
     if c.http_port and c.http_port == c.grpc_port:
         fail("http_port", f"must differ from grpc_port ({c.grpc_port}); 0 turns the HTTP server off")
     if not isinstance(c.auth_token_env, str):
@@ -302,7 +307,7 @@ def router_settings(config: AppConfig) -> dict[str, Any]:
         served_model_name=config.name, host=config.grpc_host, port=config.grpc_port, http_port=config.http_port,
         http_host=config.http_host,
         max_queued_requests=config.max_queued_requests, stream_interval=config.stream_interval,
-        auth_token_env=config.auth_token_env,
+        replica_transport=config.replica_transport, auth_token_env=config.auth_token_env,
         auth_token_file=config.auth_token_file, tls_cert_file=config.tls_cert_file,
         tls_key_file=config.tls_key_file, max_message_bytes=config.max_message_bytes,
         sampling_defaults=dict(config.sampling_defaults), default_reasoning_effort=config.default_reasoning_effort,

@@ -151,6 +151,9 @@ def _register_serve(sub: Any) -> None:
     p.add_argument("--max-queued-requests", type=int, default=1024, help="router admission queue (default 1024)")
     p.add_argument("--stream-interval", type=_positive_int, default=1,
                    help="tokens per streamed delta after the first: larger sends fewer messages (default 1)")
+    p.add_argument("--replica-transport", choices=["grpc", "ray"], default="grpc",
+                   help="how the routers' calls reach the replicas: Serve's gRPC transport or Ray actor tasks "
+                        "(default grpc)")
     p.add_argument("--max-ongoing-requests", type=_positive_int, default=256,
                    help="requests in flight per replica (default 256)")
     p.add_argument("--num-blocks", type=_positive_int, default=None, help="KV-cache blocks per replica")
@@ -181,7 +184,7 @@ def _serve_config(args: argparse.Namespace) -> Any:
         device=args.device, dtype=args.dtype or ("float32" if args.model is None else "bfloat16"),
         num_replicas=args.replicas, max_ongoing_requests=args.max_ongoing_requests,
         max_queued_requests=args.max_queued_requests, stream_interval=args.stream_interval,
-        grpc_port=args.grpc_port, http_port=args.http_port,
+        replica_transport=args.replica_transport, grpc_port=args.grpc_port, http_port=args.http_port,
         metrics_port=args.metrics_port,
         engine=engine, grpc_host=args.host, metrics_host=args.host,
         auth_token_file=str(args.auth_token_file.absolute()) if args.auth_token_file else None,

@@ -86,6 +86,7 @@ def test_build_app_arguments_follow_the_chart_schema(tmp_path):
         ({"model": "/m", "grpc_port": 70000}, "grpc_port"),
         ({"model": "/m", "default_reasoning_effort": "max"}, "default_reasoning_effort"),
         ({"model": "/m", "stream_interval": 0}, "stream_interval: must be an integer >= 1"),
+        ({"model": "/m", "replica_transport": "zmq"}, "replica_transport: must be one of ('grpc', 'ray')"),
         ({"model": "/m", "dtype": "float16"}, "dtype: must be one of ('bfloat16', 'float32')"),
     ]:
         with pytest.raises(AppConfigError) as info:
@@ -116,6 +117,7 @@ def test_cli_bad_arguments_exit_2_with_one_line(capsys):
     for argv in (["chat", "--address", "nowhere", "hi"], ["chat", "hi"], ["serve", "--replicas", "0"],
                  ["serve", "--model", "/no/such/dir"], ["serve", "--grpc-port", "99999"],
                  ["scale", "--replicas", "-1"], ["serve", "--stream-interval", "0"],
+                 ["serve", "--replica-transport", "zmq"],
                  ["bench", "--concurrency", "1"], ["bench", "--address", "h:1", "--concurrency", "0,4"],
                  ["bench", "--address", "h:1", "--request-rate", "-1"], ["generate", "--prompt", "x"],
                  ["generate", "--address", "127.0.0.1:1"], ["generate", "--address", "h:1", "--token-ids", "1,x"]):

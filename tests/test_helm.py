@@ -254,6 +254,8 @@ def test_serve_args_follow_the_values_and_the_args_schema(rendered: dict, values
     assert args["auth_token_env"] == ("GPTOSS_AUTH_TOKEN" if v["auth"]["enabled"] else "")
     assert args["stream_interval"] == v["serve"]["router"]["streamInterval"] == \
         router_settings(parse_args(args))["stream_interval"]
+    assert args["replica_transport"] == v["serve"]["router"]["replicaTransport"] == \
+        router_settings(parse_args(args))["replica_transport"]
 
 
 def test_grpc_host_renders_into_the_applications_environment(helm: str) -> None:
@@ -434,6 +436,7 @@ def test_auth_secret(helm: str) -> None:
     (["--set", "serve.grpcHost=0.0.0.0 --port"], "/serve/grpcHost"),
     (["--set", "metrics.monitor.enabled=maybe"], "/metrics/monitor/enabled"),
     (["--set", "routers.replicas=0"], "/routers/replicas"),
+    (["--set", "serve.router.replicaTransport=zmq"], "/serve/router/replicaTransport"),
     (["--set", "serve.engine.kvMemoryFraction=1.5"], "/serve/engine/kvMemoryFraction"),
     (["--set", "model.path=relative/path"], "/model/path"),
     (["--set", "workers.gpusPerPod=2", "--set", "serve.shardsPerReplica=4"],
@@ -459,3 +462,14 @@ def test_notes_say_how_to_reach_the_cluster(helm: str) -> None:
                    "port-forward svc/demo-gptoss-cluster-dashboard 8265:8265", "authorization: Bearer",
                    "get secret demo-gptoss-cluster-auth"):
         assert needle in notes, needle
+
+
+def test_replica_transport_renders_into_the_router_settings(helm: str) -> None:
+    """serve.router.replicaTransport picks how the routers' Serve calls reach the replicas (default grpc)."""
+    from cluster.app import parse_args, router_settings
+
+    for sets, expected in (((), "grpc"), (("--set", "serve.router.replicaTransport=ray"), "ray")):
+        (rayservice,) = by_kind(template(helm, *sets), "RayService")
+        (application,) = serve_config(rayservice)["applications"]
+        assert application["args"]["replica_transport"] == expected
+        assert router_settings(parse_args(application["args"]))["replica_transport"] == expected

@@ -148,11 +148,12 @@ async def _collect(backend, request: dict) -> tuple[str, list[int], str]:
     return replica, tokens, finish
 
 
-def test_serve_backend_streams_many_requests_over_one_channel_per_replica(scripted_app):
+@pytest.mark.parametrize("transport", ["grpc", "ray"])
+def test_serve_backend_streams_many_requests_over_one_channel_per_replica(scripted_app, transport):
     from cluster.router.backend import ServeBackend
 
     async def main():
-        backend = ServeBackend(scripted_app)
+        backend = ServeBackend(scripted_app, transport=transport)
         try:
             n, max_tokens = 48, 24
             results = await asyncio.gather(*(
@@ -201,11 +202,12 @@ def test_serve_backend_streams_many_requests_over_one_channel_per_replica(script
     asyncio.run(main())
 
 
-def test_serve_backend_fails_requests_of_a_replica_that_dies(scripted_app):
+@pytest.mark.parametrize("transport", ["grpc", "ray"])
+def test_serve_backend_fails_requests_of_a_replica_that_dies(scripted_app, transport):
     from cluster.router.backend import BackendError, ServeBackend
 
     async def main():
-        backend = ServeBackend(scripted_app)
+        backend = ServeBackend(scripted_app, transport=transport)
         try:
             streams = [backend.stream({"request_id": f"d{k}", "prompt_token_ids": [k] * 20,
                                        "sampling": {"max_tokens": 5000, "ignore_eos": True}}) for k in range(6)]

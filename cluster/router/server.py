@@ -96,6 +96,9 @@ class RouterSettings:
     # messages per token for the router, Serve and the client, at the cost of a coarser stream (vLLM's and
     # SGLang's --stream-interval). 1: every delta as it comes.
     stream_interval: int = 1
+    # How Serve carries the per-request and token-channel calls to the replicas: "grpc" (Serve's gRPC transport
+    # between deployments) or "ray" (Ray actor tasks); see cluster.router.backend.ServeBackend.
+    replica_transport: str = "grpc"
     router_name: str = "router"
 
     @classmethod
@@ -730,7 +733,8 @@ class RouterImpl:
             from ray import serve
 
             self.settings.router_name = serve.get_replica_context().replica_id.unique_id
-        self.server = GptossServer(ServeBackend(replica_handle), self.settings, Metrics.for_process())
+        self.server = GptossServer(ServeBackend(replica_handle, transport=self.settings.replica_transport),
+                                   self.settings, Metrics.for_process())
         await self.server.start()
 
     async def info(self) -> dict[str, Any]:

@@ -137,6 +137,7 @@ true
       "router_replicas" (int .Values.routers.replicas)
       "max_queued_requests" (int $s.router.maxQueuedRequests)
       "stream_interval" (int $s.router.streamInterval)
+      "replica_transport" $s.router.replicaTransport
       "grpc_port" (int $s.grpcPort)
       "http_port" (int $s.openaiPort)
       "metrics_port" 0
