@@ -319,7 +319,7 @@ class ServeTarget(RayTarget):
         if engine == "scripted":
             from ray.serve.config import RequestRouterConfig
 
-            from cluster.app import DEPLOYMENT_LOGGING, ROUTER_SERVE_ENV
+            from cluster.app import DEPLOYMENT_LOGGING, REPLICA_SERVE_ENV, ROUTER_SERVE_ENV
             from cluster.router.replica_choice import PrefixAffinityRouter
             from cluster.router.server import RouterImpl, RouterSettings
             from cluster.router.testing import ScriptedReplicaImpl
@@ -327,7 +327,7 @@ class ServeTarget(RayTarget):
             logging = {**DEPLOYMENT_LOGGING, "enable_access_log": True} if access_log else DEPLOYMENT_LOGGING
             replica = serve.deployment(
                 name="ModelReplica", num_replicas=replicas, max_ongoing_requests=1024,
-                ray_actor_options={"num_cpus": 0.5, "runtime_env": {"env_vars": dict(env or {})}},
+                ray_actor_options={"num_cpus": 0.5, "runtime_env": {"env_vars": {**REPLICA_SERVE_ENV, **(env or {})}}},
                 request_router_config=RequestRouterConfig(request_router_class=PrefixAffinityRouter,
                                                           request_router_kwargs={"block_size": 16}),
                 logging_config=logging,
@@ -524,7 +524,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ray-app", default=None, help="with --address: Serve application to call directly")
     p.add_argument("--serve", action="store_true", help="start a local Ray + Serve application (target 3)")
     p.add_argument("--serve-env", action="append", default=[], metavar="KEY=VALUE",
-                   help="--serve --engine scripted: environment of both deployments (e.g. Serve's own flags)")
+                   help="--serve --engine scripted: environment of both deployments, over cluster.app's "
+                        "REPLICA_SERVE_ENV / ROUTER_SERVE_ENV (e.g. Serve's own flags)")
     p.add_argument("--router-env", action="append", default=[], metavar="KEY=VALUE",
                    help="--serve --engine scripted: environment of the Router deployment only, over "
                         "cluster.app.ROUTER_SERVE_ENV")

@@ -32,12 +32,14 @@ APP_NAME = "gptoss"
 IMPORT_PATH = "cluster.app:build_app"
 ROUTER = "Router"
 MODEL_REPLICA = "ModelReplica"
-# Serve's own flags for the Router's processes: Serve's request router on the caller's event loop, and the
-# deployment's code on the replica's main loop, instead of a thread and a loop of their own each. All of the Router's
-# work is per-request async code on one loop, and the cross-thread hops cost it CPU and TTFT under load (measured:
-# -16 % router CPU per request on average, median added TTFT +25 -> +8 ms; benchmarks/RESULTS.md, session 4).
-# ModelReplica keeps Serve's defaults.
-ROUTER_SERVE_ENV = {"RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0", "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}
+# Serve's own flags, in each deployment's runtime_env. Both deployments run their code on the replica's main event
+# loop, not on a thread and loop of their own: their code is async and never blocks the loop (engine steps, weight
+# loading and statistics run in threads), and every Serve call otherwise hops between the two threads. The Router
+# also runs Serve's request router on its own loop. Measured at 64 streams on 2 cores (benchmarks/RESULTS.md):
+# Router: -16 % CPU per request, median added TTFT +25 -> +8 ms (session 4); ModelReplica: TTFT p50 -25 to -50 % on
+# both the router and the direct path (session 5).
+REPLICA_SERVE_ENV = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}
+ROUTER_SERVE_ENV = {"RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0", **REPLICA_SERVE_ENV}
 # No Serve access log line per call: every request is a `submit` call on a ModelReplica (plus long-lived channel
 # calls), which the router's own request metrics and logs already cover; at hundreds of requests a second the lines
 # cost CPU in the replica and in Ray's log forwarding. A Serve config's deployment `logging_config` can turn it on.
@@ -316,6 +318,11 @@ def router_settings(config: AppConfig) -> dict[str, Any]:
     ).to_dict()
 
 
+def replica_actor_options(config: AppConfig, device: str) -> dict[str, Any]:
+    """The ModelReplica deployment's Ray actor options: its share of placement bundle 0, and Serve's flags."""
+    return {**placement(config, device)[1], "runtime_env": {"env_vars": dict(REPLICA_SERVE_ENV)}}
+
+
 def router_actor_options(config: AppConfig) -> dict[str, Any]:
     """The Router deployment's Ray actor options (Serve merges these env vars with the application's)."""
     return {"num_cpus": config.router_cpus, "runtime_env": {"env_vars": dict(ROUTER_SERVE_ENV)}}
@@ -338,14 +345,14 @@ def build_application(config: AppConfig) -> Any:
 
     validate(config)
     device = _resolve_device(config)
-    bundles, actor = placement(config, device)
+    bundles, _ = placement(config, device)
     block = int(config.engine.get("block_size", 16))
     scaling: dict[str, Any] = ({"autoscaling_config": dict(config.autoscaling_config)}
                                if config.autoscaling_config is not None else {"num_replicas": config.replicas})
     model_replica = serve.deployment(
         name=MODEL_REPLICA,
         max_ongoing_requests=replica_max_ongoing(config),
-        ray_actor_options=actor,
+        ray_actor_options=replica_actor_options(config, device),
         placement_group_bundles=bundles,
         placement_group_strategy=config.placement_strategy,
         health_check_period_s=2.0,
@@ -389,11 +396,12 @@ def app_config(config: AppConfig, *, app_name: str = APP_NAME, env_vars: Mapping
     """One entry of a Serve config's `applications` (what `serve deploy` / the REST API take)."""
     validate(config)
     device = _resolve_device(config)
-    bundles, actor = placement(config, device)
+    bundles, _ = placement(config, device)
     args = config.chart_args()
     args["device"] = device
     replica: dict[str, Any] = {"name": MODEL_REPLICA, "max_ongoing_requests": replica_max_ongoing(config),
-                               "ray_actor_options": actor, "placement_group_bundles": bundles,
+                               "ray_actor_options": replica_actor_options(config, device),
+                               "placement_group_bundles": bundles,
                                "placement_group_strategy": config.placement_strategy}
     if config.autoscaling_config is not None:
         replica["autoscaling_config"] = dict(config.autoscaling_config)

@@ -95,20 +95,22 @@ def test_build_app_arguments_follow_the_chart_schema(tmp_path):
 
 
 def test_build_application_deployment_options():
-    """The Router runs Serve's request router and its code on one loop; neither deployment writes Serve's per-call
-    access log; the app's Serve config entry carries the same Router options (a config's options replace the
-    code's)."""
-    from cluster.app import ROUTER_SERVE_ENV, app_config, build_application, parse_args
+    """Both deployments run their code on the replica's main loop (the Router also Serve's request router); neither
+    writes Serve's per-call access log; the app's Serve config entry carries the same actor options (a config's
+    options replace the code's)."""
+    from cluster.app import REPLICA_SERVE_ENV, ROUTER_SERVE_ENV, app_config, build_application, parse_args
 
     config = parse_args({"model": "/m", "device": "cpu"})
     router = build_application(config)._bound_deployment  # Serve's Application has no public accessor
     replica = router.init_args[0]._bound_deployment
     assert (router.name, replica.name) == ("Router", "ModelReplica")
     assert router.ray_actor_options["runtime_env"] == {"env_vars": ROUTER_SERVE_ENV}
-    assert "runtime_env" not in replica.ray_actor_options  # ModelReplica keeps Serve's defaults
+    assert replica.ray_actor_options["runtime_env"] == {"env_vars": REPLICA_SERVE_ENV}
+    assert REPLICA_SERVE_ENV.items() <= ROUTER_SERVE_ENV.items()
     assert router.logging_config["enable_access_log"] is False and replica.logging_config["enable_access_log"] is False
     entry = {d["name"]: d for d in app_config(config)["deployments"]}
     assert entry["Router"]["ray_actor_options"] == router.ray_actor_options
+    assert entry["ModelReplica"]["ray_actor_options"] == replica.ray_actor_options
 
 
 def test_cli_bad_arguments_exit_2_with_one_line(capsys):
