@@ -26,9 +26,10 @@ Targets:
 Paths. Router = the gRPC Generate call from this process. Direct = the same requests straight to the engine: the
 replica core in the server process with no gRPC (1, 2), or `ModelReplica.generate` through a Serve deployment handle
 from this process, no router (3, 4). "Added" = router minus direct at each percentile. gRPC floor (1, 2) = the same
-client calling a bare grpc.aio Generate in the server process that streams the same replica's tokens with none of the
-router's work: floor minus direct is what a streamed gRPC call costs on the machine, router minus floor is the
-router's own code.
+client calling a bare grpc.aio Generate in the server process that streams the same replica's tokens, grouped as the
+router's `--stream-interval` groups them, with none of the router's work: floor minus direct is what a streamed gRPC
+call costs on the machine, router minus floor is the router's own code. `--client-cpus 0` runs this process (the
+client) on CPU 0 and everything else on the other CPUs, as a client on another machine would.
 
 Fairness. Both paths run at the same concurrency on statistically identical prompts, interleaved: every level runs
 `--rounds` rounds, each round both paths back to back, the order alternating, and the figures pool all rounds.
@@ -95,6 +96,24 @@ def process_cpu_s(pid: int | None = None) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def cpu_list(text: str) -> set[int]:
+    """'0' / '0,2' / '0-3' -> CPU ids."""
+    cpus: set[int] = set()
+    for part in text.split(","):
+        low, _, high = part.partition("-")
+        cpus.update(range(int(low), int(high or low) + 1))
+    return cpus
+
+
+def pin_process(cpus: set[int]) -> None:
+    """Move every thread of this process onto `cpus` (sched_setaffinity of pid 0 moves only the calling thread)."""
+    for task in os.listdir("/proc/self/task"):
+        try:
+            os.sched_setaffinity(int(task), cpus)
+        except (ProcessLookupError, PermissionError):  # a thread that ended meanwhile
+            pass
+
+
 def freeze_gc() -> None:
     """What Ray Serve does once a replica is initialized: start-up objects leave the GC's generations, so that
     collections in the request path stay short."""
@@ -129,11 +148,12 @@ def _direct_sender(cores: list[Any], output_len: int) -> Sender:
     return send
 
 
-def _floor_server(cores: list[Any]) -> Any:
-    """The gRPC floor: a bare grpc.aio server whose Generate streams the replica cores' tokens as they come, one
-    GenerateResponse per item, with none of the router's work (no validation, admission, replica choice, text,
-    metrics). Same client, transport, process and engine as the router path: router minus floor is the router's
-    own code; floor minus direct is what one streamed gRPC call costs on this machine."""
+def _floor_server(cores: list[Any], stream_interval: int = 1) -> Any:
+    """The gRPC floor: a bare grpc.aio server whose Generate streams the replica cores' tokens with none of the
+    router's work (no validation, admission, replica choice, text, metrics), grouped as the router groups them: the
+    first token at once, then GenerateResponses of at least `stream_interval` tokens (the last whatever is left).
+    Same client, transport, process, engine and messages as the router path: router minus floor is the router's own
+    code; floor minus direct is what one streamed gRPC call costs on this machine."""
     import grpc
 
     from proto.gptoss.v1 import gptoss_pb2 as pb
@@ -146,14 +166,19 @@ def _floor_server(cores: list[Any]) -> Any:
             core = cores[turn[0] % len(cores)]
             turn[0] += 1
             engine_request = _engine_request(list(request.token_ids.ids), request.sampling.max_tokens)
+            held: list[int] = []
+            first = True
             async for item in core.generate(engine_request):
                 if "token_ids" not in item:
                     continue
+                held += item["token_ids"]
                 if item.get("finish_reason"):
-                    yield pb.GenerateResponse(token_ids=item["token_ids"], finish_reason=pb.FINISH_REASON_LENGTH,
+                    yield pb.GenerateResponse(token_ids=held, finish_reason=pb.FINISH_REASON_LENGTH,
                                               usage=pb.Usage(**item["usage"]))
                     return
-                yield pb.GenerateResponse(token_ids=item["token_ids"])
+                if first or len(held) >= stream_interval:
+                    yield pb.GenerateResponse(token_ids=held)
+                    held, first = [], False
 
     server = grpc.aio.server()
     pb_grpc.add_InferenceServicer_to_server(Floor(), server)
@@ -187,7 +212,7 @@ def _server_process(conn: Any, engine: str, model: str, replicas: int, scripted:
                                                                   stream_interval=stream_interval), Metrics())
         port = await server.start()
         await server.wait_ready(60)
-        floor = _floor_server(cores)
+        floor = _floor_server(cores, stream_interval)
         floor_port = floor.add_insecure_port("127.0.0.1:0")
         await floor.start()
         freeze_gc()
@@ -562,6 +587,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output-len", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--warmup", type=int, default=4, help="requests before measuring (default 4)")
+    p.add_argument("--client-cpus", type=cpu_list, default=None, metavar="LIST",
+                   help="run the client (this process) on these CPUs and the servers (router, replicas, Ray) on the "
+                        "others, as a client on another machine would (e.g. 0 on a 2-core box)")
     p.add_argument("--json", type=Path, default=None, help="write all figures here")
     p.add_argument("--micro", action="store_true", help="only the in-process per-request / per-token CPU (target 5)")
     p.add_argument("--serve-micro", action="store_true", help="only the CPU per streamed Serve item (target 6)")
@@ -610,6 +638,13 @@ def main(argv: list[str] | None = None) -> int:
                  f"{f', first token {args.first_token_ms:g} ms after arrival' if args.first_token_ms else ''})"
                  if args.engine == "scripted" else " (float32, CPU)")
               + (f"; router stream_interval {args.stream_interval}" if args.stream_interval != 1 else ""))
+    server_cpus: set[int] | None = None
+    if args.client_cpus is not None:
+        server_cpus = os.sched_getaffinity(0) - args.client_cpus
+        if not args.client_cpus <= os.sched_getaffinity(0) or not server_cpus:
+            p.error(f"--client-cpus: must be some of this machine's CPUs {sorted(os.sched_getaffinity(0))}, "
+                    "not all")
+        pin_process(server_cpus)  # what starts now (the server process, Ray's processes) inherits the servers' CPUs
     if args.address:
         target: Any = RayTarget(args.address, args.ray_app, args.replica_transport)
         what = f"cluster at {args.address}"
@@ -624,6 +659,9 @@ def main(argv: list[str] | None = None) -> int:
     else:
         target = LocalTarget(args.engine, model or "", args.replicas, scripted, args.num_blocks, args.stream_interval)
         what = f"local router (LocalBackend, one process) + {engine}"
+    if args.client_cpus is not None and server_cpus is not None:
+        pin_process(args.client_cpus)
+        what += f"; client on CPUs {sorted(args.client_cpus)}, servers on {sorted(server_cpus)}"
     freeze_gc()
     results: dict[str, Any] = {"target": what, "input_len": args.input_len, "output_len": args.output_len,
                                "arrival": args.arrival, "rounds": args.rounds, "levels": {}}

@@ -157,9 +157,10 @@ class ServeBackend(Backend):
     `transport`: "grpc" sends `submit` and `channel` over the gRPC server every Serve replica runs for calls between
     deployments (the handle option `_by_reference=False`: arguments and items pickled into one gRPC message each);
     "ray" sends them as Ray actor tasks whose items come back as object references, Serve's default. Measured at 64
-    streams on 2 cores, gRPC cut the router's CPU per request by ~40 % and its TTFT p50 by ~40 %
-    (benchmarks/RESULTS.md). Routing, ongoing-request counts, cancellation and failure detection are Serve's either
-    way; a replica lost mid-call surfaces as ActorUnavailableError or an `AioRpcError` (both `BackendError` here).
+    streams on 2 cores, gRPC cut the router's CPU per request by ~40 % and its TTFT p50 by 32-65 %
+    (benchmarks/RESULTS.md, session 5). Routing, ongoing-request counts, cancellation and failure detection are
+    Serve's either way; a replica lost mid-call surfaces as ActorUnavailableError or an `AioRpcError` (both
+    `BackendError` here).
     """
 
     def __init__(self, handle: Any, *, transport: str = "grpc", stats_timeout_s: float = 5.0,
