@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cluster.replica import REPLICA_TRANSPORTS
+
 APP_NAME = "gptoss"
 IMPORT_PATH = "cluster.app:build_app"
 ROUTER = "Router"
@@ -35,10 +37,16 @@ MODEL_REPLICA = "ModelReplica"
 # Serve's own flags, in each deployment's runtime_env. Both deployments run their code on the replica's main event
 # loop, not on a thread and loop of their own: their code is async and never blocks the loop (engine steps, weight
 # loading and statistics run in threads), and every Serve call otherwise hops between the two threads. The Router
-# also runs Serve's request router on its own loop. Measured at 64 streams on 2 cores (benchmarks/RESULTS.md):
+# also runs Serve's request router on that loop. Measured at 64 streams on 2 cores (benchmarks/RESULTS.md):
 # Router: -16 % CPU per request, median added TTFT +25 -> +8 ms (session 4); ModelReplica: TTFT p50 -25 to -50 % on
 # both the router and the direct path (session 5).
-REPLICA_SERVE_ENV = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}
+# Serve's gRPC transport between deployments (replica_transport "grpc") refuses messages over 4 MiB by default, on the
+# replica (a request: prompt ids, grammar) and on the router (a token-channel batch). The router already bounds what
+# it takes from clients (max_message_bytes) and the replica bounds its batches (cluster.replica.TokenChannels), so
+# the transport's own limit only has to stay out of the way.
+SERVE_GRPC_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+REPLICA_SERVE_ENV = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
+                     "RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH": str(SERVE_GRPC_MAX_MESSAGE_BYTES)}
 ROUTER_SERVE_ENV = {"RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0", **REPLICA_SERVE_ENV}
 # No Serve access log line per call: every request is a `submit` call on a ModelReplica (plus long-lived channel
 # calls), which the router's own request metrics and logs already cover; at hundreds of requests a second the lines
@@ -215,8 +223,6 @@ def validate(c: AppConfig) -> AppConfig:
         value = getattr(c, key)
         if not _is_int(value) or value < low or (key.endswith("port") and value > 65535):
             fail(key, f"must be an integer >= {low}{' and <= 65535' if key.endswith('port') else ''}, got {value!r}")
-    from cluster.router.backend import REPLICA_TRANSPORTS
-
     if c.replica_transport not in REPLICA_TRANSPORTS:
         fail("replica_transport", f"must be one of {REPLICA_TRANSPORTS}, got {c.replica_transport!r}")
     if c.http_port and c.http_port == c.grpc_port:

@@ -16,6 +16,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
+from cluster.replica import REPLICA_TRANSPORTS
+
 PROG = "gptoss-cluster"
 
 
@@ -151,7 +153,7 @@ def _register_serve(sub: Any) -> None:
     p.add_argument("--max-queued-requests", type=int, default=1024, help="router admission queue (default 1024)")
     p.add_argument("--stream-interval", type=_positive_int, default=1,
                    help="tokens per streamed delta after the first: larger sends fewer messages (default 1)")
-    p.add_argument("--replica-transport", choices=["grpc", "ray"], default="grpc",
+    p.add_argument("--replica-transport", choices=REPLICA_TRANSPORTS, default="grpc",
                    help="how the routers' calls reach the replicas: Serve's gRPC transport or Ray actor tasks "
                         "(default grpc)")
     p.add_argument("--max-ongoing-requests", type=_positive_int, default=256,

@@ -40,6 +40,9 @@ from typing import Any
 logger = logging.getLogger("gptoss.replica")
 
 STARTING, RUNNING, DRAINING, UNHEALTHY = "STARTING", "RUNNING", "DRAINING", "UNHEALTHY"
+# How a router's per-request and token-channel calls reach the replicas (RouterSettings.replica_transport):
+# Serve's gRPC transport between deployments, or Ray actor tasks (cluster.router.backend.ServeBackend).
+REPLICA_TRANSPORTS = ("grpc", "ray")
 
 @dataclass
 class ReplicaSettings:
@@ -356,8 +359,10 @@ class TokenChannels:
     replica being scaled down is not held by its channels; the router reopens it with its next request here.
     """
 
-    def __init__(self, replica_id: str, *, idle_close_s: float = 2.0, orphan_timeout_s: float = 60.0) -> None:
+    def __init__(self, replica_id: str, *, idle_close_s: float = 2.0, orphan_timeout_s: float = 60.0,
+                 max_batch_items: int = 1024) -> None:
         self.replica_id = replica_id
+        self.max_batch_items = max_batch_items  # a router far behind gets its backlog in several items, not one huge
         self.idle_close_s = idle_close_s
         self.orphan_timeout_s = orphan_timeout_s
         self._outboxes: dict[str, _Outbox] = {}  # router id -> its outbox
@@ -412,7 +417,7 @@ class TokenChannels:
             yield []
             while outbox.generation == generation:
                 if outbox.items:
-                    batch, outbox.items = outbox.items, []
+                    batch, outbox.items = outbox.items[:self.max_batch_items], outbox.items[self.max_batch_items:]
                     self.batches_sent += 1
                     self.deltas_sent += len(batch)
                     yield batch

@@ -107,6 +107,8 @@ def test_build_application_deployment_options():
     assert router.ray_actor_options["runtime_env"] == {"env_vars": ROUTER_SERVE_ENV}
     assert replica.ray_actor_options["runtime_env"] == {"env_vars": REPLICA_SERVE_ENV}
     assert REPLICA_SERVE_ENV.items() <= ROUTER_SERVE_ENV.items()
+    # Serve's gRPC transport takes what the router takes from its clients (its 4 MiB default would not)
+    assert int(REPLICA_SERVE_ENV["RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH"]) > 2 * config.max_message_bytes
     assert router.logging_config["enable_access_log"] is False and replica.logging_config["enable_access_log"] is False
     entry = {d["name"]: d for d in app_config(config)["deployments"]}
     assert entry["Router"]["ray_actor_options"] == router.ray_actor_options

@@ -13,6 +13,7 @@ import os
 
 import pytest
 
+from cluster.app import REPLICA_SERVE_ENV
 from cluster.replica import TokenChannels
 from cluster.router.testing import ScriptedReplica
 
@@ -62,6 +63,29 @@ def test_channel_batches_one_item_per_step_and_delivers_every_delta_in_order():
         assert batches <= max_tokens + 2, batches
         assert channels.stats()["channel_deltas"] == n * max_tokens
         assert channels.stats()["channel_routers"] == 0
+
+    asyncio.run(main())
+
+
+def test_a_backlog_goes_out_in_bounded_batches_in_order():
+    """A router far behind gets its backlog in items of at most max_batch_items deltas (each item is one message
+    of Serve's transport, which has a size limit), none lost or reordered."""
+    async def main():
+        core = ScriptedReplica(step_s=STEP_S, lockstep=True, replica_id="rep-a")
+        channels = TokenChannels("rep-a", idle_close_s=0.3, max_batch_items=5)
+        n, max_tokens = 12, 6
+        submits = [asyncio.create_task(_submit(channels, core, _request(k, max_tokens))) for k in range(n)]
+        await asyncio.sleep(4 * STEP_S)  # ~3 steps x 12 requests of deltas wait in the outbox
+        got: dict[int, list[int]] = {k: [] for k in range(n)}
+        sizes = []
+        async for batch in channels.stream({"router": "r1", "target_replica": "rep-a"}):
+            if batch:
+                sizes.append(len(batch))
+                for key, item in batch:
+                    got[key] += item["token_ids"]
+        await asyncio.gather(*submits)
+        assert got == {k: [1000 + i for i in range(max_tokens)] for k in range(n)}
+        assert max(sizes) == 5 and sizes.count(5) >= 4, sizes  # the backlog came in full pieces
 
     asyncio.run(main())
 
@@ -122,7 +146,8 @@ def scripted_app():
     connect_ray(None, num_cpus=4, log_to_driver=False)
     serve.start(proxy_location="Disabled")
     replica = serve.deployment(
-        name="ModelReplica", num_replicas=2, max_ongoing_requests=64, ray_actor_options={"num_cpus": 0.5},
+        name="ModelReplica", num_replicas=2, max_ongoing_requests=64,
+        ray_actor_options={"num_cpus": 0.5, "runtime_env": {"env_vars": REPLICA_SERVE_ENV}},
         request_router_config=RequestRouterConfig(request_router_class=PrefixAffinityRouter,
                                                   request_router_kwargs={"block_size": 16}),
     )(ScriptedReplicaImpl)
@@ -196,6 +221,24 @@ def test_serve_backend_streams_many_requests_over_one_channel_per_replica(script
             assert [t for item in items for t in item["token_ids"]] == [1000 + i for i in range(20)]
             assert len(items) < 10 and items[-1]["finish_reason"] == "length"
             assert items[-1]["usage"]["completion_tokens"] == 20
+        finally:
+            await backend.close()
+
+    asyncio.run(main())
+
+
+def test_serve_backend_carries_a_request_over_the_grpc_transports_default_limit(scripted_app):
+    """A request larger than the 4 MiB that Serve's gRPC transport takes by default (a large grammar, say) reaches
+    its replica: the replica's environment raises the limit (cluster.app.REPLICA_SERVE_ENV)."""
+    from cluster.router.backend import ServeBackend
+
+    async def main():
+        backend = ServeBackend(scripted_app, transport="grpc")
+        try:
+            request = {"request_id": "big", "prompt_token_ids": [3] * 20, "padding": "x" * (6 << 20),
+                       "sampling": {"max_tokens": 4, "ignore_eos": True}}
+            _, tokens, finish = await _collect(backend, request)
+            assert tokens == [1000, 1001, 1002, 1003] and finish == "length"
         finally:
             await backend.close()
 

@@ -25,13 +25,10 @@ import uuid
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
-from cluster.replica import merge_deltas
+from cluster.replica import REPLICA_TRANSPORTS, merge_deltas
 from cluster.router.replica_choice import AffinityPolicy
 
-__all__ = ["REPLICA_TRANSPORTS", "Backend", "BackendError", "LocalBackend", "ServeBackend"]
-
-# How ServeBackend's per-request and channel calls reach a replica (RouterSettings.replica_transport).
-REPLICA_TRANSPORTS = ("grpc", "ray")
+__all__ = ["Backend", "BackendError", "LocalBackend", "ServeBackend"]
 
 
 class BackendError(Exception):

@@ -191,11 +191,13 @@ applications:
           num_cpus: {{ .Values.routers.rayCpus }}
           resources:
             gptoss_router: 1
-          {{- /* cluster.app.ROUTER_SERVE_ENV: Serve's router and the Router's code on one event loop */}}
+          {{- /* cluster.app.ROUTER_SERVE_ENV: Serve's router and the Router's code on one event loop, and the
+                 message limit of Serve's gRPC transport (cluster.app.SERVE_GRPC_MAX_MESSAGE_BYTES) */}}
           runtime_env:
             env_vars:
               RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP: "0"
               RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD: "0"
+              RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH: "268435456"
       - name: ModelReplica
         {{- /* + one slot per Router replica for its token channel (cluster.app.replica_max_ongoing) */}}
         max_ongoing_requests: {{ add (int $s.maxOngoingRequests) (int .Values.routers.replicas) }}
