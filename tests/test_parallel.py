@@ -28,7 +28,14 @@ from workers import LLM
 from workers.checkpoint import open_checkpoint
 from workers.config import ModelConfig
 from workers.engine import EngineConfig, Executor, KVCacheLayout
-from workers.engine.ray_executor import RayExecutor, ShardFailure, check_num_shards, connect_ray, make_executor
+from workers.engine.ray_executor import (
+    RayExecutor,
+    ShardFailure,
+    check_num_shards,
+    connect_ray,
+    make_executor,
+    start_local_ray,
+)
 from workers.sampling import SamplingParams
 
 ray = pytest.importorskip("ray")
@@ -284,12 +291,23 @@ def two_nodes(tmp_path_factory):
         import tempfile
 
         temp_dir = tempfile.mkdtemp(prefix="ray2n")
-    cluster = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 2, "resources": {"node_a": 1}, "node_ip_address": "127.0.0.1", "include_dashboard": False,
-        "temp_dir": str(temp_dir)})
+
+    def start() -> Cluster:
+        cluster = Cluster(initialize_head=True, head_node_args={
+            "num_cpus": 2, "resources": {"node_a": 1}, "node_ip_address": "127.0.0.1", "include_dashboard": False,
+            "temp_dir": str(temp_dir)})
+        try:
+            ray._common.utils.reset_ray_address()  # no `ray.init(address="auto")` elsewhere should find this one
+            cluster.add_node(num_cpus=2, resources={"node_b": 1}, node_ip_address="127.0.0.1",
+                             temp_dir=str(temp_dir))
+        except BaseException:
+            cluster.shutdown()
+            raise
+        return cluster
+
+    # a loaded machine sometimes keeps a raylet from registering within Ray's 30 s: clean up, start once more
+    cluster = start_local_ray(start)
     try:
-        ray._common.utils.reset_ray_address()  # no `ray.init(address="auto")` elsewhere should find this cluster
-        cluster.add_node(num_cpus=2, resources={"node_b": 1}, node_ip_address="127.0.0.1", temp_dir=str(temp_dir))
         yield cluster
     finally:
         if ray.is_initialized():
@@ -425,3 +443,32 @@ def test_a_local_ray_start_whose_dashboard_fails_is_cleaned_up_and_retried():
                             text=True, timeout=180)
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stdout + result.stderr
     assert "trying once more" in result.stderr
+
+
+def test_start_local_ray_kills_what_a_failed_start_left_and_tries_once_more():
+    """start_local_ray (connect_ray's and the two-node fixture's start): the processes a failed start spawned are
+    killed before the second try; a start that fails twice raises its error."""
+    import subprocess
+
+    spawned: list[subprocess.Popen] = []
+
+    def start() -> str:
+        spawned.append(subprocess.Popen(["sleep", "60"]))
+        if len(spawned) == 1:
+            raise Exception("The current node timed out during startup.")  # what Ray raises, a bare Exception
+        return "started"
+
+    try:
+        assert start_local_ray(start) == "started"
+        assert spawned[0].wait(timeout=10) == -9  # killed (SIGKILL) before the second try
+        assert spawned[1].poll() is None  # what the good start made is left alone
+
+        def never() -> None:
+            raise RuntimeError("no node")
+
+        with pytest.raises(RuntimeError, match="no node"):
+            start_local_ray(never)
+    finally:
+        for process in spawned:
+            process.kill()
+            process.wait()

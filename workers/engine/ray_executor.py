@@ -30,8 +30,9 @@ import math
 import os
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -43,6 +44,7 @@ from workers.parallel import DEFAULT_TIMEOUT_S, default_backend
 from workers.shard import ShardWorker, encode_plan
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 PLACEMENT_STRATEGIES = ("PACK", "STRICT_PACK", "SPREAD", "STRICT_SPREAD")
 DEVICES = ("cpu", "cuda")
@@ -157,23 +159,33 @@ def connect_ray(address: str | None = None, num_cpus: int | None = None, **init_
             ray.init(address=address, **init_kwargs)
         return True
     init_kwargs.setdefault("include_dashboard", False)
-    for attempt in range(1, LOCAL_START_ATTEMPTS + 1):
-        started_before = _child_pids()
-        try:
-            with _loopback_ray():
-                ray.init(address="local", _node_ip_address="127.0.0.1", num_cpus=num_cpus, **init_kwargs)
-            return True
-        except Exception as e:  # noqa: BLE001 - Ray raises bare Exception when its dashboard does not come up
-            # A loaded machine sometimes starves the dashboard past Ray's start-up timeout; the half-started
-            # node (GCS, reaper) is ours to clean up before trying once more.
-            _kill_new_children(started_before)
-            if attempt == LOCAL_START_ATTEMPTS:
-                raise
-            logger.warning("starting the local Ray node failed (%s); trying once more", e)
-    return True
+
+    def start() -> bool:
+        with _loopback_ray():
+            ray.init(address="local", _node_ip_address="127.0.0.1", num_cpus=num_cpus, **init_kwargs)
+        return True
+
+    return start_local_ray(start)
 
 
 LOCAL_START_ATTEMPTS = 2
+
+
+def start_local_ray(start: Callable[[], T]) -> T:
+    """`start()`, which starts Ray processes on this machine; when it raises, kill the processes it left behind and
+    call it once more. A loaded machine sometimes starves a new node past one of Ray's start-up timeouts (the
+    dashboard's, the raylet's registration with the GCS), and Ray raises without a node that `ray.shutdown` could
+    stop: the half-started processes (GCS, raylet, reaper) are this process's new descendants."""
+    for attempt in range(1, LOCAL_START_ATTEMPTS + 1):
+        started_before = _child_pids()
+        try:
+            return start()
+        except Exception as e:  # noqa: BLE001 - Ray raises bare Exception for a node that did not come up
+            _kill_new_children(started_before)
+            if attempt == LOCAL_START_ATTEMPTS:
+                raise
+            logger.warning("starting a local Ray node failed (%s); trying once more", e)
+    raise AssertionError("unreachable")
 
 
 def _child_pids() -> set[int]:
