@@ -29,6 +29,7 @@ import asyncio
 import contextlib
 import contextvars
 import dataclasses
+import functools
 import logging
 import os
 import time
@@ -93,19 +94,17 @@ def _logprobs(items: Any) -> list[dict[str, Any]] | None:
             for lp in items]
 
 
+def _delta(out: Any) -> dict[str, Any]:
+    """One engine output -> one streaming item (usage only on the last)."""
+    usage = out.usage if out.finished else None
+    return {"token_ids": list(out.new_token_ids), "logprobs": _logprobs(out.logprobs),
+            "finish_reason": out.finish_reason, "stop_reason": out.stop_reason,
+            "usage": dataclasses.asdict(usage) if usage is not None else None}
+
+
 def _item(outs: list[Any]) -> dict[str, Any]:
-    """Engine outputs of one request, oldest first -> one streaming item (token ids and logprobs concatenated,
-    finish / stop / usage from the last)."""
-    last = outs[-1]
-    if len(outs) == 1:
-        token_ids, logprobs = list(last.new_token_ids), _logprobs(last.logprobs)
-    else:
-        token_ids = [t for out in outs for t in out.new_token_ids]
-        logprobs = None if all(out.logprobs is None for out in outs) else \
-            [lp for out in outs for lp in (_logprobs(out.logprobs) or ())]
-    usage = last.usage if last.finished else None
-    return {"token_ids": token_ids, "logprobs": logprobs, "finish_reason": last.finish_reason,
-            "stop_reason": last.stop_reason, "usage": dataclasses.asdict(usage) if usage is not None else None}
+    """Engine outputs of one request, oldest first -> one streaming item (`merge_deltas` of their deltas)."""
+    return functools.reduce(merge_deltas, map(_delta, outs))
 
 
 def merge_deltas(first: dict[str, Any], then: dict[str, Any]) -> dict[str, Any]:
