@@ -24,8 +24,9 @@ Targets:
     .venv/bin/python benchmarks/serving.py --serve-micro
 
 Paths. Router = the gRPC Generate call from this process. Direct = the same requests straight to the engine: the
-replica core in the server process with no gRPC (1, 2), or `ModelReplica.generate` through a Serve deployment handle
-from this process, no router (3, 4). "Added" = router minus direct at each percentile. gRPC floor (1, 2) = the same
+replica core in the server process with no gRPC (1, 2), or the router's own replica transport (`ServeBackend`:
+`ModelReplica.submit` and the token channel through a Serve deployment handle) from this process, no router (3, 4).
+"Added" = router minus direct at each percentile. gRPC floor (1, 2) = the same
 client calling a bare grpc.aio Generate in the server process that streams the same replica's tokens, grouped as the
 router's `--stream-interval` groups them, with none of the router's work: floor minus direct is what a streamed gRPC
 call costs on the machine, router minus floor is the router's own code. `--client-cpus 0` runs this process (the
@@ -268,7 +269,8 @@ class LocalTarget:
 
 # ------------------------------------------------------------------------------------------------ Ray targets
 class RayTarget:
-    """A running cluster; `direct` calls ModelReplica.generate through a Serve handle (no router)."""
+    """A running cluster; `direct` sends the requests through the router's replica transport (`ServeBackend` over a
+    Serve handle) from this process, no router."""
 
     def __init__(self, address: str, app: str | None, transport: str = "grpc") -> None:
         self.address = address
