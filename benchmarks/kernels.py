@@ -110,7 +110,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def ptxas_table() -> list[dict]:
     """Every distinct kernel build the wrappers launch for 20b and 120b (one rank), compiled for sm_90a; builds
     that differ only in the JIT's integer/alignment specialisation are merged, keeping the worst figures."""
-    from kernels.triton.compile_check import compile_launch, describe, gptoss_launches, ptxas_report
+    from gptoss_cluster.kernels.triton.compile_check import compile_launch, describe, gptoss_launches, ptxas_report
 
     rows: dict[str, dict] = {}
     for preset in ("20b", "120b"):
@@ -159,8 +159,8 @@ def random_experts(num_experts: int, hidden: int, inter: int, device: torch.devi
 
 
 def bench_moe(args, setup: Setup, peak, memset) -> list[dict]:
-    from kernels import reference
-    from kernels import triton as tk
+    from gptoss_cluster.kernels import reference
+    from gptoss_cluster.kernels import triton as tk
 
     hidden = inter = setup.hidden
     device, dtype = setup.device, setup.dtype
@@ -195,8 +195,8 @@ def bench_moe(args, setup: Setup, peak, memset) -> list[dict]:
 
 
 def bench_attention(args, setup: Setup, peak, memset) -> list[dict]:
-    from kernels import paged
-    from kernels import triton as tk
+    from gptoss_cluster.kernels import paged
+    from gptoss_cluster.kernels import triton as tk
 
     (hq, hkv, d), page, batch = setup.heads, 16, args.decode_batch
     device, dtype = setup.device, setup.dtype

@@ -25,10 +25,9 @@ sys.path.insert(0, str(ROOT))
 def measure(checkpoint: str, tokens: int, dtype: str) -> dict:
     """Runs in the child: load through the checkpoint reader, then prefill a short prompt and decode greedily."""
     import torch
-
-    from workers.checkpoint import open_checkpoint
-    from workers.engine.ray_executor import DTYPES
-    from workers.model import GptOssModel
+    from gptoss_cluster.workers.checkpoint import open_checkpoint
+    from gptoss_cluster.workers.engine.ray_executor import DTYPES
+    from gptoss_cluster.workers.model import GptOssModel
 
     start = time.perf_counter()
     with open_checkpoint(checkpoint) as reader:
@@ -81,8 +80,8 @@ def main() -> int:
 
     path = Path(args.checkpoint)
     if not (path / "config.json").exists():
-        from workers.checkpoint import write_checkpoint
-        from workers.config import ModelConfig
+        from gptoss_cluster.workers.checkpoint import write_checkpoint
+        from gptoss_cluster.workers.config import ModelConfig
 
         print(f"writing the {args.preset} checkpoint to {path} (once) ...", flush=True)
         start = time.perf_counter()

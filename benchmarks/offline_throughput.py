@@ -69,9 +69,8 @@ def unembed_rate(hidden: int, vocab: int, rows: int) -> float:
 # ---------------------------------------------------------------------------------------------------- workers
 def run_engine(args, requests) -> dict:
     import torch
-
-    from workers.engine import Engine, EngineConfig
-    from workers.sampling import SamplingParams
+    from gptoss_cluster.workers.engine import Engine, EngineConfig
+    from gptoss_cluster.workers.sampling import SamplingParams
 
     config = EngineConfig(block_size=16, num_blocks=args.num_blocks, max_num_seqs=args.num_requests,
                           max_num_batched_tokens=args.max_batched_tokens, enable_prefix_caching=True)
@@ -202,7 +201,7 @@ def worker(args) -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    from workers.config import ModelConfig
+    from gptoss_cluster.workers.config import ModelConfig
 
     vocab = ModelConfig.from_json(Path(args.checkpoint) / "config.json").vocab_size
     requests = workload(args.num_requests, args.min_len, args.max_len, args.seed, min(vocab, 200000))
@@ -242,8 +241,8 @@ def main() -> None:
         if m not in MODES:
             parser.error(f"unknown mode {m!r}; choose from {', '.join(MODES)}")
     if not (Path(args.checkpoint) / "config.json").exists():
-        from workers.checkpoint import write_checkpoint
-        from workers.config import ModelConfig
+        from gptoss_cluster.workers.checkpoint import write_checkpoint
+        from gptoss_cluster.workers.config import ModelConfig
 
         print(f"writing the tiny checkpoint to {args.checkpoint}", flush=True)
         write_checkpoint(ModelConfig.preset("tiny"), args.checkpoint, layout="hf", seed=0, progress=False)
@@ -312,7 +311,7 @@ def report(runs: list[dict], modes: list[str]) -> None:
             print(f"  {k[5:-2]:10s} {v:7.2f} s  {100 * v / total:5.1f} %")
         print(f"  overhead outside the model forward: {100 * (1 - parts['time_execute_s'] / total):.1f} %")
         rate = med("engine", "unembed_gflops")
-        from workers.config import ModelConfig
+        from gptoss_cluster.workers.config import ModelConfig
 
         cfg = ModelConfig.preset("tiny")
         ceiling = rate * 1e9 / (2 * cfg.hidden_size * cfg.vocab_size)

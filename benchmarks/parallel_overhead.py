@@ -37,7 +37,7 @@ SECTION = "## Parallel overhead (issue 5)"
 
 def plans(layout, batch: int, context: int, vocab: int, seed: int = 0):
     """(prefill plan, decode plan) for `batch` sequences of `context` tokens; sequence b owns a run of blocks."""
-    from workers.engine import StepPlan
+    from gptoss_cluster.workers.engine import StepPlan
 
     bs = layout.block_size
     per_seq = -(-(context + 1) // bs)
@@ -87,11 +87,10 @@ def main() -> None:
     args = parser.parse_args()
 
     import ray
-
-    from workers.checkpoint import open_checkpoint, write_checkpoint
-    from workers.config import ModelConfig
-    from workers.engine import KVCacheLayout
-    from workers.engine.ray_executor import RayExecutor, connect_ray, make_executor
+    from gptoss_cluster.workers.checkpoint import open_checkpoint, write_checkpoint
+    from gptoss_cluster.workers.config import ModelConfig
+    from gptoss_cluster.workers.engine import KVCacheLayout
+    from gptoss_cluster.workers.engine.ray_executor import RayExecutor, connect_ray, make_executor
 
     if not (args.checkpoint / "config.json").exists():
         print(f"writing the tiny checkpoint to {args.checkpoint}", flush=True)

@@ -70,7 +70,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from cluster.bench import (  # noqa: E402
+from gptoss_cluster.cluster.bench import (  # noqa: E402
     CLOSED_LOOP,
     Pacing,
     Record,
@@ -156,9 +156,8 @@ def _floor_server(cores: list[Any], stream_interval: int = 1) -> Any:
     Same client, transport, process, engine and messages as the router path: router minus floor is the router's own
     code; floor minus direct is what one streamed gRPC call costs on this machine."""
     import grpc
-
-    from proto.gptoss.v1 import gptoss_pb2 as pb
-    from proto.gptoss.v1 import gptoss_pb2_grpc as pb_grpc
+    from gptoss_cluster.proto.gptoss.v1 import gptoss_pb2 as pb
+    from gptoss_cluster.proto.gptoss.v1 import gptoss_pb2_grpc as pb_grpc
 
     turn = [0]
 
@@ -189,18 +188,18 @@ def _floor_server(cores: list[Any], stream_interval: int = 1) -> Any:
 def _server_process(conn: Any, engine: str, model: str, replicas: int, scripted: dict[str, Any], num_blocks: int,
                     stream_interval: int = 1) -> None:
     os.environ.setdefault("GPTOSS_NO_PROGRESS", "1")
-    from cluster.metrics import Metrics
-    from cluster.router.backend import LocalBackend
-    from cluster.router.server import GptossServer, RouterSettings
+    from gptoss_cluster.cluster.metrics import Metrics
+    from gptoss_cluster.cluster.router.backend import LocalBackend
+    from gptoss_cluster.cluster.router.server import GptossServer, RouterSettings
 
     async def main() -> None:
         if engine == "scripted":
-            from cluster.router.testing import ScriptedReplica
+            from gptoss_cluster.cluster.router.testing import ScriptedReplica
 
             cores = [ScriptedReplica(**scripted) for _ in range(replicas)]
         else:
-            from cluster.replica import ReplicaCore, ReplicaSettings
-            from workers.engine import LocalExecutor
+            from gptoss_cluster.cluster.replica import ReplicaCore, ReplicaSettings
+            from gptoss_cluster.workers.engine import LocalExecutor
 
             settings = ReplicaSettings(model=model, dtype="float32", max_ongoing_requests=1024,
                                        engine={"num_blocks": num_blocks, "max_num_seqs": 256})
@@ -279,13 +278,12 @@ class RayTarget:
         self.handle = None
         self.router_pid: int | None = None
         if app:
-            from cluster.app import ray_auth_token
+            from gptoss_cluster.cluster.app import ray_auth_token
 
             if ray_auth_token() and "RAY_AUTH_MODE" not in os.environ:
                 os.environ["RAY_AUTH_MODE"] = "token"  # Ray only sends its token to an explicit address when told
+            from gptoss_cluster.workers.engine.ray_executor import connect_ray
             from ray import serve
-
-            from workers.engine.ray_executor import connect_ray
 
             connect_ray(os.environ.get("RAY_ADDRESS") or "auto")  # keeps a loopback address on loopback
             self.handle = serve.get_deployment_handle("ModelReplica", app_name=app)
@@ -306,7 +304,7 @@ class RayTarget:
                      pacing: Pacing) -> tuple[list[Record], float] | None:
         if self.handle is None:
             return None
-        from cluster.router.backend import ServeBackend
+        from gptoss_cluster.cluster.router.backend import ServeBackend
 
         # the router's own replica transport (per-request call + multiplexed token channel), without the router
         backend = ServeBackend(self.handle, transport=self.transport)
@@ -336,20 +334,18 @@ class ServeTarget(RayTarget):
                  env: dict[str, str] | None = None, stream_interval: int = 1,
                  router_env: dict[str, str] | None = None, access_log: bool = False,
                  transport: str = "grpc") -> None:
+        from gptoss_cluster.workers.engine.ray_executor import connect_ray
         from ray import serve
-
-        from workers.engine.ray_executor import connect_ray
 
         connect_ray(None, num_cpus=max(4, 2 * replicas + 2), log_to_driver=False)
         serve.start(proxy_location="Disabled", http_options={"host": "127.0.0.1", "port": _free_port()})
         port = _free_port()
         if engine == "scripted":
+            from gptoss_cluster.cluster.app import DEPLOYMENT_LOGGING, REPLICA_SERVE_ENV, ROUTER_SERVE_ENV
+            from gptoss_cluster.cluster.router.replica_choice import PrefixAffinityRouter
+            from gptoss_cluster.cluster.router.server import RouterImpl, RouterSettings
+            from gptoss_cluster.cluster.router.testing import ScriptedReplicaImpl
             from ray.serve.config import RequestRouterConfig
-
-            from cluster.app import DEPLOYMENT_LOGGING, REPLICA_SERVE_ENV, ROUTER_SERVE_ENV
-            from cluster.router.replica_choice import PrefixAffinityRouter
-            from cluster.router.server import RouterImpl, RouterSettings
-            from cluster.router.testing import ScriptedReplicaImpl
 
             logging = {**DEPLOYMENT_LOGGING, "enable_access_log": True} if access_log else DEPLOYMENT_LOGGING
             replica = serve.deployment(
@@ -367,7 +363,7 @@ class ServeTarget(RayTarget):
                                       stream_interval=stream_interval, replica_transport=transport)
             app = router.bind(replica.bind(scripted), settings.to_dict())
         else:
-            from cluster.app import build_application
+            from gptoss_cluster.cluster.app import build_application
 
             app = build_application(_tiny_config(model, replicas, port, num_blocks, stream_interval, transport))
         serve.run(app, name=APP, route_prefix=None)
@@ -393,7 +389,7 @@ class ServeTarget(RayTarget):
 
 def _tiny_config(model: str, replicas: int, port: int, num_blocks: int, stream_interval: int = 1,
                  transport: str = "grpc") -> Any:
-    from cluster.app import parse_args
+    from gptoss_cluster.cluster.app import parse_args
 
     config = parse_args({"model": model, "num_replicas": replicas, "dtype": "float32", "grpc_port": port,
                          "metrics_port": 0, "max_ongoing_requests": 1024, "max_queued_requests": 4096,
@@ -409,12 +405,12 @@ def micro(reps: int = 5, requests: int = 1000, long_tokens: int = 256) -> dict[s
     """CPU per request (1-token requests) and per extra token (`long_tokens`-token requests) of: the scripted
     replica alone (direct), the router's Generate body over it, and the same with a deadline (timeout) set.
     The best of `reps` repetitions (interference from other processes only ever adds)."""
-    from cluster.client import generate_request
-    from cluster.metrics import Metrics
-    from cluster.router.backend import LocalBackend
-    from cluster.router.server import GptossServer, RouterSettings
-    from cluster.router.testing import ScriptedReplica
-    from workers.harmony import get_tokenizer
+    from gptoss_cluster.cluster.client import generate_request
+    from gptoss_cluster.cluster.metrics import Metrics
+    from gptoss_cluster.cluster.router.backend import LocalBackend
+    from gptoss_cluster.cluster.router.server import GptossServer, RouterSettings
+    from gptoss_cluster.cluster.router.testing import ScriptedReplica
+    from gptoss_cluster.workers.harmony import get_tokenizer
 
     async def run() -> dict[str, Any]:
         text = get_tokenizer().encode("The quick brown fox jumps over the lazy dog. " * 80)
@@ -477,9 +473,8 @@ def serve_micro(items: int = 3200) -> list[dict[str, Any]]:
     """CPU per streamed item through a Serve handle: consumer (this process) and replica, for 1 and 16 concurrent
     streams, 1 or 8 token ids per item, items back to back or 20 ms apart (a decode cadence)."""
     import ray
+    from gptoss_cluster.workers.engine.ray_executor import connect_ray
     from ray import serve
-
-    from workers.engine.ray_executor import connect_ray
 
     connect_ray(None, num_cpus=4, log_to_driver=False)
     serve.start(proxy_location="Disabled", http_options={"host": "127.0.0.1", "port": _free_port()})
@@ -625,8 +620,8 @@ def main(argv: list[str] | None = None) -> int:
 
     model = args.model
     if args.engine == "tiny" and model is None and not args.address:
-        from workers.checkpoint import write_checkpoint
-        from workers.config import ModelConfig
+        from gptoss_cluster.workers.checkpoint import write_checkpoint
+        from gptoss_cluster.workers.config import ModelConfig
 
         model = str(DEFAULT_CHECKPOINT)
         if not (DEFAULT_CHECKPOINT / "config.json").exists():

@@ -47,13 +47,13 @@ def main() -> None:
     args = p.parse_args()
 
     import torch
+    from gptoss_cluster.workers.checkpoint import write_checkpoint
+    from gptoss_cluster.workers.config import ModelConfig
+    from gptoss_cluster.workers.engine import Engine, EngineConfig
+    from gptoss_cluster.workers.engine.structured import Constraint, ResponseFormat, StructuredDecoding
+    from gptoss_cluster.workers.harmony import get_tokenizer, render_chat
 
     from tests.structured_cases import SCHEMAS
-    from workers.checkpoint import write_checkpoint
-    from workers.config import ModelConfig
-    from workers.engine import Engine, EngineConfig
-    from workers.engine.structured import Constraint, ResponseFormat, StructuredDecoding
-    from workers.harmony import get_tokenizer, render_chat
 
     if not (args.checkpoint / "config.json").exists():
         write_checkpoint(ModelConfig.preset("tiny"), args.checkpoint, layout="hf", seed=0, progress=False)

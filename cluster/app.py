@@ -1,7 +1,8 @@
 """The Serve application: arguments -> the `Router` and `ModelReplica` deployments; configs; scaling.
 
-`build_app(args)` is the import path the Helm chart and `serve deploy` use (`cluster.app:build_app`); `args` are
-exactly the keys of `helm/gptoss-cluster/files/serve-args.schema.json` (unknown keys are refused, naming them).
+`build_app(args)` is the import path the Helm chart and `serve deploy` use
+(`gptoss_cluster.cluster.app:build_app`); `args` are exactly the keys of
+`helm/gptoss-cluster/files/serve-args.schema.json` (unknown keys are refused, naming them).
 `AppConfig` holds the same settings plus a few that belong to the machine rather than the chart (bind addresses,
 CPU shares, TLS files); `build_app` takes those from the environment (`GPTOSS_GRPC_HOST`, `GPTOSS_HTTP_HOST`,
 `GPTOSS_METRICS_HOST`, `GPTOSS_AUTH_TOKEN_FILE`, `GPTOSS_TLS_CERT_FILE`, `GPTOSS_TLS_KEY_FILE`; set them in the
@@ -28,10 +29,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cluster.replica import REPLICA_TRANSPORTS
+from gptoss_cluster.cluster.replica import REPLICA_TRANSPORTS
 
 APP_NAME = "gptoss"
-IMPORT_PATH = "cluster.app:build_app"
+IMPORT_PATH = "gptoss_cluster.cluster.app:build_app"
 ROUTER = "Router"
 MODEL_REPLICA = "ModelReplica"
 # Serve's own flags, in each deployment's runtime_env. Both deployments run their code on the replica's main event
@@ -229,8 +230,8 @@ def validate(c: AppConfig) -> AppConfig:
         fail("http_port", f"must differ from grpc_port ({c.grpc_port}); 0 turns the HTTP server off")
     if not isinstance(c.auth_token_env, str):
         fail("auth_token_env", "must be a string (the name of an environment variable)")
-    from workers.engine.config import EngineConfig
-    from workers.sampling import SamplingParams
+    from gptoss_cluster.workers.engine.config import EngineConfig
+    from gptoss_cluster.workers.sampling import SamplingParams
 
     for name, known, cls in (("engine", ENGINE_KEYS, EngineConfig),
                              ("sampling_defaults", SAMPLING_KEYS, SamplingParams)):
@@ -294,7 +295,7 @@ def placement(config: AppConfig, device: str) -> tuple[list[dict[str, float]], d
 
 
 def replica_settings(config: AppConfig, device: str) -> dict[str, Any]:
-    from cluster.replica import ReplicaSettings
+    from gptoss_cluster.cluster.replica import ReplicaSettings
 
     engine = dict(config.engine)
     if device == "cpu" and "num_blocks" not in engine and "kv_memory_fraction" not in engine:
@@ -309,7 +310,7 @@ def replica_settings(config: AppConfig, device: str) -> dict[str, Any]:
 
 
 def router_settings(config: AppConfig) -> dict[str, Any]:
-    from cluster.router.server import RouterSettings
+    from gptoss_cluster.cluster.router.server import RouterSettings
 
     return RouterSettings(
         served_model_name=config.name, host=config.grpc_host, port=config.grpc_port, http_port=config.http_port,
@@ -342,12 +343,11 @@ def replica_max_ongoing(config: AppConfig) -> int:
 
 def build_application(config: AppConfig) -> Any:
     """The bound Serve application (Router -> ModelReplica) for a validated AppConfig."""
+    from gptoss_cluster.cluster.replica import ModelReplicaImpl
+    from gptoss_cluster.cluster.router.replica_choice import PrefixAffinityRouter
+    from gptoss_cluster.cluster.router.server import RouterImpl
     from ray import serve
     from ray.serve.config import RequestRouterConfig
-
-    from cluster.replica import ModelReplicaImpl
-    from cluster.router.replica_choice import PrefixAffinityRouter
-    from cluster.router.server import RouterImpl
 
     validate(config)
     device = _resolve_device(config)
@@ -388,7 +388,7 @@ def build_application(config: AppConfig) -> Any:
 
 
 def build_app(args: dict[str, Any]) -> Any:
-    """`cluster.app:build_app`: the chart's arguments (see the module docstring) -> serve.Application."""
+    """`gptoss_cluster.cluster.app:build_app`: the chart's arguments (see the module docstring) -> serve.Application."""
     config = parse_args(args)
     for env, key in ENV_OVERRIDES.items():
         if os.environ.get(env):
@@ -592,8 +592,8 @@ def default_model_dir() -> Path:
 
 def ensure_tiny_checkpoint(path: Path | None = None) -> Path:
     """The deterministic tiny checkpoint (seed 0), written on first use."""
-    from workers.checkpoint import CheckpointError, open_checkpoint, write_checkpoint
-    from workers.config import ModelConfig
+    from gptoss_cluster.workers.checkpoint import CheckpointError, open_checkpoint, write_checkpoint
+    from gptoss_cluster.workers.config import ModelConfig
 
     path = Path(path or default_model_dir())
     try:
@@ -639,8 +639,7 @@ class LocalCluster:
 
     def start(self, ready_timeout_s: float = 600.0, log: Any = None) -> LocalCluster:
         import ray
-
-        from workers.engine.ray_executor import connect_ray
+        from gptoss_cluster.workers.engine.ray_executor import connect_ray
 
         log = log or (lambda *_: None)
         if not ray.is_initialized():
@@ -679,9 +678,8 @@ class LocalCluster:
     def wait_ready(self, timeout_s: float) -> None:
         """Until the router's health says gptoss.v1.Inference SERVING (raises on a failed deployment)."""
         import grpc
+        from gptoss_cluster.cluster.router.server import INFERENCE_SERVICE
         from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-        from cluster.router.server import INFERENCE_SERVICE
 
         assert self.client is not None
         host = "127.0.0.1" if self.config.grpc_host in ("0.0.0.0", "::", "") else self.config.grpc_host

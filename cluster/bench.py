@@ -173,7 +173,7 @@ async def router_level(address: str, prompts: list[list[int]], concurrency: int,
                        root_certificates: bytes | None = None) -> tuple[list[Record], float]:
     """Stream a Generate call per prompt (exactly `output_len` tokens, EOS ignored, greedy) against the router at
     `address`. Raises ConnectionError when the router cannot be reached within CONNECT_TIMEOUT_S."""
-    from cluster.client import AsyncClient
+    from gptoss_cluster.cluster.client import AsyncClient
 
     # one HTTP/2 connection per 8 streams, as a fleet of clients would have (a single connection serializes
     # the setup of new streams behind the frames of all the others)

@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from cluster.replica import REPLICA_TRANSPORTS
+from gptoss_cluster.cluster.replica import REPLICA_TRANSPORTS
 
 PROG = "gptoss-cluster"
 
@@ -48,7 +48,7 @@ def _byte_size(text: str) -> int:
 
 # =================================================================================================== make-checkpoint
 def _register_make_checkpoint(sub: Any) -> None:
-    from workers.config import PRESETS
+    from gptoss_cluster.workers.config import PRESETS
 
     p = sub.add_parser(
         "make-checkpoint",
@@ -68,8 +68,8 @@ def _register_make_checkpoint(sub: Any) -> None:
 
 
 def _cmd_make_checkpoint(args: argparse.Namespace) -> int:
-    from workers.checkpoint import write_checkpoint
-    from workers.config import ModelConfig
+    from gptoss_cluster.workers.checkpoint import write_checkpoint
+    from gptoss_cluster.workers.config import ModelConfig
 
     config = ModelConfig.preset(args.preset)
     start = time.perf_counter()
@@ -168,7 +168,7 @@ def _register_serve(sub: Any) -> None:
 
 
 def _serve_config(args: argparse.Namespace) -> Any:
-    from cluster.app import AppConfig, AppConfigError, ensure_tiny_checkpoint, validate
+    from gptoss_cluster.cluster.app import AppConfig, AppConfigError, ensure_tiny_checkpoint, validate
 
     model = args.model
     if model is None:
@@ -203,7 +203,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     import tempfile
     import threading
 
-    from cluster.app import LocalCluster, app_config, serve_config, to_yaml
+    from gptoss_cluster.cluster.app import LocalCluster, app_config, serve_config, to_yaml
 
     if args.auth_token_file is not None and not args.auth_token_file.is_file():
         raise UsageError(f"--auth-token-file {args.auth_token_file}: no such file")
@@ -273,7 +273,7 @@ def _sampling(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _client(args: argparse.Namespace) -> Any:
-    from cluster.client import Client
+    from gptoss_cluster.cluster.client import Client
 
     roots = args.ca_cert.read_bytes() if args.ca_cert else None
     return Client(args.address, tls=args.tls, root_certificates=roots, timeout=args.timeout)
@@ -325,8 +325,7 @@ def _response_format(args: argparse.Namespace) -> dict[str, Any] | None:
 
 def _cmd_chat(args: argparse.Namespace) -> int:
     import grpc
-
-    from cluster.client import CHANNEL_NAMES, FINISH_NAMES
+    from gptoss_cluster.cluster.client import CHANNEL_NAMES, FINISH_NAMES
 
     if args.address is None:
         raise UsageError("chat needs --address HOST:PORT (a running router, e.g. from `gptoss-cluster serve`)")
@@ -401,8 +400,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     if args.model is not None:
         return _generate_offline(args)
     import grpc
-
-    from cluster.client import CHANNEL_NAMES, FINISH_NAMES
+    from gptoss_cluster.cluster.client import CHANNEL_NAMES, FINISH_NAMES
 
     last = None
     try:
@@ -429,7 +427,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _generate_offline(args: argparse.Namespace) -> int:
-    from workers import LLM, SamplingParams
+    from gptoss_cluster.workers.llm import LLM
+    from gptoss_cluster.workers.sampling import SamplingParams
 
     if not args.model.is_dir():
         raise UsageError(f"--model {args.model}: not a directory")
@@ -468,7 +467,7 @@ def _register_scale(sub: Any) -> None:
 
 
 def _cmd_scale(args: argparse.Namespace) -> int:
-    from cluster.app import DashboardError, scale
+    from gptoss_cluster.cluster.app import DashboardError, scale
 
     try:
         entry = scale(args.replicas, address=args.dashboard, app_name=args.app_name, wait_s=args.wait)
@@ -530,7 +529,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     import asyncio
     import json
 
-    from cluster import bench
+    from gptoss_cluster.cluster import bench
 
     if args.address is None:
         raise UsageError("bench needs --address HOST:PORT of a running router")
@@ -609,7 +608,8 @@ def _is_domain_error(exc: BaseException) -> bool:
     """A bad config or checkpoint (exit code 2). Looked up lazily: the classes can only have been raised if their
     modules were imported, and importing workers.checkpoint costs torch's start-up (seconds) for commands such as
     `chat` that never touch a checkpoint."""
-    for module, name in (("workers.config", "ConfigError"), ("workers.checkpoint", "CheckpointError")):
+    for module, name in (("gptoss_cluster.workers.config", "ConfigError"),
+                         ("gptoss_cluster.workers.checkpoint", "CheckpointError")):
         cls = getattr(sys.modules.get(module), name, None)
         if cls is not None and isinstance(exc, cls):
             return True

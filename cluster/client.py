@@ -1,6 +1,6 @@
 """Python client for the gptoss.v1 gRPC API (what `gptoss-cluster chat` / `generate --address` use).
 
-    from cluster.client import Client
+    from gptoss_cluster.cluster.client import Client
     with Client("127.0.0.1:50051") as client:            # token from $GPTOSS_AUTH_TOKEN unless given
         for delta in client.chat("What is 2+2?", max_tokens=64):
             print(delta.channel, delta.text, end="")
@@ -32,10 +32,9 @@ from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from typing import Any
 
 import grpc
+from gptoss_cluster.proto.gptoss.v1 import gptoss_pb2 as pb
+from gptoss_cluster.proto.gptoss.v1 import gptoss_pb2_grpc as pb_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-from proto.gptoss.v1 import gptoss_pb2 as pb
-from proto.gptoss.v1 import gptoss_pb2_grpc as pb_grpc
 
 __all__ = ["AsyncClient", "Client", "TOKEN_ENV", "chat_messages", "function_tools", "response_format_message",
            "sampling_params", "tool_choice_message"]

@@ -15,7 +15,8 @@ a few methods named after what happened:
 One scrape per node. Every process of a node (routers, replicas, shard workers) writes its samples to files in
 `PROMETHEUS_MULTIPROC_DIR` (prometheus-client's multiprocess mode); whoever serves the node's port renders the merged
 view of that directory: `start_metrics_server(port, host)` from any process, or the exporter
-`python -m cluster.metrics --port 9400` (the Helm chart runs it as a sidecar). The variable must be in the process
+`python -m gptoss_cluster.cluster.metrics --port 9400` (the Helm chart runs it as a sidecar).
+The variable must be in the process
 environment before `prometheus_client` is first imported (Ray: the application's `runtime_env.env_vars`, which
 every replica and its shard actors inherit); `Metrics()` refuses to start half-configured. Without the variable,
 each process serves only its own registry (tests, a single-process `LLM`).
@@ -626,8 +627,8 @@ def start_metrics_server(
 
 # ================================================================================================ the exporter
 def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m cluster.metrics`: serve the node's merged metrics (the chart's sidecar)."""
-    parser = argparse.ArgumentParser(prog="python -m cluster.metrics", description=main.__doc__)
+    """`python -m gptoss_cluster.cluster.metrics`: serve the node's merged metrics (the chart's sidecar)."""
+    parser = argparse.ArgumentParser(prog="python -m gptoss_cluster.cluster.metrics", description=main.__doc__)
     parser.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT})")
     parser.add_argument("--host", default="0.0.0.0", help="address to bind (default 0.0.0.0)")
     parser.add_argument("--dir", default=os.environ.get(MULTIPROC_ENV),

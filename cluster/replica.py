@@ -74,7 +74,7 @@ class ReplicaSettings:
 def build_executor(settings: ReplicaSettings, placement_group: Any = None) -> Any:
     """The executor of one replica: `make_executor` (a LocalExecutor in this process for one shard, a RayExecutor
     with G ShardWorkers in bundles 1..G of the replica's placement group otherwise)."""
-    from workers.engine.ray_executor import make_executor
+    from gptoss_cluster.workers.engine.ray_executor import make_executor
 
     return make_executor(settings.model, num_shards=settings.shards_per_replica, dtype=settings.dtype,
                          device=settings.device, placement_group=placement_group,
@@ -140,7 +140,7 @@ class ReplicaCore:
 
     def __init__(self, settings: ReplicaSettings, *, replica_id: str | None = None, metrics: Any = None,
                  executor: Any = None, model_config: Any = None, placement_group: Any = None) -> None:
-        from workers.engine import Engine, EngineConfig
+        from gptoss_cluster.workers.engine import Engine, EngineConfig
 
         self.settings = settings
         self.replica_id = replica_id or f"local#{uuid.uuid4().hex[:8]}"
@@ -152,7 +152,7 @@ class ReplicaCore:
         if model_config is None:
             model_config = getattr(self.executor, "model_config", None)
         if model_config is None:
-            from workers.checkpoint import open_checkpoint
+            from gptoss_cluster.workers.checkpoint import open_checkpoint
 
             with open_checkpoint(settings.model) as reader:
                 model_config = reader.config
@@ -489,9 +489,8 @@ class ModelReplicaImpl(ReplicaMethods):
 
     async def __init__(self, settings: dict[str, Any]) -> None:
         import ray
+        from gptoss_cluster.cluster.metrics import Metrics, start_metrics_server
         from ray import serve
-
-        from cluster.metrics import Metrics, start_metrics_server
 
         self.settings = ReplicaSettings.from_dict(settings)
         replica_id = serve.get_replica_context().replica_id.to_full_id_str()

@@ -13,8 +13,7 @@ from dataclasses import dataclass
 from types import ModuleType
 
 import torch
-
-from kernels import paged, reference
+from gptoss_cluster.kernels import paged, reference
 
 BACKENDS = ("torch", "triton")
 
@@ -55,7 +54,7 @@ def select_kernels(device: torch.device | str = "cpu", backend: str | None = Non
     if backend == "torch":
         return TORCH_KERNELS
     bundle = _triton_kernels()
-    from kernels.triton import runs_on_cpu_tensors
+    from gptoss_cluster.kernels.triton import runs_on_cpu_tensors
 
     if device.type != "cuda" and not runs_on_cpu_tensors():
         raise ValueError(f"the Triton kernels run on CUDA devices, not {device.type}; use GPTOSS_KERNELS=torch there "
@@ -67,7 +66,7 @@ def select_kernels(device: torch.device | str = "cpu", backend: str | None = Non
 def _triton_kernels() -> Kernels:
     """The Triton bundle; kernels.triton (and triton itself) is imported on first use only."""
     try:
-        from kernels import triton as tk
+        from gptoss_cluster.kernels import triton as tk
     except ImportError as exc:
         raise RuntimeError(f"GPTOSS_KERNELS=triton needs the triton package, which does not import here ({exc}); "
                            "install triton or use GPTOSS_KERNELS=torch") from exc

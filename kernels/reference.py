@@ -10,8 +10,7 @@ import math
 from collections.abc import Callable
 
 import torch
-
-from kernels.mxfp4 import dequantize_mxfp4
+from gptoss_cluster.kernels.mxfp4 import dequantize_mxfp4
 
 
 # ---------------------------------------------------------------------------------------------------- norms

@@ -9,8 +9,8 @@ import pytest
 
 os.environ.setdefault("GPTOSS_NO_PROGRESS", "1")
 
-from workers.checkpoint import write_checkpoint  # noqa: E402
-from workers.config import ModelConfig  # noqa: E402
+from gptoss_cluster.workers.checkpoint import write_checkpoint  # noqa: E402
+from gptoss_cluster.workers.config import ModelConfig  # noqa: E402
 
 # A second small shape, different in every dimension the first one fixes: odd layer count, MHA-ish GQA ratio,
 # head_dim 64, top-3 of 6 experts, a 32-token window.

@@ -6,8 +6,7 @@ import contextlib
 from collections.abc import Iterator
 
 import torch
-
-from workers.engine import Executor, KVCacheLayout, StepPlan
+from gptoss_cluster.workers.engine import Executor, KVCacheLayout, StepPlan
 
 
 @contextlib.contextmanager

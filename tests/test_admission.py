@@ -9,11 +9,10 @@ import time
 
 import grpc
 import pytest
-
-from cluster.client import Client, generate_request
-from cluster.router.admission import Admission, DeadlineExceeded, QueueFull
-from cluster.router.server import PUSHBACK_TRAILER, RouterSettings
-from cluster.router.testing import ScriptedReplica, ServerThread
+from gptoss_cluster.cluster.client import Client, generate_request
+from gptoss_cluster.cluster.router.admission import Admission, DeadlineExceeded, QueueFull
+from gptoss_cluster.cluster.router.server import PUSHBACK_TRAILER, RouterSettings
+from gptoss_cluster.cluster.router.testing import ScriptedReplica, ServerThread
 
 
 def run(coro):

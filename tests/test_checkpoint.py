@@ -9,12 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
-
-from cluster.cli import main
-from kernels.mxfp4 import dequantize_mxfp4
-from workers import checkpoint as ckpt
-from workers.checkpoint import (
+from gptoss_cluster.cluster.cli import main
+from gptoss_cluster.kernels.mxfp4 import dequantize_mxfp4
+from gptoss_cluster.workers import checkpoint as ckpt
+from gptoss_cluster.workers.checkpoint import (
     CheckpointError,
     expected_tensors,
     open_checkpoint,
@@ -22,7 +20,8 @@ from workers.checkpoint import (
     synthetic_tensor,
     write_checkpoint,
 )
-from workers.config import ConfigError, ModelConfig
+from gptoss_cluster.workers.config import ConfigError, ModelConfig
+from safetensors.torch import load_file, save_file
 
 # The tiny preset with 2 layers and hidden size 64: ~53 MB (mostly the real-size vocabulary, which the original layout
 # needs: its config.json has no eos/pad ids, so they take the real defaults).

@@ -21,16 +21,16 @@ from typing import Any
 
 import grpc
 import pytest
+from gptoss_cluster.cluster.app import AppConfig, DashboardClient, DashboardError, app_config, ray_auth_token, scale
+from gptoss_cluster.cluster.client import AsyncClient, Client
+from gptoss_cluster.cluster.router.server import INFERENCE_SERVICE
+from gptoss_cluster.proto.gptoss.v1 import gptoss_pb2 as pb
+from gptoss_cluster.workers.harmony import get_tokenizer
 
-from cluster.app import AppConfig, DashboardClient, DashboardError, app_config, ray_auth_token, scale
-from cluster.client import AsyncClient, Client
-from cluster.router.server import INFERENCE_SERVICE
-from proto.gptoss.v1 import gptoss_pb2 as pb
 from tests.tools import free_port
-from workers.harmony import get_tokenizer
 
 SHARDS = 2
-CLI = [sys.executable, "-m", "cluster.cli"]
+CLI = [sys.executable, "-m", "gptoss_cluster.cluster.cli"]
 
 
 def _wait(predicate, timeout: float, what: str, interval: float = 0.25):
@@ -53,9 +53,8 @@ def test_build_app_arguments_follow_the_chart_schema(tmp_path):
 
     import jsonschema
     import yaml
+    from gptoss_cluster.cluster.app import AppConfigError, parse_args, placement, serve_config, to_yaml
     from ray.serve.schema import ServeDeploySchema
-
-    from cluster.app import AppConfigError, parse_args, placement, serve_config, to_yaml
 
     schema = json.loads((Path(__file__).parents[1] / "helm/gptoss-cluster/files/serve-args.schema.json").read_text())
     config = parse_args({"model": "/models/gpt-oss-20b", "shards_per_replica": 2, "device": "cuda",
@@ -70,7 +69,7 @@ def test_build_app_arguments_follow_the_chart_schema(tmp_path):
     rendered = yaml.safe_load(to_yaml(serve_config([app_config(config)])))
     ServeDeploySchema.model_validate(rendered)
     app = rendered["applications"][0]
-    assert app["import_path"] == "cluster.app:build_app"
+    assert app["import_path"] == "gptoss_cluster.cluster.app:build_app"
     assert [d["name"] for d in app["deployments"]] == ["Router", "ModelReplica"]
     assert app["deployments"][1]["placement_group_strategy"] == "STRICT_PACK"
     jsonschema.validate(app["args"], schema)
@@ -98,7 +97,13 @@ def test_build_application_deployment_options():
     """Both deployments run their code on the replica's main loop (the Router also Serve's request router); neither
     writes Serve's per-call access log; the app's Serve config entry carries the same actor options (a config's
     options replace the code's)."""
-    from cluster.app import REPLICA_SERVE_ENV, ROUTER_SERVE_ENV, app_config, build_application, parse_args
+    from gptoss_cluster.cluster.app import (
+        REPLICA_SERVE_ENV,
+        ROUTER_SERVE_ENV,
+        app_config,
+        build_application,
+        parse_args,
+    )
 
     config = parse_args({"model": "/m", "device": "cpu"})
     router = build_application(config)._bound_deployment  # Serve's Application has no public accessor
@@ -116,7 +121,7 @@ def test_build_application_deployment_options():
 
 
 def test_cli_bad_arguments_exit_2_with_one_line(capsys):
-    from cluster.cli import main
+    from gptoss_cluster.cluster.cli import main
 
     for argv in (["chat", "--address", "nowhere", "hi"], ["chat", "hi"], ["serve", "--replicas", "0"],
                  ["serve", "--model", "/no/such/dir"], ["serve", "--grpc-port", "99999"],
@@ -184,9 +189,8 @@ def test_cli_serve_then_chat_then_ctrl_c(tmp_path):
 @pytest.fixture(scope="module")
 def cluster(checkpoints):
     import ray
+    from gptoss_cluster.workers.engine.ray_executor import connect_ray
     from ray import serve
-
-    from workers.engine.ray_executor import connect_ray
 
     dashboard_port, grpc_port = free_port(), free_port()
     os.environ["GPTOSS_NO_PROGRESS"] = "1"
@@ -252,7 +256,8 @@ def test_dashboard_api_needs_rays_token(cluster):
         DashboardClient(cluster["dashboard"], token="not-the-token").details()
     assert "HTTP 40" in str(info.value)
     details = cluster["dashboard_client"].details()
-    assert details["applications"]["gptoss"]["deployed_app_config"]["import_path"] == "cluster.app:build_app"
+    deployed = details["applications"]["gptoss"]["deployed_app_config"]
+    assert deployed["import_path"] == "gptoss_cluster.cluster.app:build_app"
 
 
 def test_scale_up_through_the_dashboard_and_both_replicas_serve(cluster):

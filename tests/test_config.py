@@ -1,8 +1,7 @@
 import json
 
 import pytest
-
-from workers.config import FULL, PRESETS, SLIDING, ConfigError, ModelConfig
+from gptoss_cluster.workers.config import FULL, PRESETS, SLIDING, ConfigError, ModelConfig
 
 
 def test_presets_have_published_dimensions():

@@ -9,13 +9,13 @@ import threading
 
 import pytest
 import torch
+from gptoss_cluster.workers.checkpoint import open_checkpoint, write_checkpoint
+from gptoss_cluster.workers.config import ModelConfig
+from gptoss_cluster.workers.engine import Engine, EngineConfig, Executor, LocalExecutor, RequestStatus
+from gptoss_cluster.workers.model import GptOssModel
+from gptoss_cluster.workers.sampling import SamplingParams
 
 from tests.helpers import ForwardingExecutor, torch_threads
-from workers.checkpoint import open_checkpoint, write_checkpoint
-from workers.config import ModelConfig
-from workers.engine import Engine, EngineConfig, Executor, LocalExecutor, RequestStatus
-from workers.model import GptOssModel
-from workers.sampling import SamplingParams
 
 VOCAB = 4096
 EOS = 4095
@@ -329,7 +329,7 @@ def test_abort_from_another_thread_while_a_step_runs(model):
 
 
 def test_stop_tokens_strings_min_tokens_and_eos(model):
-    from workers.harmony import get_tokenizer
+    from gptoss_cluster.workers.harmony import get_tokenizer
 
     tokenizer = get_tokenizer()
     engine = Engine.from_model(model, EngineConfig(num_blocks=100), tokenizer=tokenizer)
@@ -384,8 +384,8 @@ def test_statistics_and_expert_counts(model):
 
 
 def test_dequantize_once_moe_is_bit_identical(model):
-    from kernels.reference import moe_experts
-    from workers.engine.experts import DequantizedMoE
+    from gptoss_cluster.kernels.reference import moe_experts
+    from gptoss_cluster.workers.engine.experts import DequantizedMoE
 
     mlp = model.mlp[0]
     g = torch.Generator().manual_seed(70)

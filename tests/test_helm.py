@@ -16,8 +16,8 @@ from typing import Any
 
 import pytest
 import yaml
+from gptoss_cluster.cluster.app import ROUTER_SERVE_ENV, parse_args, replica_max_ongoing, router_settings
 
-from cluster.app import ROUTER_SERVE_ENV, parse_args, replica_max_ongoing, router_settings
 from tests.tools import find_tool
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -217,7 +217,7 @@ def test_serve_config_is_a_valid_ray_serve_config(rendered: dict, values: str) -
     (rayservice,) = by_kind(rendered[values], "RayService")
     config = ServeDeploySchema.model_validate(serve_config(rayservice))
     (app,) = config.applications
-    assert app.import_path == "cluster.app:build_app"
+    assert app.import_path == "gptoss_cluster.cluster.app:build_app"
     assert {d.name for d in app.deployments} == {"Router", "ModelReplica"}
 
 
@@ -261,7 +261,7 @@ def test_serve_args_follow_the_values_and_the_args_schema(rendered: dict, values
 def test_grpc_host_renders_into_the_applications_environment(helm: str) -> None:
     """serve.grpcHost is the Routers' bind address: a machine setting that build_app reads from GPTOSS_GRPC_HOST (not
     an argument: build_app refuses unknown args), so it lands in runtime_env.env_vars; unset, nothing is rendered."""
-    from cluster.app import ENV_OVERRIDES
+    from gptoss_cluster.cluster.app import ENV_OVERRIDES
 
     assert ENV_OVERRIDES["GPTOSS_GRPC_HOST"] == "grpc_host"
 
@@ -302,8 +302,8 @@ def test_openai_http_port_reaches_args_pods_and_a_service(helm: str) -> None:
 
 
 def test_args_schema_names_only_real_engine_and_sampling_fields() -> None:
-    from workers.engine.config import EngineConfig
-    from workers.sampling import SamplingParams
+    from gptoss_cluster.workers.engine.config import EngineConfig
+    from gptoss_cluster.workers.sampling import SamplingParams
 
     schema = json.loads((CHART / "files" / "serve-args.schema.json").read_text())
     engine = set(schema["properties"]["engine"]["properties"])
@@ -466,7 +466,7 @@ def test_notes_say_how_to_reach_the_cluster(helm: str) -> None:
 
 def test_replica_transport_renders_into_the_router_settings(helm: str) -> None:
     """serve.router.replicaTransport picks how the routers' Serve calls reach the replicas (default grpc)."""
-    from cluster.app import parse_args, router_settings
+    from gptoss_cluster.cluster.app import parse_args, router_settings
 
     for sets, expected in (((), "grpc"), (("--set", "serve.router.replicaTransport=ray"), "ray")):
         (rayservice,) = by_kind(template(helm, *sets), "RayService")

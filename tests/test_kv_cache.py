@@ -2,11 +2,10 @@
 
 import pytest
 import torch
-
-from workers.config import ModelConfig
-from workers.engine.kv_cache import BlockPool, KVCacheLayout, KVCacheManager, hash_block
-from workers.engine.request import Request
-from workers.sampling import SamplingParams
+from gptoss_cluster.workers.config import ModelConfig
+from gptoss_cluster.workers.engine.kv_cache import BlockPool, KVCacheLayout, KVCacheManager, hash_block
+from gptoss_cluster.workers.engine.request import Request
+from gptoss_cluster.workers.sampling import SamplingParams
 
 CFG = ModelConfig.preset("tiny")  # 4 layers: sliding, full, sliding, full; window 128
 BS = 16

@@ -6,11 +6,11 @@ import json
 
 import pytest
 import torch
+from gptoss_cluster.workers.checkpoint import CheckpointError
+from gptoss_cluster.workers.config import ConfigError
+from gptoss_cluster.workers.harmony import get_tokenizer
 
-from workers import LLM, SamplingParams
-from workers.checkpoint import CheckpointError
-from workers.config import ConfigError
-from workers.harmony import get_tokenizer
+from gptoss_cluster import LLM, SamplingParams
 
 
 @pytest.fixture(scope="module")
@@ -132,7 +132,7 @@ def test_bad_checkpoints(tmp_path, checkpoints):
 
 
 def test_cli_generate_offline(checkpoints, capsys, tmp_path):
-    from cluster.cli import main
+    from gptoss_cluster.cluster.cli import main
 
     code = main(["generate", "--model", str(checkpoints["tiny-hf"]), "--prompt", "Hello", "--max-tokens", "3",
                  "--temperature", "0", "--ignore-eos", "--dtype", "float32"])

@@ -12,15 +12,14 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
-
-from cluster.metrics import (
+from gptoss_cluster.cluster.metrics import (
     MULTIPROC_ENV,
     REPLICA_STATES,
     Metrics,
     render_node_metrics,
     start_metrics_server,
 )
+from prometheus_client.parser import text_string_to_metric_families
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -198,7 +197,7 @@ def test_request_timer_measures_on_its_clock(metrics: Metrics) -> None:
 
 def test_engine_stats_dataclass_and_restart(metrics: Metrics) -> None:
     torch = pytest.importorskip("torch")
-    from workers.engine.engine import EngineStats
+    from gptoss_cluster.workers.engine.engine import EngineStats
 
     zero = {f.name: (None if f.name == "expert_counts" else 0) for f in dataclasses.fields(EngineStats)}
     first = EngineStats(**dict(zero, num_steps=5, num_preemptions=2, num_running=3, kv_usage=0.5,
@@ -227,7 +226,7 @@ def test_bad_input_is_refused(metrics: Metrics) -> None:
 
 RECORDER = textwrap.dedent("""
     import sys
-    from cluster.metrics import Metrics
+    from gptoss_cluster.cluster.metrics import Metrics
     m = Metrics.for_process()
     role = sys.argv[1]
     if role == "router":
@@ -291,8 +290,9 @@ def test_exporter_command_serves_the_directory(tmp_path: Path) -> None:
     _spawn("router", tmp_path).communicate("")  # leave counters behind
     env = dict(os.environ)
     env.pop(MULTIPROC_ENV, None)
-    proc = subprocess.Popen([sys.executable, "-m", "cluster.metrics", "--port", "0", "--host", "127.0.0.1",
-                             "--dir", str(tmp_path)], cwd=ROOT, env=env, text=True, stderr=subprocess.PIPE)
+    proc = subprocess.Popen([sys.executable, "-m", "gptoss_cluster.cluster.metrics", "--port", "0",
+                             "--host", "127.0.0.1", "--dir", str(tmp_path)],
+                            cwd=ROOT, env=env, text=True, stderr=subprocess.PIPE)
     try:
         line = proc.stderr.readline()
         port = int(line.rsplit(":", 1)[1].split("/")[0])
@@ -305,14 +305,14 @@ def test_exporter_command_serves_the_directory(tmp_path: Path) -> None:
 def test_exporter_without_directory_exits_2() -> None:
     env = dict(os.environ)
     env.pop(MULTIPROC_ENV, None)
-    result = subprocess.run([sys.executable, "-m", "cluster.metrics"], cwd=ROOT, env=env, capture_output=True,
-                            text=True, timeout=30)
+    result = subprocess.run([sys.executable, "-m", "gptoss_cluster.cluster.metrics"], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=30)
     assert result.returncode == 2 and "PROMETHEUS_MULTIPROC_DIR" in result.stderr
 
 
 def test_multiprocess_env_set_too_late_is_refused(tmp_path: Path) -> None:
     code = (f"import os, prometheus_client; os.environ[{MULTIPROC_ENV!r}] = {str(tmp_path)!r}\n"
-            "from cluster.metrics import Metrics, MetricsConfigError\n"
+            "from gptoss_cluster.cluster.metrics import Metrics, MetricsConfigError\n"
             "try:\n    Metrics()\nexcept MetricsConfigError as e:\n    print(e)\n")
     env = dict(os.environ)
     env.pop(MULTIPROC_ENV, None)

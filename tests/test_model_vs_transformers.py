@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from workers import LLM, SamplingParams
+from gptoss_cluster import LLM, SamplingParams
 
 transformers = pytest.importorskip("transformers")
 

@@ -25,14 +25,14 @@ import urllib.request
 import jsonschema
 import openai
 import pytest
+from gptoss_cluster.cluster.client import Client
+from gptoss_cluster.cluster.metrics import Metrics
+from gptoss_cluster.cluster.router.server import RouterSettings
+from gptoss_cluster.cluster.router.testing import ScriptedReplica, ServerThread
+from gptoss_cluster.workers.harmony import get_tokenizer
 from structured_cases import GRAMMARS, REGEXES, SCHEMAS, WEATHER_TOOL, full_match
 
-from cluster.client import Client
-from cluster.metrics import Metrics
-from cluster.router.server import RouterSettings
-from cluster.router.testing import ScriptedReplica, ServerThread
 from tests.tools import free_port
-from workers.harmony import get_tokenizer
 
 TOKEN = "http-test-token"
 TOKEN_ENV = "GPTOSS_HTTP_TEST_TOKEN"
@@ -73,8 +73,7 @@ def _wait(predicate, timeout: float, what: str, interval: float = 0.1):
 @pytest.fixture(scope="module")
 def cluster(checkpoints):
     import ray
-
-    from cluster.app import AppConfig, LocalCluster
+    from gptoss_cluster.cluster.app import AppConfig, LocalCluster
 
     if ray.is_initialized():  # a previous module's connection: this module starts its own node
         ray.shutdown()
@@ -413,8 +412,8 @@ def test_client_gone_mid_stream_or_while_waiting_frees_kv_blocks(cluster, client
 def test_http_port_setting_from_args_and_cli(checkpoints, capsys):
     from pathlib import Path
 
-    from cluster.app import AppConfigError, parse_args, router_settings
-    from cluster.cli import _serve_config, build_parser, main
+    from gptoss_cluster.cluster.app import AppConfigError, parse_args, router_settings
+    from gptoss_cluster.cluster.cli import _serve_config, build_parser, main
 
     schema = json.loads((Path(__file__).parents[1] / "helm/gptoss-cluster/files/serve-args.schema.json").read_text())
     config = parse_args({"model": "/m", "http_port": 8080})

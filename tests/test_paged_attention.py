@@ -2,10 +2,9 @@
 
 import pytest
 import torch
-
-from kernels.dispatch import TORCH_KERNELS
-from kernels.paged import paged_attention
-from kernels.reference import attention_with_sinks
+from gptoss_cluster.kernels.dispatch import TORCH_KERNELS
+from gptoss_cluster.kernels.paged import paged_attention
+from gptoss_cluster.kernels.reference import attention_with_sinks
 
 
 def scatter_into_pool(keys, values, num_blocks, block_size, generator, shared_pool=None):

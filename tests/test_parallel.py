@@ -22,13 +22,10 @@ import time
 
 import pytest
 import torch
-
-from tests.helpers import ForwardingExecutor, torch_threads
-from workers import LLM
-from workers.checkpoint import open_checkpoint
-from workers.config import ModelConfig
-from workers.engine import EngineConfig, Executor, KVCacheLayout
-from workers.engine.ray_executor import (
+from gptoss_cluster.workers.checkpoint import open_checkpoint
+from gptoss_cluster.workers.config import ModelConfig
+from gptoss_cluster.workers.engine import EngineConfig, Executor, KVCacheLayout
+from gptoss_cluster.workers.engine.ray_executor import (
     RayExecutor,
     ShardFailure,
     check_num_shards,
@@ -36,7 +33,10 @@ from workers.engine.ray_executor import (
     make_executor,
     start_local_ray,
 )
-from workers.sampling import SamplingParams
+from gptoss_cluster.workers.sampling import SamplingParams
+
+from gptoss_cluster import LLM
+from tests.helpers import ForwardingExecutor, torch_threads
 
 ray = pytest.importorskip("ray")
 
@@ -347,7 +347,11 @@ class TestTwoNodes:
 def _collective_rank(rank: int, port: int, results) -> None:
     """One of two processes: the collectives' values, then a peer that stops answering."""
     try:
-        from workers.parallel import TorchDistributedCollective, destroy_process_group, init_process_group
+        from gptoss_cluster.workers.parallel import (
+            TorchDistributedCollective,
+            destroy_process_group,
+            init_process_group,
+        )
 
         torch.set_num_threads(1)
         coll = init_process_group(rank, 2, "127.0.0.1", port, "gloo", timeout_s=3.0, local_ip="127.0.0.1")
@@ -373,7 +377,7 @@ def _collective_rank(rank: int, port: int, results) -> None:
 def test_torch_distributed_collective_and_timeout():
     import multiprocessing
 
-    from workers.parallel import find_free_port
+    from gptoss_cluster.workers.parallel import find_free_port
 
     ctx = multiprocessing.get_context("fork")  # torch is imported already: no seconds-long re-import per rank
     results = ctx.Queue()
@@ -401,7 +405,7 @@ _FIRST_DASHBOARD_START_FAILS = """
 import pathlib, sys
 import ray
 import ray._private.ray_constants as ray_constants
-from workers.engine import ray_executor
+from gptoss_cluster.workers.engine import ray_executor
 
 real_init, descendants = ray.init, []
 

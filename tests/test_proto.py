@@ -17,15 +17,18 @@ def test_stubs_match_proto(tmp_path):
     pytest.importorskip("grpc_tools")
     (tmp_path / "proto/gptoss/v1").mkdir(parents=True)
     shutil.copy(ROOT / "proto/gptoss/v1/gptoss.proto", tmp_path / "proto/gptoss/v1/gptoss.proto")
-    subprocess.run([sys.executable, "-m", "grpc_tools.protoc", "-I", ".", "--python_out=.", "--pyi_out=.",
-                    "--grpc_python_out=.", "proto/gptoss/v1/gptoss.proto"], cwd=tmp_path, check=True)
+    # As proto/generate.sh runs it: the root mapped to gptoss_cluster/, the package's one import name.
+    (tmp_path / "out").mkdir()
+    subprocess.run([sys.executable, "-m", "grpc_tools.protoc", "-I", "gptoss_cluster=.", "--python_out=out",
+                    "--pyi_out=out", "--grpc_python_out=out", "gptoss_cluster/proto/gptoss/v1/gptoss.proto"],
+                   cwd=tmp_path, check=True)
     for name in GENERATED:
-        fresh = (tmp_path / "proto/gptoss/v1" / name).read_text()
+        fresh = (tmp_path / "out/gptoss_cluster/proto/gptoss/v1" / name).read_text()
         assert fresh == (ROOT / "proto/gptoss/v1" / name).read_text(), f"{name} is stale: run proto/generate.sh"
 
 
 def test_services_and_methods():
-    from proto.gptoss.v1 import gptoss_pb2
+    from gptoss_cluster.proto.gptoss.v1 import gptoss_pb2
 
     services = gptoss_pb2.DESCRIPTOR.services_by_name
     inference = {m.name: (m.client_streaming, m.server_streaming) for m in services["Inference"].methods}

@@ -4,10 +4,9 @@ import math
 
 import pytest
 import torch
-
-from kernels import reference
-from kernels.mxfp4 import FP4_VALUES, dequantize_mxfp4, quantize_mxfp4
-from workers.config import ModelConfig
+from gptoss_cluster.kernels import reference
+from gptoss_cluster.kernels.mxfp4 import FP4_VALUES, dequantize_mxfp4, quantize_mxfp4
+from gptoss_cluster.workers.config import ModelConfig
 
 
 def test_mxfp4_layout_low_nibble_first_and_scale_bias():

@@ -6,11 +6,15 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from gptoss_cluster.cluster.router.replica_choice import (
+    AffinityPolicy,
+    PrefixAffinityRouter,
+    prefix_hashes,
+    request_cost,
+)
+from gptoss_cluster.workers.engine.kv_cache import hash_block
 from ray.serve._private.common import DeploymentHandleSource, DeploymentID, ReplicaID, RequestMetadata
 from ray.serve.request_router import PendingRequest
-
-from cluster.router.replica_choice import AffinityPolicy, PrefixAffinityRouter, prefix_hashes, request_cost
-from workers.engine.kv_cache import hash_block
 
 BS = 4
 

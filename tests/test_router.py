@@ -16,6 +16,13 @@ import urllib.request
 
 import grpc
 import pytest
+from gptoss_cluster.cluster.client import Client
+from gptoss_cluster.cluster.metrics import Metrics
+from gptoss_cluster.cluster.replica import ReplicaCore, ReplicaSettings
+from gptoss_cluster.cluster.router.server import INFERENCE_SERVICE, RouterSettings
+from gptoss_cluster.cluster.router.testing import ScriptedReplica, ServerThread
+from gptoss_cluster.proto.gptoss.v1 import gptoss_pb2 as pb
+from gptoss_cluster.workers.harmony import get_encoding, get_tokenizer
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 from openai_harmony import (
@@ -27,14 +34,6 @@ from openai_harmony import (
     SystemContent,
     ToolDescription,
 )
-
-from cluster.client import Client
-from cluster.metrics import Metrics
-from cluster.replica import ReplicaCore, ReplicaSettings
-from cluster.router.server import INFERENCE_SERVICE, RouterSettings
-from cluster.router.testing import ScriptedReplica, ServerThread
-from proto.gptoss.v1 import gptoss_pb2 as pb
-from workers.harmony import get_encoding, get_tokenizer
 
 WEATHER = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
 CONTEXT = 1024
@@ -58,7 +57,7 @@ def tiny(checkpoints):
     """Two in-process replicas of the tiny model behind one router (real engine, real KV cache)."""
     settings = ReplicaSettings(model=str(checkpoints["tiny-hf"]), dtype="float32",
                                engine={"num_blocks": 256, "max_model_len": CONTEXT, "max_num_seqs": 32})
-    from workers.engine import LocalExecutor
+    from gptoss_cluster.workers.engine import LocalExecutor
 
     first = ReplicaCore(settings, replica_id="app#ModelReplica#r0")
     # the second replica shares the weights but has its own KV pools and engine
@@ -234,7 +233,7 @@ def test_stream_interval_sends_the_first_token_alone_then_deltas_of_that_many(in
 
 def test_cli_bench_against_a_router_prints_every_level(tmp_path, capsys):
     """`gptoss-cluster bench`: each level's requests all stream their tokens; the table and the JSON agree."""
-    from cluster.cli import main
+    from gptoss_cluster.cluster.cli import main
 
     replica = ScriptedReplica(step_s=0.001)
     st, address = _scripted_server(replica)
@@ -256,8 +255,9 @@ def test_cli_bench_against_a_router_prints_every_level(tmp_path, capsys):
 
 
 def test_cli_bench_without_a_router_fails_in_seconds(capsys, monkeypatch):
-    from cluster import bench
-    from cluster.cli import main
+    from gptoss_cluster.cluster import bench
+    from gptoss_cluster.cluster.cli import main
+
     from tests.tools import free_port
 
     monkeypatch.setattr(bench, "CONNECT_TIMEOUT_S", 2.0)
@@ -542,7 +542,7 @@ def test_metrics_port_serves_the_exposition(checkpoints):
     address = st.start([ScriptedReplica([5])], RouterSettings(host="127.0.0.1", port=0, metrics_port=0,
                                                               health_interval_s=0.05), metrics)
     try:
-        from cluster.metrics import start_metrics_server
+        from gptoss_cluster.cluster.metrics import start_metrics_server
 
         server = start_metrics_server(0, "127.0.0.1", metrics=metrics)
         with Client(address, timeout=10) as c:
@@ -684,7 +684,7 @@ class _TimedBackend:
 
 
 async def _body_server(script, metrics=None):
-    from cluster.router.server import GptossServer
+    from gptoss_cluster.cluster.router.server import GptossServer
 
     server = GptossServer(_TimedBackend(script), RouterSettings(), metrics)
     await server.refresh()
@@ -706,7 +706,7 @@ def _codes(metrics: Metrics) -> dict[str, float]:
 def test_deadline_while_waiting_for_the_replica_is_deadline_exceeded():
     """The router's own deadline fires while it waits for the next token (the replica stalls): DEADLINE_EXCEEDED
     with the usual message, and the consuming task is left with no cancellation pending."""
-    from cluster.router.server import RouterError
+    from gptoss_cluster.cluster.router.server import RouterError
 
     async def main():
         metrics = Metrics()
@@ -732,7 +732,7 @@ def test_deadline_passing_while_the_caller_is_busy_never_cancels_the_caller():
     """The deadline passes while the caller works on a response (not waiting for the replica): the caller's own
     awaits are not cancelled; its next wait for a token ends in DEADLINE_EXCEEDED. Before the deadline, tokens
     stream as usual."""
-    from cluster.router.server import RouterError
+    from gptoss_cluster.cluster.router.server import RouterError
 
     async def main():
         server = await _body_server([0.0, 0.0, 0.0])
@@ -780,7 +780,7 @@ def test_caller_cancelled_while_waiting_with_a_deadline_stays_cancelled():
 def test_sampling_checks_repeat_for_the_same_settings():
     """Validated sampling settings are reused, never shared: each request gets its own dicts, and the room left by
     a longer prompt still shrinks the default max_tokens or refuses an explicit one."""
-    from cluster.router.requests import RequestError, Validator
+    from gptoss_cluster.cluster.router.requests import RequestError, Validator
 
     v = Validator({"vocab_size": 201088, "context_length": 300})
     s = pb.SamplingParams(temperature=0.0, stop_token_ids=[9])

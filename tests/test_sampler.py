@@ -4,10 +4,9 @@ import math
 
 import pytest
 import torch
-
-from workers.engine.request import Request
-from workers.engine.sampler import Sampler, apply_penalties, sample_rows
-from workers.sampling import SamplingParams, sample_token
+from gptoss_cluster.workers.engine.request import Request
+from gptoss_cluster.workers.engine.sampler import Sampler, apply_penalties, sample_rows
+from gptoss_cluster.workers.sampling import SamplingParams, sample_token
 
 V = 64
 
@@ -142,7 +141,7 @@ def _top_p_by_full_sort(probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tenso
 
 
 def test_top_p_candidates_give_the_nucleus_of_the_full_sort():
-    from workers.engine.sampler import TOP_P_CANDIDATES, _top_p
+    from gptoss_cluster.workers.engine.sampler import TOP_P_CANDIDATES, _top_p
 
     g = torch.Generator().manual_seed(5)
     vocab = 4 * TOP_P_CANDIDATES

@@ -1,13 +1,12 @@
 """The scheduler without a model: token budget, max running, chunked prefill, preemption, admission checks, order."""
 
 import pytest
-
-from workers.config import ModelConfig
-from workers.engine.config import EngineConfig
-from workers.engine.kv_cache import KVCacheLayout, KVCacheManager
-from workers.engine.request import Request, RequestStatus
-from workers.engine.scheduler import Scheduler
-from workers.sampling import SamplingParams
+from gptoss_cluster.workers.config import ModelConfig
+from gptoss_cluster.workers.engine.config import EngineConfig
+from gptoss_cluster.workers.engine.kv_cache import KVCacheLayout, KVCacheManager
+from gptoss_cluster.workers.engine.request import Request, RequestStatus
+from gptoss_cluster.workers.engine.scheduler import Scheduler
+from gptoss_cluster.workers.sampling import SamplingParams
 
 CFG = ModelConfig.preset("tiny", num_hidden_layers=2)
 

@@ -12,11 +12,11 @@ import json
 import jsonschema
 import pytest
 import torch
+from gptoss_cluster.workers.engine import Engine, EngineConfig
+from gptoss_cluster.workers.engine.structured import Constraint, ResponseFormat, ToolSpec
+from gptoss_cluster.workers.harmony import get_tokenizer, parse_completion, render_chat
 
 from tests.structured_cases import GRAMMARS, REGEXES, SCHEMAS, TIME_TOOL, WEATHER_TOOL, full_match
-from workers.engine import Engine, EngineConfig
-from workers.engine.structured import Constraint, ResponseFormat, ToolSpec
-from workers.harmony import get_tokenizer, parse_completion, render_chat
 
 MAX_TOKENS = 400
 
@@ -216,7 +216,7 @@ def test_chained_repeats_give_xgrammar_s_own_masks(engine, schema):
 
 
 def test_chain_bounded_repeats_rewrites_only_bounded_character_repeats():
-    from workers.engine.structured import chain_bounded_repeats
+    from gptoss_cluster.workers.engine.structured import chain_bounded_repeats
 
     ebnf = "\n".join([
         r'root ::= (("\"" c{2, 5} "\"" c{0, 3} "x{0, 3} \"y\"" c{4, 4} "z" "c{0, 3} \"q\"" w{0, 2} "q" '
@@ -246,8 +246,7 @@ def test_apply_bitmask_matches_xgrammar_s_kernel(engine):
     """The vectorized CPU apply: exactly xgrammar's result, for all rows, a subset, all-allowed rows, padding."""
     import numpy as np
     import xgrammar as xgr
-
-    from workers.engine.structured import _allows_all
+    from gptoss_cluster.workers.engine.structured import _allows_all
 
     d = engine.structured
     g = torch.Generator().manual_seed(0)

@@ -19,14 +19,20 @@ from typing import Any
 import grpc
 import jsonschema
 import pytest
+from gptoss_cluster.cluster.client import (
+    AsyncClient,
+    Client,
+    chat_request,
+    response_format_message,
+    tool_choice_message,
+)
+from gptoss_cluster.cluster.router.requests import RequestError, Validator, constraint_from_chat
+from gptoss_cluster.proto.gptoss.v1 import gptoss_pb2 as pb
+from gptoss_cluster.workers.engine.structured import BUILTIN_RECIPIENTS, Constraint
+from gptoss_cluster.workers.harmony import END_ID, get_tokenizer
 
-from cluster.client import AsyncClient, Client, chat_request, response_format_message, tool_choice_message
-from cluster.router.requests import RequestError, Validator, constraint_from_chat
-from proto.gptoss.v1 import gptoss_pb2 as pb
 from tests.structured_cases import GRAMMARS, REGEXES, SCHEMAS, TIME_TOOL, WEATHER_TOOL, full_match
 from tests.tools import free_port
-from workers.engine.structured import BUILTIN_RECIPIENTS, Constraint
-from workers.harmony import END_ID, get_tokenizer
 
 MODEL = {"vocab_size": 201088, "context_length": 4096}
 STRICT_WEATHER = {**WEATHER_TOOL, "strict": True}
@@ -162,7 +168,7 @@ def test_client_converts_openai_shapes():
 
 
 def test_cli_structured_flags_bad_values_exit_2(tmp_path, capsys):
-    from cluster.cli import main
+    from gptoss_cluster.cluster.cli import main
 
     bad_json = tmp_path / "bad.json"
     bad_json.write_text("{nope")
@@ -184,8 +190,7 @@ def test_cli_structured_flags_bad_values_exit_2(tmp_path, capsys):
 def cluster(checkpoints):
     """Router + one ModelReplica (tiny model, one shard) on a local Ray node, deployed through the dashboard."""
     import ray
-
-    from cluster.app import AppConfig, LocalCluster
+    from gptoss_cluster.cluster.app import AppConfig, LocalCluster
 
     os.environ["GPTOSS_NO_PROGRESS"] = "1"
     if ray.is_initialized():  # a previous module left its connection: this module needs its own node + dashboard
@@ -431,7 +436,7 @@ def test_server_keeps_serving_after_invalid_requests(answers, cluster):
 
 
 def test_cli_chat_with_a_json_schema(cluster, tmp_path, capsys):
-    from cluster.cli import main
+    from gptoss_cluster.cluster.cli import main
 
     schema_file = tmp_path / "person.json"
     schema_file.write_text(json.dumps(SCHEMAS[0]))

@@ -12,10 +12,9 @@ import contextlib
 import os
 
 import pytest
-
-from cluster.app import REPLICA_SERVE_ENV
-from cluster.replica import TokenChannels
-from cluster.router.testing import ScriptedReplica
+from gptoss_cluster.cluster.app import REPLICA_SERVE_ENV
+from gptoss_cluster.cluster.replica import TokenChannels
+from gptoss_cluster.cluster.router.testing import ScriptedReplica
 
 STEP_S = 0.02
 
@@ -134,12 +133,11 @@ def test_cancelling_a_submit_aborts_the_request_on_the_replica():
 @pytest.fixture(scope="module")
 def scripted_app():
     import ray
+    from gptoss_cluster.cluster.router.replica_choice import PrefixAffinityRouter
+    from gptoss_cluster.cluster.router.testing import ScriptedReplicaImpl
+    from gptoss_cluster.workers.engine.ray_executor import connect_ray
     from ray import serve
     from ray.serve.config import RequestRouterConfig
-
-    from cluster.router.replica_choice import PrefixAffinityRouter
-    from cluster.router.testing import ScriptedReplicaImpl
-    from workers.engine.ray_executor import connect_ray
 
     if ray.is_initialized():
         ray.shutdown()
@@ -175,7 +173,7 @@ async def _collect(backend, request: dict) -> tuple[str, list[int], str]:
 
 @pytest.mark.parametrize("transport", ["grpc", "ray"])
 def test_serve_backend_streams_many_requests_over_one_channel_per_replica(scripted_app, transport):
-    from cluster.router.backend import ServeBackend
+    from gptoss_cluster.cluster.router.backend import ServeBackend
 
     async def main():
         backend = ServeBackend(scripted_app, transport=transport)
@@ -230,7 +228,7 @@ def test_serve_backend_streams_many_requests_over_one_channel_per_replica(script
 def test_serve_backend_carries_a_request_over_the_grpc_transports_default_limit(scripted_app):
     """A request larger than the 4 MiB that Serve's gRPC transport takes by default (a large grammar, say) reaches
     its replica: the replica's environment raises the limit (cluster.app.REPLICA_SERVE_ENV)."""
-    from cluster.router.backend import ServeBackend
+    from gptoss_cluster.cluster.router.backend import ServeBackend
 
     async def main():
         backend = ServeBackend(scripted_app, transport="grpc")
@@ -247,7 +245,7 @@ def test_serve_backend_carries_a_request_over_the_grpc_transports_default_limit(
 
 @pytest.mark.parametrize("transport", ["grpc", "ray"])
 def test_serve_backend_fails_requests_of_a_replica_that_dies(scripted_app, transport):
-    from cluster.router.backend import BackendError, ServeBackend
+    from gptoss_cluster.cluster.router.backend import BackendError, ServeBackend
 
     async def main():
         backend = ServeBackend(scripted_app, transport=transport)

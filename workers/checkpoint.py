@@ -37,9 +37,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
-from kernels.mxfp4 import BLOCK, BYTES_PER_BLOCK, quantize_mxfp4
-from workers.config import ConfigError, ModelConfig
+from gptoss_cluster.kernels.mxfp4 import BLOCK, BYTES_PER_BLOCK, quantize_mxfp4
+from gptoss_cluster.workers.config import ConfigError, ModelConfig
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """The offline API: load a checkpoint, generate from text, token ids or chat conversations, read logits.
 
-    from workers import LLM, SamplingParams
+    from gptoss_cluster import LLM, SamplingParams
     llm = LLM(model="/path/to/gpt-oss-20b")
     out = llm.generate(["Hello"], SamplingParams(temperature=0, max_tokens=32))[0]
     print(out.text)
@@ -14,13 +14,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
-from workers.checkpoint import open_checkpoint
-from workers.engine import Engine, EngineConfig
-from workers.engine.ray_executor import as_dtype
-from workers.harmony import ParsedMessage, get_tokenizer, parse_completion, render_chat
-from workers.model import GptOssModel, KVCache
-from workers.sampling import SamplingParams
+from gptoss_cluster.workers.checkpoint import open_checkpoint
+from gptoss_cluster.workers.engine import Engine, EngineConfig
+from gptoss_cluster.workers.engine.ray_executor import as_dtype
+from gptoss_cluster.workers.harmony import ParsedMessage, get_tokenizer, parse_completion, render_chat
+from gptoss_cluster.workers.model import GptOssModel, KVCache
+from gptoss_cluster.workers.sampling import SamplingParams
 
 Prompt = str | Sequence[int] | Sequence[dict[str, Any]]
 
@@ -46,7 +45,7 @@ class LLM:
         dtype = as_dtype(dtype)
         self.tokenizer = get_tokenizer()
         if num_shards != 1:
-            from workers.engine.ray_executor import make_executor
+            from gptoss_cluster.workers.engine.ray_executor import make_executor
 
             executor = make_executor(model, num_shards, dtype=dtype, placement_strategy=placement_strategy,
                                      **executor_kwargs)
@@ -106,7 +105,7 @@ class LLM:
         token_ids = list(token_ids)
         self._check_token_ids(token_ids)
         if self.model is None:  # sharded: one forward through the executor
-            from workers.engine.ray_executor import engine_forward_logits
+            from gptoss_cluster.workers.engine.ray_executor import engine_forward_logits
 
             return engine_forward_logits(self.engine, token_ids)
         cache = self.model.new_kv_cache(len(token_ids))

@@ -11,12 +11,11 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import torch
+from gptoss_cluster.kernels.dispatch import Kernels, select_kernels
+from gptoss_cluster.kernels.reference import rope_cos_sin, yarn_inv_freq
+from gptoss_cluster.workers.config import ModelConfig
 from torch import nn
 from tqdm import tqdm
-
-from kernels.dispatch import Kernels, select_kernels
-from kernels.reference import rope_cos_sin, yarn_inv_freq
-from workers.config import ModelConfig
 
 
 class Collective(Protocol):

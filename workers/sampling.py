@@ -113,7 +113,7 @@ class SamplingParams:
 
 def sample_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None) -> int:
     """logits [vocab] float32 -> one token id (no penalties: they need the request's history; see the engine)."""
-    from workers.engine.sampler import sample_rows
+    from gptoss_cluster.workers.engine.sampler import sample_rows
 
     return sample_rows(logits.float()[None], [params], [generator], default_generator=None)[0]
 

@@ -19,10 +19,9 @@ from typing import Any
 
 import numpy as np
 import torch
-
-from workers.engine.executor import LocalExecutor, StepPlan
-from workers.engine.kv_cache import KVCacheLayout
-from workers.parallel import (
+from gptoss_cluster.workers.engine.executor import LocalExecutor, StepPlan
+from gptoss_cluster.workers.engine.kv_cache import KVCacheLayout
+from gptoss_cluster.workers.parallel import (
     DEFAULT_TIMEOUT_S,
     TorchDistributedCollective,
     default_backend,
@@ -114,9 +113,9 @@ class ShardWorker:
     def load(self, model_path: str, dtype: torch.dtype = torch.bfloat16, kernels: str | None = None,
              count_expert_tokens: bool = True) -> dict[str, Any]:
         """Read this rank's slices of the checkpoint; returns a summary of what it holds."""
-        from kernels.dispatch import select_kernels
-        from workers.checkpoint import open_checkpoint
-        from workers.model import GptOssModel, ShardSpec, SingleProcess
+        from gptoss_cluster.kernels.dispatch import select_kernels
+        from gptoss_cluster.workers.checkpoint import open_checkpoint
+        from gptoss_cluster.workers.model import GptOssModel, ShardSpec, SingleProcess
 
         collective = self.collective
         if collective is None:

@@ -25,8 +25,8 @@ import uuid
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
-from cluster.replica import REPLICA_TRANSPORTS, merge_deltas
-from cluster.router.replica_choice import AffinityPolicy
+from gptoss_cluster.cluster.replica import REPLICA_TRANSPORTS, merge_deltas
+from gptoss_cluster.cluster.router.replica_choice import AffinityPolicy
 
 __all__ = ["Backend", "BackendError", "LocalBackend", "ServeBackend"]
 

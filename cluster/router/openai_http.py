@@ -29,15 +29,20 @@ import grpc
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from gptoss_cluster.cluster.router import openai_convert as convert
+from gptoss_cluster.cluster.router.openai_render import (
+    ChatCompletion,
+    ResponsesStream,
+    TextCompletion,
+    error_body,
+    http_status,
+)
+from gptoss_cluster.cluster.router.server import RouterError
+from gptoss_cluster.workers.harmony import get_tokenizer
 from starlette.exceptions import HTTPException
 
-from cluster.router import openai_convert as convert
-from cluster.router.openai_render import ChatCompletion, ResponsesStream, TextCompletion, error_body, http_status
-from cluster.router.server import RouterError
-from workers.harmony import get_tokenizer
-
 if TYPE_CHECKING:
-    from cluster.router.server import GptossServer
+    from gptoss_cluster.cluster.router.server import GptossServer
 
 logger = logging.getLogger("gptoss.router.http")
 

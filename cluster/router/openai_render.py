@@ -18,10 +18,9 @@ from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import grpc
-
-from cluster.router.server import RouterError
-from proto.gptoss.v1 import gptoss_pb2 as pb
-from workers.harmony import Tokenizer
+from gptoss_cluster.cluster.router.server import RouterError
+from gptoss_cluster.proto.gptoss.v1 import gptoss_pb2 as pb
+from gptoss_cluster.workers.harmony import Tokenizer
 
 __all__ = ["ChatCompletion", "ResponsesStream", "TextCompletion", "error_body", "http_status"]
 

@@ -19,11 +19,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
-
-from proto.gptoss.v1 import gptoss_pb2 as pb
-from workers.engine.structured import BUILTIN_RECIPIENTS, Constraint
-from workers.harmony import Tokenizer, get_tokenizer, render_chat
-from workers.sampling import SamplingParams
+from gptoss_cluster.proto.gptoss.v1 import gptoss_pb2 as pb
+from gptoss_cluster.workers.engine.structured import BUILTIN_RECIPIENTS, Constraint
+from gptoss_cluster.workers.harmony import Tokenizer, get_tokenizer, render_chat
+from gptoss_cluster.workers.sampling import SamplingParams
 
 __all__ = ["Prepared", "RequestError", "Validator", "DEFAULT_SAMPLING", "constraint_from_chat"]
 

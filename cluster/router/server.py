@@ -36,17 +36,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
+from gptoss_cluster.cluster.replica import merge_deltas
+from gptoss_cluster.cluster.router.admission import Admission, DeadlineExceeded, QueueFull
+from gptoss_cluster.cluster.router.backend import Backend, BackendError
+from gptoss_cluster.cluster.router.replica_choice import prefix_hashes
+from gptoss_cluster.cluster.router.requests import Prepared, RequestError, Validator
+from gptoss_cluster.cluster.router.streaming import ChatDelta, ChatStream, TextStream, chat_finish_reason
+from gptoss_cluster.proto.gptoss.v1 import gptoss_pb2 as pb
+from gptoss_cluster.proto.gptoss.v1 import gptoss_pb2_grpc as pb_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-
-from cluster.replica import merge_deltas
-from cluster.router.admission import Admission, DeadlineExceeded, QueueFull
-from cluster.router.backend import Backend, BackendError
-from cluster.router.replica_choice import prefix_hashes
-from cluster.router.requests import Prepared, RequestError, Validator
-from cluster.router.streaming import ChatDelta, ChatStream, TextStream, chat_finish_reason
-from proto.gptoss.v1 import gptoss_pb2 as pb
-from proto.gptoss.v1 import gptoss_pb2_grpc as pb_grpc
 
 logger = logging.getLogger("gptoss.router")
 
@@ -275,7 +274,7 @@ class GptossServer:
             (INFERENCE_SERVICE, ADMIN_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
         address = f"{s.host}:{s.port}"
         if s.http_port:  # bound first: a taken port fails the start before anything serves
-            from cluster.router.openai_http import HttpServer
+            from gptoss_cluster.cluster.router.openai_http import HttpServer
 
             self.http = HttpServer(self, s.http_host or s.host, s.http_port)
         if s.tls_cert_file or s.tls_key_file:
@@ -298,7 +297,7 @@ class GptossServer:
         await server.start()
         self.server, self.port = server, port
         if s.metrics_port and self.metrics is not None:
-            from cluster.metrics import start_metrics_server
+            from gptoss_cluster.cluster.metrics import start_metrics_server
 
             self._metrics_server = start_metrics_server(s.metrics_port, s.metrics_host, metrics=self.metrics,
                                                         exist_ok=True)
@@ -725,8 +724,8 @@ class RouterImpl:
     """The body of the `Router` Serve deployment: one GptossServer over the ModelReplica handle."""
 
     async def __init__(self, replica_handle: Any, settings: dict[str, Any]) -> None:
-        from cluster.metrics import Metrics
-        from cluster.router.backend import ServeBackend
+        from gptoss_cluster.cluster.metrics import Metrics
+        from gptoss_cluster.cluster.router.backend import ServeBackend
 
         self.settings = RouterSettings.from_dict(settings)
         with contextlib.suppress(Exception):

@@ -22,7 +22,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from workers.harmony import CALL_ID, HarmonyStreamParser, IncrementalDetokenizer, Tokenizer, get_tokenizer
+from gptoss_cluster.workers.harmony import (
+    CALL_ID,
+    HarmonyStreamParser,
+    IncrementalDetokenizer,
+    Tokenizer,
+    get_tokenizer,
+)
 
 __all__ = ["ChatDelta", "ChatStream", "StopMatcher", "TextStream", "chat_finish_reason"]
 

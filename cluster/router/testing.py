@@ -29,8 +29,8 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from typing import Any
 
-from cluster.replica import ReplicaMethods, TokenChannels
-from workers.harmony import RETURN_ID
+from gptoss_cluster.cluster.replica import ReplicaMethods, TokenChannels
+from gptoss_cluster.workers.harmony import RETURN_ID
 
 __all__ = ["ScriptedReplica", "ScriptedReplicaImpl", "ServerThread"]
 
@@ -206,8 +206,8 @@ class ServerThread:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
     def start(self, cores: Sequence[Any], settings: Any = None, metrics: Any = None, wait_ready: bool = True) -> str:
-        from cluster.router.backend import LocalBackend
-        from cluster.router.server import GptossServer, RouterSettings
+        from gptoss_cluster.cluster.router.backend import LocalBackend
+        from gptoss_cluster.cluster.router.server import GptossServer, RouterSettings
 
         settings = settings or RouterSettings(host="127.0.0.1", port=0)
 

@@ -10,11 +10,11 @@ Picked through kernels.dispatch (GPTOSS_KERNELS=triton, default on CUDA). Every 
 tensors, or through Triton's interpreter on CPU tensors while TRITON_INTERPRET=1 (decided per launch, see _jit.py).
 """
 
-from kernels.triton._jit import interpreting, offload_launches, record_launches, runs_on_cpu_tensors
-from kernels.triton.attention import attention_with_sinks, paged_attention
-from kernels.triton.moe import moe_experts
-from kernels.triton.norm_rope import apply_rope, rms_norm
-from kernels.triton.routing import expert_histogram, route, route_with_histogram
+from gptoss_cluster.kernels.triton._jit import interpreting, offload_launches, record_launches, runs_on_cpu_tensors
+from gptoss_cluster.kernels.triton.attention import attention_with_sinks, paged_attention
+from gptoss_cluster.kernels.triton.moe import moe_experts
+from gptoss_cluster.kernels.triton.norm_rope import apply_rope, rms_norm
+from gptoss_cluster.kernels.triton.routing import expert_histogram, route, route_with_histogram
 
 __all__ = [
     "apply_rope",

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+
 import triton
 from triton import knobs
 from triton.runtime.interpreter import InterpretedFunction

@@ -21,10 +21,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from gptoss_cluster.kernels.triton._jit import Launch, record_launches
+
 import triton
 from triton.backends.compiler import GPUTarget
-
-from kernels.triton._jit import Launch, record_launches
 
 HOPPER = GPUTarget("cuda", 90, 32)
 _TYPE = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.uint8: "u8",
@@ -51,7 +51,7 @@ DECODE_BATCHES = (1, 8, 64, 256)
 def gptoss_launches(preset: str, world_size: int = 1, dtype: torch.dtype = torch.bfloat16) -> list[tuple[str, Launch]]:
     """(situations, launch) for everything one rank of `preset` runs per layer, decode and prefill: one entry per
     distinct compiled kernel, with the situations (kernel wrapper and batch size) that launch it."""
-    from kernels import triton as tk
+    from gptoss_cluster.kernels import triton as tk
 
     shape = SHAPES[preset]
     meta = torch.device("meta")

@@ -37,7 +37,7 @@ def run_kernels(monkeypatch: pytest.MonkeyPatch):
         monkeypatch.setenv("TRITON_INTERPRET", "1")
         yield
         return
-    from kernels.triton import offload_launches
+    from gptoss_cluster.kernels.triton import offload_launches
 
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with offload_launches(KERNEL_TEST_DEVICE):

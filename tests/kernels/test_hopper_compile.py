@@ -18,7 +18,7 @@ CASES = [("20b", 1), ("120b", 1), ("120b", 4)]  # (preset, expert/tensor-paralle
 
 
 def _compile_all(preset: str, world_size: int) -> list[dict]:
-    from kernels.triton.compile_check import compile_launch, describe, gptoss_launches, ptxas_report
+    from gptoss_cluster.kernels.triton.compile_check import compile_launch, describe, gptoss_launches, ptxas_report
 
     rows = []
     for situation, launch in gptoss_launches(preset, world_size):

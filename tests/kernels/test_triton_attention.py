@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from kernels import paged, reference
-from kernels.triton import attention
+from gptoss_cluster.kernels import paged, reference
+from gptoss_cluster.kernels.triton import attention
 
 pytestmark = pytest.mark.usefixtures("run_kernels")
 

@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from kernels.dispatch import select_kernels
-from workers.config import ModelConfig
-from workers.model import GptOssModel
+from gptoss_cluster.kernels.dispatch import select_kernels
+from gptoss_cluster.workers.config import ModelConfig
+from gptoss_cluster.workers.model import GptOssModel
 
 CONFIG = ModelConfig.preset("tiny", num_hidden_layers=2, vocab_size=2048, eos_token_id=1, pad_token_id=0)
 
@@ -109,8 +108,8 @@ def test_bf16_model_logits_within_tolerance():
 def test_select_triton_on_cpu_under_the_interpreter(monkeypatch):
     kernels = select_kernels("cpu", backend="triton")
     assert kernels.name == "triton"
-    from kernels import dispatch
-    from kernels import triton as tk
+    from gptoss_cluster.kernels import dispatch
+    from gptoss_cluster.kernels import triton as tk
 
     assert dispatch.TRITON_KERNELS is kernels
     assert kernels.moe_experts is tk.moe_experts and kernels.paged_attention is tk.paged_attention
@@ -124,7 +123,7 @@ def test_triton_on_cpu_without_the_interpreter_is_refused(monkeypatch):
         select_kernels("cpu", backend="triton")
     monkeypatch.delenv("GPTOSS_KERNELS", raising=False)
     assert select_kernels("cpu").name == "torch"
-    from kernels.triton import rms_norm
+    from gptoss_cluster.kernels.triton import rms_norm
 
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
         rms_norm(torch.ones(2, 4), torch.ones(4), 1e-5)

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from kernels import reference
-from kernels.mxfp4 import quantize_mxfp4
-from kernels.triton import moe
+from gptoss_cluster.kernels import reference
+from gptoss_cluster.kernels.mxfp4 import quantize_mxfp4
+from gptoss_cluster.kernels.triton import moe
 
 pytestmark = pytest.mark.usefixtures("run_kernels")
 

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from kernels import reference
-from kernels.triton import norm_rope, routing
+from gptoss_cluster.kernels import reference
+from gptoss_cluster.kernels.triton import norm_rope, routing
 
 pytestmark = pytest.mark.usefixtures("run_kernels")
 
@@ -90,7 +89,7 @@ def test_offloaded_launches_run_on_storage_copies_and_write_back():
     """`offload_launches` (how these tests run on a GPU): each launch sees copies of its tensors' storages, views
     keep their offsets and strides, and what the kernel wrote comes back. Offloading to "cpu" under the interpreter
     takes the same copy path, minus the GPU."""
-    from kernels.triton import offload_launches
+    from gptoss_cluster.kernels.triton import offload_launches
 
     g = torch.Generator().manual_seed(7)
     storage = torch.randn(6, 2 * 48, generator=g)

@@ -5,11 +5,11 @@
     # or, inside asyncio: async for delta in engine.add_request(prompt_ids, params): ...
 """
 
-from workers.engine.config import EngineConfig
-from workers.engine.engine import Engine, EngineStats, RequestStream
-from workers.engine.executor import Executor, LocalExecutor, StepPlan
-from workers.engine.kv_cache import KVCacheLayout, KVCacheManager, PagedKVStore
-from workers.engine.request import (
+from gptoss_cluster.workers.engine.config import EngineConfig
+from gptoss_cluster.workers.engine.engine import Engine, EngineStats, RequestStream
+from gptoss_cluster.workers.engine.executor import Executor, LocalExecutor, StepPlan
+from gptoss_cluster.workers.engine.kv_cache import KVCacheLayout, KVCacheManager, PagedKVStore
+from gptoss_cluster.workers.engine.request import (
     FinishReason,
     GenerationResult,
     Request,
@@ -18,8 +18,8 @@ from workers.engine.request import (
     TokenLogprob,
     Usage,
 )
-from workers.engine.sampler import Sampler
-from workers.engine.scheduler import Scheduler, SchedulerOutput
+from gptoss_cluster.workers.engine.sampler import Sampler
+from gptoss_cluster.workers.engine.scheduler import Scheduler, SchedulerOutput
 
 __all__ = [
     "Engine", "EngineConfig", "EngineStats", "Executor", "FinishReason", "GenerationResult", "KVCacheLayout",

@@ -29,22 +29,21 @@ from typing import Any
 
 import numpy as np
 import torch
-
-from workers.config import ModelConfig
-from workers.engine.config import EngineConfig
-from workers.engine.executor import Executor, LocalExecutor, StepPlan
-from workers.engine.kv_cache import KVCacheLayout, KVCacheManager
-from workers.engine.request import (
+from gptoss_cluster.workers.config import ModelConfig
+from gptoss_cluster.workers.engine.config import EngineConfig
+from gptoss_cluster.workers.engine.executor import Executor, LocalExecutor, StepPlan
+from gptoss_cluster.workers.engine.kv_cache import KVCacheLayout, KVCacheManager
+from gptoss_cluster.workers.engine.request import (
     GenerationResult,
     Request,
     RequestOutput,
     RequestStatus,
     TokenLogprob,
 )
-from workers.engine.sampler import Sampler
-from workers.engine.scheduler import Scheduler, SchedulerOutput
-from workers.engine.structured import CompiledConstraint, Constraint, StructuredDecoding
-from workers.sampling import SamplingParams
+from gptoss_cluster.workers.engine.sampler import Sampler
+from gptoss_cluster.workers.engine.scheduler import Scheduler, SchedulerOutput
+from gptoss_cluster.workers.engine.structured import CompiledConstraint, Constraint, StructuredDecoding
+from gptoss_cluster.workers.sampling import SamplingParams
 
 logger = logging.getLogger("gptoss.engine")
 
@@ -199,8 +198,8 @@ class Engine:
     @classmethod
     def from_checkpoint(cls, path: str | Path, dtype: torch.dtype = torch.bfloat16, config: EngineConfig | None = None,
                         tokenizer: Any = None, device: str | torch.device = "cpu", progress: bool = True) -> Engine:
-        from workers.checkpoint import open_checkpoint
-        from workers.model import GptOssModel
+        from gptoss_cluster.workers.checkpoint import open_checkpoint
+        from gptoss_cluster.workers.model import GptOssModel
 
         with open_checkpoint(path) as reader:
             model = GptOssModel.from_checkpoint(reader, dtype=dtype, device=device, progress=progress)
@@ -216,7 +215,7 @@ class Engine:
         """The grammar compiler and harmony automaton of this engine (loads xgrammar on first use)."""
         with self._structured_lock:
             if self._structured is None:
-                from workers.harmony import get_tokenizer
+                from gptoss_cluster.workers.harmony import get_tokenizer
 
                 # the engine may run without a tokenizer (the router detokenizes); gpt-oss has one vocabulary
                 self._structured = StructuredDecoding(self.tokenizer or get_tokenizer(), self.model_config.vocab_size)
@@ -313,7 +312,7 @@ class Engine:
             if loop is not None:
                 self._streams[request] = RequestStream(self, request.request_id, loop)
             if self.tokenizer is not None:
-                from workers.harmony import IncrementalDetokenizer
+                from gptoss_cluster.workers.harmony import IncrementalDetokenizer
 
                 self._detokenizers[request] = IncrementalDetokenizer(self.tokenizer)
 

@@ -13,10 +13,14 @@ import os
 from dataclasses import dataclass
 
 import torch
-
-from workers.engine.experts import DEFAULT_LIMIT_BYTES, DequantizedMoE, dense_expert_bytes, with_dequantized_experts
-from workers.engine.kv_cache import KVCacheLayout, PagedKVStore, allocate_kv_pools
-from workers.model import GptOssModel
+from gptoss_cluster.workers.engine.experts import (
+    DEFAULT_LIMIT_BYTES,
+    DequantizedMoE,
+    dense_expert_bytes,
+    with_dequantized_experts,
+)
+from gptoss_cluster.workers.engine.kv_cache import KVCacheLayout, PagedKVStore, allocate_kv_pools
+from gptoss_cluster.workers.model import GptOssModel
 
 
 @dataclass

@@ -12,10 +12,9 @@ from __future__ import annotations
 import dataclasses
 
 import torch
-
-from kernels.dispatch import Kernels
-from kernels.mxfp4 import dequantize_mxfp4
-from kernels.reference import mix_experts
+from gptoss_cluster.kernels.dispatch import Kernels
+from gptoss_cluster.kernels.mxfp4 import dequantize_mxfp4
+from gptoss_cluster.kernels.reference import mix_experts
 
 DEFAULT_LIMIT_BYTES = 1 << 30
 

@@ -24,10 +24,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-
-from kernels.dispatch import Kernels
-from workers.config import ModelConfig
-from workers.engine.request import Request
+from gptoss_cluster.kernels.dispatch import Kernels
+from gptoss_cluster.workers.config import ModelConfig
+from gptoss_cluster.workers.engine.request import Request
 
 
 # ---------------------------------------------------------------------------------------------------- layout

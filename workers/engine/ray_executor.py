@@ -35,13 +35,12 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
-
-from workers.config import ModelConfig
-from workers.engine.executor import Executor, LocalExecutor, StepPlan
-from workers.engine.kv_cache import KVCacheLayout
-from workers.model import ShardSpec
-from workers.parallel import DEFAULT_TIMEOUT_S, default_backend
-from workers.shard import ShardWorker, encode_plan
+from gptoss_cluster.workers.config import ModelConfig
+from gptoss_cluster.workers.engine.executor import Executor, LocalExecutor, StepPlan
+from gptoss_cluster.workers.engine.kv_cache import KVCacheLayout
+from gptoss_cluster.workers.model import ShardSpec
+from gptoss_cluster.workers.parallel import DEFAULT_TIMEOUT_S, default_backend
+from gptoss_cluster.workers.shard import ShardWorker, encode_plan
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -69,7 +68,7 @@ def as_dtype(dtype: str | torch.dtype) -> torch.dtype:
 
 
 def read_model_config(model_path: str | os.PathLike[str]) -> ModelConfig:
-    from workers.checkpoint import open_checkpoint
+    from gptoss_cluster.workers.checkpoint import open_checkpoint
 
     with open_checkpoint(model_path) as reader:
         return reader.config
@@ -598,9 +597,9 @@ def make_executor(model_path: str | os.PathLike[str], num_shards: int = 1, dtype
     (`bundle_offset`, `cpus_per_shard`, timeouts, ...) for G > 1, ignored for G = 1.
     """
     if num_shards == 1:
-        from kernels.dispatch import select_kernels
-        from workers.checkpoint import open_checkpoint
-        from workers.model import GptOssModel
+        from gptoss_cluster.kernels.dispatch import select_kernels
+        from gptoss_cluster.workers.checkpoint import open_checkpoint
+        from gptoss_cluster.workers.model import GptOssModel
 
         if device not in DEVICES:
             raise ValueError(f"device must be one of {', '.join(DEVICES)}, got {device!r}")

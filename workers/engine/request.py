@@ -8,8 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-
-from workers.sampling import SamplingParams
+from gptoss_cluster.workers.sampling import SamplingParams
 
 
 class RequestStatus(enum.Enum):

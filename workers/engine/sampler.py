@@ -15,9 +15,8 @@ from typing import Any
 
 import numpy as np
 import torch
-
-from workers.engine.request import Request, TokenLogprob
-from workers.sampling import SamplingParams
+from gptoss_cluster.workers.engine.request import Request, TokenLogprob
+from gptoss_cluster.workers.sampling import SamplingParams
 
 
 class Sampler:

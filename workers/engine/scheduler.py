@@ -14,9 +14,9 @@ from __future__ import annotations
 import bisect
 from dataclasses import dataclass, field
 
-from workers.engine.config import EngineConfig
-from workers.engine.kv_cache import KVCacheManager
-from workers.engine.request import Request, RequestStatus
+from gptoss_cluster.workers.engine.config import EngineConfig
+from gptoss_cluster.workers.engine.kv_cache import KVCacheManager
+from gptoss_cluster.workers.engine.request import Request, RequestStatus
 
 
 @dataclass

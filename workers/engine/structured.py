@@ -405,7 +405,7 @@ class ConstraintState:
 # ================================================================================================ helpers
 def ordinary_token_bytes(tokenizer: Any, vocab_size: int) -> list[bytes]:
     """Every id's bytes; special and unused ids map to b"" (what xgrammar treats as non-text tokens)."""
-    from workers.harmony import VOCAB_FILE_NAME, Tokenizer, ensure_vocab_file
+    from gptoss_cluster.workers.harmony import VOCAB_FILE_NAME, Tokenizer, ensure_vocab_file
 
     vocab = [b""] * vocab_size
     if isinstance(tokenizer, Tokenizer):  # the o200k ranks file: much faster than decoding 200k ids one by one

@@ -179,7 +179,7 @@ http_options:
 applications:
   - name: {{ $s.appName }}
     route_prefix: /
-    import_path: cluster.app:build_app
+    import_path: gptoss_cluster.cluster.app:build_app
     runtime_env:
       {{- toYaml $runtimeEnv | nindent 6 }}
     args:
@@ -214,7 +214,7 @@ applications:
 - name: metrics-exporter
   image: {{ include "gptoss.image" . }}
   imagePullPolicy: {{ .Values.image.pullPolicy }}
-  command: ["python", "-m", "cluster.metrics"]
+  command: ["python", "-m", "gptoss_cluster.cluster.metrics"]
   args:
     - --port={{ int .Values.metrics.port }}
     - --dir={{ .Values.metrics.multiprocDir }}

@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from proto.gptoss.v1 import gptoss_pb2 as proto_dot_gptoss_dot_v1_dot_gptoss__pb2
+from gptoss_cluster.proto.gptoss.v1 import gptoss_pb2 as gptoss__cluster_dot_proto_dot_gptoss_dot_v1_dot_gptoss__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in proto/gptoss/v1/gptoss_pb2_grpc.py depends on'
+        + ' but the generated code in gptoss_cluster/proto/gptoss/v1/gptoss_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -36,23 +36,23 @@ class InferenceStub:
         """
         self.Generate = channel.unary_stream(
                 '/gptoss.v1.Inference/Generate',
-                request_serializer=proto_dot_gptoss_dot_v1_dot_gptoss__pb2.GenerateRequest.SerializeToString,
-                response_deserializer=proto_dot_gptoss_dot_v1_dot_gptoss__pb2.GenerateResponse.FromString,
+                request_serializer=gptoss__cluster_dot_proto_dot_gptoss_dot_v1_dot_gptoss__pb2.GenerateRequest.SerializeToString,
+                response_deserializer=gptoss__cluster_dot_proto_dot_gptoss_dot_v1_dot_gptoss__pb2.GenerateResponse.FromString,
                 _registered_method=True)
         self.Chat = channel.unary_stream(
                 '/gptoss.v1.Inference/Chat',
-                request_serializer=proto_dot_gptoss_dot_v1_dot_gptoss__pb2.ChatRequest.SerializeToString,
-                response_deserializer=proto_dot_gptoss_dot_v1_dot_gptoss__pb2.ChatResponse.FromString,
+                request_serializer=gptoss__cluster_dot_proto_dot_gptoss_dot_v1_dot_gptoss__pb2.ChatRequest.SerializeToString,
+                response_deserializer=gptoss__cluster_dot_proto_dot_gptoss_dot_v1_dot_gptoss__pb2.ChatResponse.FromString,
                 _registered_method=True)
         self.Tokenize = channel.unary_unary(
                 '/gptoss.v1.Inference/Tokenize',
-                request_serializer=proto_dot_gptoss_dot_v1_dot_gptoss__pb2.TokenizeRequest.SerializeToString,
-                response_deserializer=proto_dot_gptoss_dot_v1_dot_gptoss__pb2.TokenizeResponse.FromString,
+                request_serializer=gptoss__cluster_dot_proto_dot_gptoss_dot_v1_dot_gptoss__pb2.TokenizeRequest.SerializeToString,
+                response_deserializer=gptoss__cluster_dot_proto_dot_gptoss_dot_v1_dot_gptoss__pb2.TokenizeResponse.FromString,
                 _registered_method=True)
         self.GetModelInfo = channel.unary_unary(
                 '/gptoss.v1.Inference/GetModelInfo',
-                request_serializer=proto_dot_gptoss_dot_v1_dot_gptoss__pb2.GetModelInfoRequest.SerializeToString,
-                response_deserializer=proto_dot_gptoss_dot_v1_dot_gptoss__pb2.ModelInfo.FromString,
+                request_serializer=gptoss__cluster_dot_proto_dot_gptoss_dot_v1_dot_gptoss__pb2.GetModelInfoRequest.SerializeToString,
+                response_deserializer=gptoss__cluster_dot_proto_dot_gptoss_dot_v1_dot_gptoss__pb2.ModelInfo.FromString,
                 _registered_method=True)
 
 
@@ -91,23 +91,23 @@ def add_InferenceServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Generate': grpc.unary_stream_rpc_method_handler(
                     servicer.Generate,
-                    request_deserializer=proto_dot_gptoss_dot_v1_dot_gptoss__pb2.GenerateRequest.FromString,
-                    response_serializer=proto_dot_gptoss_dot_v1_dot_gptoss__pb2.GenerateResponse.SerializeToString,
+                    request_deserializer=gptoss__cluster_dot_proto_dot_gptoss_dot_v1_dot_gptoss__pb2.GenerateRequest.FromString,
+                    response_serializer=gptoss__cluster_dot_proto_dot_gptoss_dot_v1_dot_gptoss__pb2.GenerateResponse.SerializeToString,
             ),
             'Chat': grpc.unary_stream_rpc_method_handler(
                     servicer.Chat,
-                    request_deserializer=proto_dot_gptoss_dot_v1_dot_gptoss__pb2.ChatRequest.FromString,
-                    response_serializer=proto_dot_gptoss_dot_v1_dot_gptoss__pb2.ChatResponse.SerializeToString,
+                    request_deserializer=gptoss__cluster_dot_proto_dot_gptoss_dot_v1_dot_gptoss__pb2.ChatRequest.FromString,
+                    response_serializer=gptoss__cluster_dot_proto_dot_gptoss_dot_v1_dot_gptoss__pb2.ChatResponse.SerializeToString,
             ),
             'Tokenize': grpc.unary_unary_rpc_method_handler(
                     servicer.Tokenize,
-                    request_deserializer=proto_dot_gptoss_dot_v1_dot_gptoss__pb2.TokenizeRequest.FromString,
-                    response_serializer=proto_dot_gptoss_dot_v1_dot_gptoss__pb2.TokenizeResponse.SerializeToString,
+                    request_deserializer=gptoss__cluster_dot_proto_dot_gptoss_dot_v1_dot_gptoss__pb2.TokenizeRequest.FromString,
+                    response_serializer=gptoss__cluster_dot_proto_dot_gptoss_dot_v1_dot_gptoss__pb2.TokenizeResponse.SerializeToString,
             ),
             'GetModelInfo': grpc.unary_unary_rpc_method_handler(
                     servicer.GetModelInfo,
-                    request_deserializer=proto_dot_gptoss_dot_v1_dot_gptoss__pb2.GetModelInfoRequest.FromString,
-                    response_serializer=proto_dot_gptoss_dot_v1_dot_gptoss__pb2.ModelInfo.SerializeToString,
+                    request_deserializer=gptoss__cluster_dot_proto_dot_gptoss_dot_v1_dot_gptoss__pb2.GetModelInfoRequest.FromString,
+                    response_serializer=gptoss__cluster_dot_proto_dot_gptoss_dot_v1_dot_gptoss__pb2.ModelInfo.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -135,8 +135,8 @@ class Inference:
             request,
             target,
             '/gptoss.v1.Inference/Generate',
-            proto_dot_gptoss_dot_v1_dot_gptoss__pb2.GenerateRequest.SerializeToString,
-            proto_dot_gptoss_dot_v1_dot_gptoss__pb2.GenerateResponse.FromString,
+            gptoss__cluster_dot_proto_dot_gptoss_dot_v1_dot_gptoss__pb2.GenerateRequest.SerializeToString,
+            gptoss__cluster_dot_proto_dot_gptoss_dot_v1_dot_gptoss__pb2.GenerateResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -162,8 +162,8 @@ class Inference:
             request,
             target,
             '/gptoss.v1.Inference/Chat',
-            proto_dot_gptoss_dot_v1_dot_gptoss__pb2.ChatRequest.SerializeToString,
-            proto_dot_gptoss_dot_v1_dot_gptoss__pb2.ChatResponse.FromString,
+            gptoss__cluster_dot_proto_dot_gptoss_dot_v1_dot_gptoss__pb2.ChatRequest.SerializeToString,
+            gptoss__cluster_dot_proto_dot_gptoss_dot_v1_dot_gptoss__pb2.ChatResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -189,8 +189,8 @@ class Inference:
             request,
             target,
             '/gptoss.v1.Inference/Tokenize',
-            proto_dot_gptoss_dot_v1_dot_gptoss__pb2.TokenizeRequest.SerializeToString,
-            proto_dot_gptoss_dot_v1_dot_gptoss__pb2.TokenizeResponse.FromString,
+            gptoss__cluster_dot_proto_dot_gptoss_dot_v1_dot_gptoss__pb2.TokenizeRequest.SerializeToString,
+            gptoss__cluster_dot_proto_dot_gptoss_dot_v1_dot_gptoss__pb2.TokenizeResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -216,8 +216,8 @@ class Inference:
             request,
             target,
             '/gptoss.v1.Inference/GetModelInfo',
-            proto_dot_gptoss_dot_v1_dot_gptoss__pb2.GetModelInfoRequest.SerializeToString,
-            proto_dot_gptoss_dot_v1_dot_gptoss__pb2.ModelInfo.FromString,
+            gptoss__cluster_dot_proto_dot_gptoss_dot_v1_dot_gptoss__pb2.GetModelInfoRequest.SerializeToString,
+            gptoss__cluster_dot_proto_dot_gptoss_dot_v1_dot_gptoss__pb2.ModelInfo.FromString,
             options,
             channel_credentials,
             insecure,
@@ -240,8 +240,8 @@ class AdminStub:
         """
         self.ListReplicas = channel.unary_unary(
                 '/gptoss.v1.Admin/ListReplicas',
-                request_serializer=proto_dot_gptoss_dot_v1_dot_gptoss__pb2.ListReplicasRequest.SerializeToString,
-                response_deserializer=proto_dot_gptoss_dot_v1_dot_gptoss__pb2.ListReplicasResponse.FromString,
+                request_serializer=gptoss__cluster_dot_proto_dot_gptoss_dot_v1_dot_gptoss__pb2.ListReplicasRequest.SerializeToString,
+                response_deserializer=gptoss__cluster_dot_proto_dot_gptoss_dot_v1_dot_gptoss__pb2.ListReplicasResponse.FromString,
                 _registered_method=True)
 
 
@@ -259,8 +259,8 @@ def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'ListReplicas': grpc.unary_unary_rpc_method_handler(
                     servicer.ListReplicas,
-                    request_deserializer=proto_dot_gptoss_dot_v1_dot_gptoss__pb2.ListReplicasRequest.FromString,
-                    response_serializer=proto_dot_gptoss_dot_v1_dot_gptoss__pb2.ListReplicasResponse.SerializeToString,
+                    request_deserializer=gptoss__cluster_dot_proto_dot_gptoss_dot_v1_dot_gptoss__pb2.ListReplicasRequest.FromString,
+                    response_serializer=gptoss__cluster_dot_proto_dot_gptoss_dot_v1_dot_gptoss__pb2.ListReplicasResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -288,8 +288,8 @@ class Admin:
             request,
             target,
             '/gptoss.v1.Admin/ListReplicas',
-            proto_dot_gptoss_dot_v1_dot_gptoss__pb2.ListReplicasRequest.SerializeToString,
-            proto_dot_gptoss_dot_v1_dot_gptoss__pb2.ListReplicasResponse.FromString,
+            gptoss__cluster_dot_proto_dot_gptoss_dot_v1_dot_gptoss__pb2.ListReplicasRequest.SerializeToString,
+            gptoss__cluster_dot_proto_dot_gptoss_dot_v1_dot_gptoss__pb2.ListReplicasResponse.FromString,
             options,
             channel_credentials,
             insecure,

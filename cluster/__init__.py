@@ -1,1 +1,0 @@
-"""gptoss-cluster: router, replica deployment, CLI and client for serving gpt-oss (see DESIGN.md)."""

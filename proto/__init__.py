@@ -1,1 +1,0 @@
-"""Generated gRPC stubs of the public API (see proto/gptoss/v1/gptoss.proto)."""
