@@ -43,13 +43,42 @@ def _call_interpreted(self: JITFunction, *args, **kwargs):
 _patch_lock = threading.RLock()
 
 
+def _language_namespaces() -> list[Any]:
+    """The modules and classes of triton.language whose members the interpreter swaps for interpreted versions."""
+    import triton.language as tl
+
+    return [tl, tl.core, tl.math, tl.core.tensor, tl.core.tensor_descriptor_base]
+
+
+@contextlib.contextmanager
+def _triton_language_restored() -> Iterator[None]:
+    """Puts triton.language back as it was once an interpreted launch ends. The interpreter patches the language for
+    each launch and undoes that, but a device-function call patches the namespaces of the called function's module
+    and never undoes it (triton 3.9 `InterpretedFunction.__call__`); triton.language's own jit helpers (tl.sum,
+    tl.max, ...) live in modules that see `triton.language.core`, so one interpreted kernel left `core.add`,
+    `core.cast`, ... as interpreter lambdas, and a later `triton.compile` in the same process failed inside them."""
+    saved = [(namespace, dict(vars(namespace))) for namespace in _language_namespaces()]
+    try:
+        yield
+    finally:
+        for namespace, members in saved:
+            for name in [name for name in vars(namespace) if name not in members]:
+                delattr(namespace, name)
+            for name, member in members.items():
+                if vars(namespace).get(name, _ABSENT) is not member:
+                    setattr(namespace, name, member)
+
+
+_ABSENT = object()
+
+
 @contextlib.contextmanager
 def _jit_calls_interpreted() -> Iterator[None]:
     """While an interpreted kernel runs, calls to any @triton.jit function (ours, and triton.language's own jit
     helpers such as tl.sum or tl.cdiv, which were built as compiler JITFunctions because TRITON_INTERPRET was unset
     when triton was imported) run through the interpreter. Outside a kernel JITFunction.__call__ only raises, so
     nothing else changes meaning."""
-    with _patch_lock:
+    with _patch_lock, _triton_language_restored():
         original = JITFunction.__call__
         JITFunction.__call__ = _call_interpreted
         try:

@@ -103,3 +103,19 @@ def test_offloaded_launches_run_on_storage_copies_and_write_back():
     ref_weights, ref_ids = reference.route(storage[:, :8], 2)
     assert torch.equal(ids, ref_ids)
     torch.testing.assert_close(weights, ref_weights)
+
+
+@pytest.mark.interpreter_only
+def test_interpreted_launch_leaves_triton_language_as_it_was():
+    """rms_norm calls tl.sum, one of triton.language's own jit helpers: interpreting it must not leave interpreter
+    versions of the language behind, or a later triton.compile in the same process (the Hopper compile test after
+    the benchmark smoke run) fails inside them."""
+    import triton.language as tl
+
+    namespaces = [tl, tl.core, tl.math, tl.core.tensor]
+    before = [dict(vars(namespace)) for namespace in namespaces]
+    norm_rope.rms_norm(torch.randn(2, 64), torch.randn(64), 1e-5)
+    for namespace, members in zip(namespaces, before, strict=True):
+        now = vars(namespace)
+        changed = sorted(name for name in members.keys() | now.keys() if members.get(name) is not now.get(name))
+        assert not changed, f"{namespace.__name__}: {changed[:8]}"
