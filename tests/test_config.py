@@ -42,6 +42,43 @@ def test_real_hf_config_fields_are_accepted():
     assert ModelConfig.from_dict(data) == ModelConfig.preset("20b")
 
 
+def test_transformers5_generic_fields_and_null_token_ids_load():
+    # What transformers 5 writes besides the model's own fields: PretrainedConfig's generic ones, and null ids.
+    generic = {
+        "output_hidden_states": True, "output_attentions": False, "return_dict": True, "chunk_size_feed_forward": 0,
+        "is_encoder_decoder": False, "id2label": {"0": "LABEL_0", "1": "LABEL_1"},
+        "label2id": {"LABEL_0": 0, "LABEL_1": 1}, "problem_type": None, "_name_or_path": "", "dtype": "bfloat16",
+        "transformers_version": "5.25.0",
+    }
+    data = {**ModelConfig.preset("20b").to_hf_dict(), **generic,
+            "bos_token_id": None, "eos_token_id": None, "pad_token_id": None}
+    cfg = ModelConfig.from_dict(data)
+    assert cfg == ModelConfig.preset("20b")
+    assert (cfg.eos_token_id, cfg.pad_token_id) == (200002, 199999)  # the published ids, not None
+    for key in ("eos_token_id", "pad_token_id"):  # a null id alone, and an empty eos list, fall back too
+        assert ModelConfig.from_dict({**data, key: None}) == cfg
+    assert ModelConfig.from_dict({**data, "eos_token_id": []}).eos_token_id == 200002
+
+
+def test_transformers_full_config_dict_loads():
+    # Every field transformers' own serializer writes (the full dict, not only the fields that differ from defaults).
+    transformers = pytest.importorskip("transformers")
+    written = transformers.GptOssConfig(num_hidden_layers=4, num_local_experts=8).to_json_string(use_diff=False)
+    cfg = ModelConfig.from_dict(json.loads(written))
+    assert (cfg.num_hidden_layers, cfg.num_experts, cfg.eos_token_id, cfg.pad_token_id) == (4, 8, 200002, 199999)
+
+
+@pytest.mark.parametrize("change, field", [
+    ({"attention_scaling": 2.0}, "attention_scaling"),  # a plausible field that would change the math
+    ({"foo_scaling": 1.5}, "foo_scaling"),
+    ({"is_encoder_decoder": True}, "is_encoder_decoder"),  # generic, but not a gpt-oss model
+])
+def test_fields_that_would_change_results_are_refused(change, field):
+    data = {**ModelConfig.preset("tiny").to_hf_dict(), "output_hidden_states": False, "eos_token_id": None, **change}
+    with pytest.raises(ConfigError, match=f"'{field}'"):
+        ModelConfig.from_dict(data)
+
+
 def test_real_original_config_is_accepted():
     data = {"num_hidden_layers": 36, "num_experts": 128, "experts_per_token": 4, "vocab_size": 201088,
             "hidden_size": 2880, "intermediate_size": 2880, "swiglu_limit": 7.0, "head_dim": 64,

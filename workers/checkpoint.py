@@ -5,7 +5,10 @@ touching tensor data - that every tensor the model needs is there with the right
 is as long as its header says (so a truncated download fails at open, not mid-inference). `reader.read(name, index)`
 then reads only the requested slice through `safetensors.safe_open(...).get_slice(...)`; file handles stay open for
 the reader's life. Names are always the canonical (Hugging Face) ones; for the original OpenAI layout they are mapped
-onto the stored tensors (q/k/v become row ranges of the fused `qkv` tensor).
+onto the stored tensors (q/k/v become row ranges of the fused `qkv` tensor). A Hugging Face checkpoint may also hold
+its experts as float tensors, as transformers saves them (`experts.gate_up_proj` [E, H, 2I], `experts.down_proj`
+[E, I, H]: every fine-tune, every dequantized save); the canonical MXFP4 `*_blocks` / `*_scales` are then quantized
+from them on read, exactly when the values are MXFP4 values (a dequantized save), rounded otherwise (logged).
 
 Writing. `write_checkpoint(config, out_dir, layout=..., seed=...)` writes deterministic random weights in either
 layout. Every value is a pure function of (seed, canonical tensor name, chunk index) - see `synthetic_tensor` - so both
@@ -37,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from gptoss_cluster.kernels.mxfp4 import BLOCK, BYTES_PER_BLOCK, quantize_mxfp4
+from gptoss_cluster.kernels.mxfp4 import BLOCK, BYTES_PER_BLOCK, dequantize_mxfp4, quantize_mxfp4
 from gptoss_cluster.workers.config import ConfigError, ModelConfig
 
 log = logging.getLogger(__name__)
@@ -162,10 +165,12 @@ _LAYER_RE = re.compile(r"model\.layers\.(\d+)\.(.+)")
 
 @dataclass(frozen=True)
 class _Stored:
-    """Where a canonical tensor lives: a stored tensor name and, for q/k/v of a fused qkv, its row range."""
+    """Where a canonical tensor lives: a stored tensor name and, for q/k/v of a fused qkv, its row range; for MXFP4
+    expert weights stored as floats, which half ("blocks" or "scales") of their quantization it is."""
 
     name: str
     rows: tuple[int, int] | None = None
+    mxfp4: str | None = None
 
 
 def original_location(config: ModelConfig, name: str) -> tuple[str, tuple[int, int] | None]:
@@ -183,11 +188,38 @@ def original_location(config: ModelConfig, name: str) -> tuple[str, tuple[int, i
     return stored, ranges.get(proj)
 
 
-def _stored_specs(config: ModelConfig, layout: str) -> tuple[dict[str, TensorSpec], dict[str, _Stored]]:
-    """(stored name -> spec in file order, canonical name -> location) for a layout."""
+# Canonical MXFP4 expert tensor -> (the float tensor transformers stores instead, which half of the quantization).
+_MXFP4_EXPERT = re.compile(r"(model\.layers\.\d+\.mlp\.experts\.(?:gate_up_proj|down_proj))_(blocks|scales)")
+
+
+def _hf_stored_specs(
+    canonical: dict[str, TensorSpec], present: Iterable[str]
+) -> tuple[dict[str, TensorSpec], dict[str, _Stored]]:
+    """The Hugging Face layout: each canonical tensor stored under its own name, except experts whose `*_blocks` are
+    absent and whose float weight (input features first: [E, K, rows]) is present; those are read from the floats."""
+    present = set(present)
+    stored: dict[str, TensorSpec] = {}
+    where: dict[str, _Stored] = {}
+    for name, spec in canonical.items():
+        match = _MXFP4_EXPERT.fullmatch(name)
+        if match is None or match.group(1) not in present or f"{match.group(1)}_blocks" in present:
+            stored[name], where[name] = spec, _Stored(name)
+            continue
+        weight = match.group(1)
+        experts, rows, groups = spec.shape[:3]
+        stored[weight] = TensorSpec(weight, (experts, groups * BLOCK, rows), FLOAT_DTYPES)
+        where[name] = _Stored(weight, mxfp4=match.group(2))
+    return stored, where
+
+
+def _stored_specs(
+    config: ModelConfig, layout: str, present: Iterable[str] = ()
+) -> tuple[dict[str, TensorSpec], dict[str, _Stored]]:
+    """(stored name -> spec in file order, canonical name -> location) for a layout; `present` (the stored names)
+    tells which form a Hugging Face checkpoint's experts take."""
     canonical = expected_tensors(config)
     if layout == "hf":
-        return dict(canonical), {n: _Stored(n) for n in canonical}
+        return _hf_stored_specs(canonical, present)
     stored: dict[str, TensorSpec] = {}
     where: dict[str, _Stored] = {}
     fused_rows = config.q_size + 2 * config.kv_size
@@ -300,6 +332,10 @@ class CheckpointReader:
         self._fds: dict[Path, int] = {}  # plain descriptors for pread: reads that leave no file mapping resident
         self._data_start: dict[Path, int] = {}
         self._closed = False
+        # The other half of the last float experts quantized: ((stored name, expert range, half), tensor). The
+        # model reads blocks then scales of the same experts, so each is quantized once.
+        self._mxfp4_spare: tuple[tuple[str, range, str], torch.Tensor] | None = None
+        self._warned_rounding = False
         try:
             self._open()
         except BaseException:
@@ -397,7 +433,7 @@ class CheckpointReader:
 
     def _validate(self) -> None:
         self._specs = expected_tensors(self.config)
-        stored_specs, self._where = _stored_specs(self.config, self.layout)
+        stored_specs, self._where = _stored_specs(self.config, self.layout, self._file_of)
         canonical_of: dict[str, list[str]] = collections.defaultdict(list)
         for name, loc in self._where.items():
             canonical_of[loc.name].append(name)
@@ -425,6 +461,10 @@ class CheckpointReader:
         if self.extra_names:
             shown = ", ".join(self.extra_names[:5]) + (", ..." if len(self.extra_names) > 5 else "")
             log.warning("%s: ignoring %d unknown tensor(s): %s", self.path, len(self.extra_names), shown)
+        floats = sum(loc.mxfp4 == "blocks" for loc in self._where.values())
+        if floats:
+            log.info("%s: %d expert weight tensor(s) stored as floats; quantizing them to MXFP4 as they load",
+                     self.path, floats)
 
     # ------------------------------------------------------------------------------------------ queries
     def names(self) -> list[str]:
@@ -443,11 +483,15 @@ class CheckpointReader:
 
     def shape(self, name: str) -> tuple[int, ...]:
         loc, file = self._locate(name)
+        if loc.mxfp4 is not None:
+            return self._specs[name].shape
         shape = self._headers[file][loc.name].shape
         return (loc.rows[1] - loc.rows[0], *shape[1:]) if loc.rows else shape
 
     def dtype(self, name: str) -> torch.dtype:
         loc, file = self._locate(name)
+        if loc.mxfp4 is not None:
+            return torch.uint8
         return _ST_DTYPES[self._headers[file][loc.name].dtype]
 
     def file_of(self, name: str) -> Path:
@@ -481,6 +525,8 @@ class CheckpointReader:
         if any(step <= 0 for _, _, step in bounds):
             raise ValueError(f"index {index!r}: only positive slice steps are supported")
         full = [slice(start, max(start, stop), step) for start, stop, step in bounds]
+        if loc.mxfp4 is not None:
+            return self._read_mxfp4(file, loc, full, out)
         if loc.rows is not None:  # a row range of a fused tensor
             r0 = loc.rows[0]
             first = full[0] if full else slice(0, shape[0], 1)
@@ -522,6 +568,35 @@ class CheckpointReader:
             return out.copy_(target)
         return target
 
+    def _read_mxfp4(self, file: Path, loc: _Stored, index: list[slice], out: torch.Tensor | None) -> torch.Tensor:
+        """`index` of the MXFP4 blocks or scales of float experts: the indexed experts are quantized, one at a time."""
+        experts = (range(index[0].start, index[0].stop, index[0].step) if index
+                   else range(self._headers[file][loc.name].shape[0]))
+        spare, self._mxfp4_spare = self._mxfp4_spare, None
+        if spare is not None and spare[0] == (loc.name, experts, loc.mxfp4):
+            tensor = spare[1]
+        else:
+            blocks, scales = self._quantize_experts(file, loc.name, experts)
+            tensor, other = (blocks, scales) if loc.mxfp4 == "blocks" else (scales, blocks)
+            self._mxfp4_spare = ((loc.name, experts, "scales" if loc.mxfp4 == "blocks" else "blocks"), other)
+        tensor = tensor[(slice(None), *index[1:])]
+        return out.copy_(tensor) if out is not None else tensor.contiguous()
+
+    def _quantize_experts(self, file: Path, stored: str, experts: range) -> tuple[torch.Tensor, torch.Tensor]:
+        """MXFP4 (blocks, scales) of the float experts `experts` of `stored` ([E, K, rows] -> rows of K values)."""
+        _, k, rows = self._headers[file][stored].shape
+        blocks = torch.empty(len(experts), rows, k // BLOCK, BYTES_PER_BLOCK, dtype=torch.uint8)
+        scales = torch.empty(len(experts), rows, k // BLOCK, dtype=torch.uint8)
+        for i, expert in enumerate(experts):
+            weight = self._pread_rows(file, stored, slice(expert, expert + 1), None)[0].t().float()
+            blocks[i], scales[i] = quantize_mxfp4(weight)
+            if not self._warned_rounding and not torch.equal(dequantize_mxfp4(blocks[i], scales[i]), weight):
+                # A fine-tune's float weights: serving them as MXFP4 (what the expert kernels run) rounds them.
+                log.warning("%s: expert weights '%s' are not MXFP4 values; rounded to MXFP4 on load "
+                            "(further tensors may be rounded too)", self.path, stored)
+                self._warned_rounding = True
+        return blocks, scales
+
     def slice_nbytes(self, name: str, index: tuple[slice, ...] | None = None) -> int:
         shape = list(self.shape(name))
         for d, s in enumerate(index or ()):
@@ -552,6 +627,7 @@ class CheckpointReader:
     # ------------------------------------------------------------------------------------------ lifetime
     def close(self) -> None:
         self._closed = True
+        self._mxfp4_spare = None
         handles, self._handles = self._handles, {}
         for handle in handles.values():
             with contextlib.suppress(Exception):

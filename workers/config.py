@@ -20,6 +20,8 @@ from typing import Any
 SLIDING = "sliding_attention"
 FULL = "full_attention"
 MXFP4_BLOCK = 32  # values per MXFP4 block sharing one e8m0 scale
+DEFAULT_EOS_TOKEN_ID = 200002  # <|return|> in o200k_harmony
+DEFAULT_PAD_TOKEN_ID = 199999  # <|endoftext|>
 
 
 class ConfigError(ValueError):
@@ -50,8 +52,8 @@ class ModelConfig:
     rope_beta_slow: float = 1.0
     rope_truncate: bool = False
     max_position_embeddings: int = 131072
-    eos_token_id: int = 200002
-    pad_token_id: int = 199999
+    eos_token_id: int = DEFAULT_EOS_TOKEN_ID
+    pad_token_id: int = DEFAULT_PAD_TOKEN_ID
     name: str = field(default="custom", compare=False)
 
     def __post_init__(self) -> None:
@@ -144,7 +146,7 @@ class ModelConfig:
     def from_hf_dict(cls, data: dict[str, Any]) -> ModelConfig:
         if data.get("model_type") != "gpt_oss":
             raise ConfigError(f"config field 'model_type' is {data.get('model_type')!r}; expected 'gpt_oss'")
-        _refuse_unknown(data, _HF_FIELDS | _HF_IGNORED, "Hugging Face")
+        _refuse_unknown(data, _HF_FIELDS | _HF_IGNORED | _HF_GENERIC, "Hugging Face")
         rope = data.get("rope_scaling") or data.get("rope_parameters") or {}
         if not isinstance(rope, dict):
             raise ConfigError("config field 'rope_scaling' must be an object")
@@ -157,15 +159,19 @@ class ModelConfig:
             raise ConfigError(
                 f"config field 'quantization_config.quant_method' must be 'mxfp4', got {quant!r}"
             )
-        for key, expected in (("hidden_act", "silu"), ("attention_bias", True), ("tie_word_embeddings", False)):
+        for key, expected in (("hidden_act", "silu"), ("attention_bias", True), ("tie_word_embeddings", False),
+                              ("is_encoder_decoder", False)):
             if key in data and data[key] != expected:
                 raise ConfigError(f"config field '{key}' is {data[key]!r}; gpt-oss requires {expected!r}")
         experts_per_token = data.get("num_experts_per_tok", data.get("experts_per_token", 4))
         if "experts_per_token" in data and data["experts_per_token"] != experts_per_token:
             raise ConfigError("config fields 'num_experts_per_tok' and 'experts_per_token' disagree")
-        eos = data.get("eos_token_id", 200002)
+        # transformers 5 writes null token ids when the config names none; harmony's stop tokens end chat turns
+        # whatever this says, so the published ids are the right fallback.
+        eos = data.get("eos_token_id")
         if isinstance(eos, list):
-            eos = eos[0] if eos else 200002
+            eos = eos[0] if eos else None
+        pad = data.get("pad_token_id")
         kwargs = dict(
             **_same_named_fields(data),
             num_experts=data.get("num_local_experts", 32),
@@ -182,8 +188,8 @@ class ModelConfig:
             rope_beta_slow=rope.get("beta_slow", 1.0),
             rope_truncate=rope.get("truncate", True),
             max_position_embeddings=data.get("max_position_embeddings", 131072),
-            eos_token_id=eos,
-            pad_token_id=data.get("pad_token_id", 199999) if data.get("pad_token_id") is not None else 199999,
+            eos_token_id=DEFAULT_EOS_TOKEN_ID if eos is None else eos,
+            pad_token_id=DEFAULT_PAD_TOKEN_ID if pad is None else pad,
         )
         return cls(**kwargs)
 
@@ -332,6 +338,14 @@ _HF_FIELDS = {
 _HF_IGNORED = {
     "architectures", "attention_dropout", "initializer_range", "output_router_logits", "router_aux_loss_coef",
     "use_cache", "torch_dtype", "dtype", "transformers_version", "bos_token_id", "_name_or_path",
+}
+# The generic PretrainedConfig fields transformers 5 writes for every model (PretrainedConfig.to_dict of a
+# GptOssConfig). None touches a causal LM's forward: they pick what a transformers forward returns (extra outputs,
+# a tuple instead of a dict), label maps and loss kind for classification heads, and feed-forward chunking (same
+# values, less memory). `is_encoder_decoder` is allowed only as False (checked in from_hf_dict).
+_HF_GENERIC = {
+    "output_hidden_states", "output_attentions", "return_dict", "chunk_size_feed_forward", "is_encoder_decoder",
+    "id2label", "label2id", "problem_type",
 }
 _ORIGINAL_FIELDS = {
     "num_hidden_layers", "num_experts", "experts_per_token", "vocab_size", "hidden_size", "intermediate_size",
