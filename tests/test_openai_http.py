@@ -549,3 +549,112 @@ def test_http_port_taken_fails_the_start():
         finally:
             st.stop()
 
+
+
+# --------------------------------------------------------------------------------------------- text that is not Unicode
+@pytest.fixture(scope="module")
+def scripted_base():
+    st, base, c = _scripted(ScriptedReplica(_encode(ANALYSIS_THEN_FINAL)))
+    c.close()
+    try:
+        yield base
+    finally:
+        st.stop()
+
+
+_CUT = "hi \ud800"  # a JavaScript string cut inside an emoji; json.dumps spells it as the escape "hi \\ud800"
+_USER = [{"role": "user", "content": "x"}]
+
+
+def _assert_openai_error(status: int, body: dict, param: str | None) -> dict:
+    assert status == 400, body
+    error = body["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["type"] == "invalid_request_error", body
+    assert error["param"] == param, body
+    return error
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+@pytest.mark.parametrize(("path", "body", "param"), [
+    ("chat/completions", {"messages": [{"role": "user", "content": _CUT}]}, "messages[0].content"),
+    ("chat/completions", {"messages": [{"role": "user", "content": [{"type": "text", "text": _CUT}]}]},
+     "messages[0].content[0].text"),
+    ("chat/completions", {"messages": _USER, "tools": [{"type": "function", "function": {"name": _CUT}}]},
+     "tools[0].function.name"),
+    ("chat/completions", {"messages": [*_USER, {"role": "assistant", "tool_calls": [
+        {"id": "c1", "type": "function", "function": {"name": _CUT, "arguments": "{}"}}]}]},
+     "messages[1].tool_calls[0].function.name"),
+    ("chat/completions", {"messages": _USER, "stop": [_CUT]}, "stop[0]"),
+    ("chat/completions", {"messages": _USER, "model": _CUT}, "model"),
+    ("responses", {"input": _CUT}, "input"),
+    ("responses", {"input": "x", "instructions": _CUT}, "instructions"),
+    ("responses", {"input": [{"role": "user", "content": [{"type": "input_text", "text": _CUT}]}]},
+     "input[0].content[0].text"),
+    ("responses", {"input": [{"type": "function_call", "call_id": "c1", "name": _CUT, "arguments": "{}"}]},
+     "input[0].name"),
+    ("completions", {"prompt": _CUT}, "prompt"),
+    ("completions", {"prompt": [_CUT]}, "prompt[0]"),
+], ids=["chat-content", "chat-part", "chat-tool-name", "chat-call-name", "chat-stop", "chat-model",
+        "responses-input", "responses-instructions", "responses-item", "responses-call-name", "prompt",
+        "prompt-list"])
+def test_lone_surrogates_are_400_naming_the_field(scripted_base, path, body, param, stream):
+    raw = json.dumps({**body, "stream": stream})
+    assert "\\ud800" in raw  # the escape, as JSON text: what such a client sends
+    error = _assert_openai_error(*_http("POST", f"{scripted_base}/v1/{path}", raw.encode()), param)
+    assert error["message"].startswith(f"{param} is not valid Unicode: it holds a lone surrogate U+D800"), error
+
+
+def test_lone_surrogate_in_a_key_and_the_server_keeps_serving(scripted_base):
+    tool = {"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "properties": {_CUT: {"type": "string"}}}}}
+    status, body = _http("POST", f"{scripted_base}/v1/chat/completions",
+                         json.dumps({"messages": _USER, "tools": [tool]}).encode())
+    error = _assert_openai_error(status, body, "tools[0].function.parameters.properties")
+    assert "has a key that is not valid Unicode" in error["message"]
+    # pydantic refuses this one first (a number expected), quoting the key in the field path as U+FFFD: no 500
+    status, body = _http("POST", f"{scripted_base}/v1/chat/completions",
+                         json.dumps({"messages": _USER, "logit_bias": {_CUT: "x"}}).encode())
+    assert status == 400 and body["error"]["param"].startswith("logit_bias.hi "), body
+    # a surrogate pair (an emoji, escaped) is valid Unicode: it runs
+    ok = json.dumps({"messages": [{"role": "user", "content": "hi \U0001F600"}], "max_tokens": 4})
+    assert "\\ud83d\\ude00" in ok
+    assert _http("POST", f"{scripted_base}/v1/chat/completions", ok.encode())[0] == 200
+
+
+@pytest.mark.parametrize(("raw", "message", "param"), [
+    (b'{"prompt": "\xff\xfe"}', "the body is not valid UTF-8 JSON", None),
+    # UTF-8 bytes of a surrogate (CESU-8): Python's JSON decoder lets them through as a lone surrogate
+    (b'{"prompt": "hi \xed\xa0\x80"}', "prompt is not valid Unicode", "prompt"),
+    (b'{"prompt": "x",', "the body is not valid JSON: Expecting property name", None),
+], ids=["not-utf8", "surrogate-bytes", "not-json"])
+def test_bodies_that_are_not_utf8_json_are_400(scripted_base, raw, message, param):
+    error = _assert_openai_error(*_http("POST", f"{scripted_base}/v1/completions", raw), param)
+    assert error["message"].startswith(message), error
+
+
+@pytest.mark.parametrize(("path", "body", "message", "param"), [
+    ("chat/completions", {"messages": _USER, "logit_bias": {"5": 1}}, "logit_bias is not supported", "logit_bias"),
+    ("completions", {"prompt": "x", "logit_bias": {"5": 1}}, "logit_bias is not supported", "logit_bias"),
+    ("chat/completions", {"messages": _USER, "tool_choice": "always"},
+     "tool_choice must be one of auto, none, required or a function, got 'always'", "tool_choice"),
+    ("chat/completions", {"messages": _USER, "reasoning_effort": "max"},
+     "reasoning_effort must be one of none, minimal, low, medium, high, xhigh, got 'max'", "reasoning_effort"),
+    ("chat/completions", {"messages": _USER, "response_format": {"type": "yaml"}},
+     "response_format.type must be text, json_object or json_schema, got 'yaml'", "response_format.type"),
+    ("chat/completions", {"messages": _USER, "max_completion_tokens": 10**12},
+     "max_completion_tokens is out of range: 1000000000000 (a 32-bit integer)", "max_completion_tokens"),
+    ("responses", {"input": "x", "reasoning": {"effort": "max"}},
+     "reasoning.effort must be one of none, minimal, low, medium, high, xhigh, got 'max'", "reasoning.effort"),
+    ("responses", {"input": "x", "max_output_tokens": 10**12},
+     "max_output_tokens is out of range: 1000000000000 (a 32-bit integer)", "max_output_tokens"),
+    ("completions", {"prompt": "x", "seed": 2**64}, f"seed is out of range: {2**64} (a 64-bit integer)", "seed"),
+    ("completions", {"prompt": [1, 2**40]}, "prompt: Value out of range: 1099511627776", "prompt"),
+], ids=["chat-logit_bias", "completions-logit_bias", "tool_choice", "reasoning_effort", "response_format",
+        "max_completion_tokens", "reasoning.effort", "max_output_tokens", "seed", "token-id"])
+def test_our_invalid_request_messages_are_verbatim_with_param(scripted_base, path, body, message, param):
+    """No "a value is out of range:" prefix on the converter's own messages (it used to wrap every error raised
+    while building the request, up to twice), and `param` names the field."""
+    for stream in (False, True):
+        raw = json.dumps({**body, "stream": stream}).encode()
+        error = _assert_openai_error(*_http("POST", f"{scripted_base}/v1/{path}", raw), param)
+        assert error["message"] == message, error

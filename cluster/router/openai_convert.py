@@ -10,11 +10,15 @@ optional fields are. Messages, tools and input items are read by hand so that an
 (`messages[2].tool_calls[0].function.arguments`). vLLM-style extras are accepted on every endpoint: `top_k`,
 `min_p`, `repetition_penalty`, `min_tokens`, `ignore_eos`, `stop_token_ids`, `priority`, `request_id`,
 `max_reasoning_tokens` (chat and responses) and, for chat, `guided_json` / `guided_regex` / `guided_grammar`.
+
+Every conversion first checks that each string of the body, at any depth, is valid Unicode (`check_text`): JSON can
+spell a lone UTF-16 surrogate (`"\\ud800"`, a JavaScript string cut inside an emoji), which no UTF-8 text holds.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -22,7 +26,7 @@ from gptoss_cluster.proto.gptoss.v1 import gptoss_pb2 as pb
 from pydantic import BaseModel, ConfigDict
 
 __all__ = ["ChatCompletionRequest", "CompletionRequest", "InvalidRequest", "ResponsesRequest", "chat_request",
-           "completion_request", "responses_request"]
+           "check_text", "completion_request", "responses_request"]
 
 # OpenAI's effort names -> harmony's three levels ("none"/"minimal" still reason a little: harmony has no "off";
 # max_reasoning_tokens 0 is the way to skip the analysis).
@@ -32,6 +36,10 @@ _EFFORTS = {"none": pb.REASONING_EFFORT_LOW, "minimal": pb.REASONING_EFFORT_LOW,
 _TOOL_MODES = {"auto": pb.ToolChoice.MODE_AUTO, "none": pb.ToolChoice.MODE_NONE,
                "required": pb.ToolChoice.MODE_REQUIRED}
 _TEXT_PARTS = ("text", "input_text", "output_text")
+# What JSON's "\ud800" escape decodes to (and what invalid UTF-8 bytes ED A0 80 decode to: Python's JSON decoder reads
+# bytes with "surrogatepass"). Protobuf, the tokenizer and the JSON answer all refuse such a string with a
+# UnicodeEncodeError, so it is refused up front, by name.
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 class InvalidRequest(ValueError):
@@ -114,23 +122,26 @@ class ResponsesRequest(_Body):
 # ================================================================================================ conversions
 def chat_request(body: ChatCompletionRequest) -> pb.ChatRequest:
     """POST /v1/chat/completions -> Chat."""
+    check_text(body)
     if body.n not in (None, 1):
         raise InvalidRequest(f"n must be 1 (one choice per request), got {body.n}", "n")
     if body.top_logprobs is not None and not body.logprobs:
         raise InvalidRequest("top_logprobs needs logprobs: true", "top_logprobs")
     messages = [_chat_message(i, m) for i, m in enumerate(body.messages)]
     tools, builtin = _tools(body.tools, flat=False, strict=False)
-    max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+    max_tokens = ("max_completion_tokens", body.max_completion_tokens) if body.max_completion_tokens is not None \
+        else ("max_tokens", body.max_tokens)
     return _build(lambda: pb.ChatRequest(
-        request_id=body.request_id, messages=messages, tools=tools, builtin_tools=builtin, priority=body.priority,
-        reasoning_effort=_effort(body.reasoning_effort, "reasoning_effort"),
-        sampling=_sampling(body, max_tokens, (body.top_logprobs or 0) if body.logprobs else None),
+        request_id=body.request_id, messages=messages, tools=tools, builtin_tools=builtin,
+        priority=_int(body.priority, "priority"), reasoning_effort=_effort(body.reasoning_effort, "reasoning_effort"),
+        sampling=_sampling(body, max_tokens, ("top_logprobs", (body.top_logprobs or 0) if body.logprobs else None)),
         response_format=_chat_response_format(body), tool_choice=_tool_choice(body.tool_choice),
-        max_reasoning_tokens=body.max_reasoning_tokens))
+        max_reasoning_tokens=_int(body.max_reasoning_tokens, "max_reasoning_tokens")))
 
 
 def completion_request(body: CompletionRequest) -> pb.GenerateRequest:
     """POST /v1/completions -> Generate (one prompt: text or token ids)."""
+    check_text(body)
     if body.n not in (None, 1) or body.best_of not in (None, 1):
         raise InvalidRequest("n and best_of must be 1 (one choice per request)", "n" if body.n not in (None, 1)
                              else "best_of")
@@ -145,16 +156,17 @@ def completion_request(body: CompletionRequest) -> pb.GenerateRequest:
         prompt = prompt[0]
     if isinstance(prompt, list) and not prompt:
         raise InvalidRequest("prompt is empty", "prompt")
-    sampling = _sampling(body, body.max_tokens, body.logprobs)
+    sampling = _sampling(body, ("max_tokens", body.max_tokens), ("logprobs", body.logprobs))
+    priority = _int(body.priority, "priority")
     if isinstance(prompt, str):
-        return _build(lambda: pb.GenerateRequest(request_id=body.request_id, text=prompt, sampling=sampling,
-                                                 priority=body.priority))
+        return pb.GenerateRequest(request_id=body.request_id, text=prompt, sampling=sampling, priority=priority)
     return _build(lambda: pb.GenerateRequest(request_id=body.request_id, token_ids=pb.TokenIds(ids=prompt),
-                                             sampling=sampling, priority=body.priority))
+                                             sampling=sampling, priority=priority), "prompt")
 
 
 def responses_request(body: ResponsesRequest) -> pb.ChatRequest:
     """POST /v1/responses -> Chat: `instructions` + `input` items become the conversation."""
+    check_text(body)
     if body.previous_response_id:
         raise InvalidRequest("previous_response_id is not supported: responses are not stored; send the earlier "
                              "output items back in `input`", "previous_response_id")
@@ -169,31 +181,66 @@ def responses_request(body: ResponsesRequest) -> pb.ChatRequest:
     effort = (body.reasoning or {}).get("effort")
     text_format = (body.text or {}).get("format")
     return _build(lambda: pb.ChatRequest(
-        request_id=body.request_id, messages=messages, tools=tools, builtin_tools=builtin, priority=body.priority,
-        reasoning_effort=_effort(effort, "reasoning.effort"),
-        sampling=_sampling(body, body.max_output_tokens, None),
+        request_id=body.request_id, messages=messages, tools=tools, builtin_tools=builtin,
+        priority=_int(body.priority, "priority"), reasoning_effort=_effort(effort, "reasoning.effort"),
+        sampling=_sampling(body, ("max_output_tokens", body.max_output_tokens), ("logprobs", None)),
         response_format=_response_format(text_format, "text.format", flat=True),
-        tool_choice=_tool_choice(body.tool_choice), max_reasoning_tokens=body.max_reasoning_tokens))
+        tool_choice=_tool_choice(body.tool_choice),
+        max_reasoning_tokens=_int(body.max_reasoning_tokens, "max_reasoning_tokens")))
 
 
 # ================================================================================================ pieces
-def _build(make: Callable[[], Any]) -> Any:
+def check_text(body: BaseModel) -> None:
+    """Every string of `body` (values and keys, at any depth, ignored extras too) must be valid Unicode: raises
+    InvalidRequest naming the first one that is not (`messages[0].content`)."""
+    todo: list[tuple[str, Any]] = list(body)[::-1]  # (path, value), a stack: no recursion limit on deep JSON
+    while todo:
+        where, value = todo.pop()
+        if isinstance(value, str):
+            if found := _SURROGATE.search(value):
+                raise InvalidRequest(f"{where} is not valid Unicode: it holds a lone surrogate "
+                                     f"U+{ord(found.group()):04X} at character {found.start()} (a string cut inside "
+                                     "a surrogate pair?)", where)
+        elif isinstance(value, dict):
+            for key in value:
+                if isinstance(key, str) and _SURROGATE.search(key):
+                    raise InvalidRequest(f"{where} has a key that is not valid Unicode: {key!r}", where)
+            todo += [(f"{where}.{key}", item) for key, item in reversed(value.items())]
+        elif isinstance(value, list):
+            todo += [(f"{where}[{i}]", item) for i, item in reversed(list(enumerate(value)))]
+
+
+def _build(make: Callable[[], Any], param: str | None = None) -> Any:
+    """`make()`, with protobuf's own range checks (a repeated int32 field given 10**12) as InvalidRequest."""
     try:
         return make()
-    except (ValueError, TypeError) as exc:  # protobuf range checks (an int32 field given 10**12)
-        raise InvalidRequest(f"a value is out of range: {exc}") from None
+    except InvalidRequest:
+        raise  # ours, raised while building a part: already names its parameter
+    except (ValueError, TypeError) as exc:
+        raise InvalidRequest(f"{param}: {exc}" if param else f"a value is out of range: {exc}", param) from None
 
 
-def _sampling(body: _Body, max_tokens: int | None, logprobs: int | None) -> pb.SamplingParams:
+def _int(value: int | None, param: str, bits: int = 32) -> int | None:
+    """An integer for a protobuf int32 / int64 field, range-checked here so that the error names the parameter."""
+    limit = 1 << (bits - 1)
+    if value is not None and not -limit <= value < limit:
+        raise InvalidRequest(f"{param} is out of range: {value} (a {bits}-bit integer)", param)
+    return value
+
+
+def _sampling(body: _Body, max_tokens: tuple[str, int | None], logprobs: tuple[str, int | None]) -> pb.SamplingParams:
+    """`max_tokens` and `logprobs` are (the parameter's name in this endpoint, value)."""
     if body.logit_bias:
         raise InvalidRequest("logit_bias is not supported", "logit_bias")
-    values = {"temperature": body.temperature, "top_p": body.top_p, "seed": body.seed, "max_tokens": max_tokens,
-              "presence_penalty": body.presence_penalty, "frequency_penalty": body.frequency_penalty,
-              "top_k": body.top_k, "min_p": body.min_p, "repetition_penalty": body.repetition_penalty,
-              "min_tokens": body.min_tokens, "logprobs": logprobs}
+    values = {"temperature": body.temperature, "top_p": body.top_p, "seed": _int(body.seed, "seed", 64),
+              "max_tokens": _int(max_tokens[1], max_tokens[0]), "presence_penalty": body.presence_penalty,
+              "frequency_penalty": body.frequency_penalty, "top_k": _int(body.top_k, "top_k"), "min_p": body.min_p,
+              "repetition_penalty": body.repetition_penalty, "min_tokens": _int(body.min_tokens, "min_tokens"),
+              "logprobs": _int(logprobs[1], logprobs[0])}
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or ())
     return _build(lambda: pb.SamplingParams(**{k: v for k, v in values.items() if v is not None}, stop=stop,
-                                            stop_token_ids=body.stop_token_ids or (), ignore_eos=body.ignore_eos))
+                                            stop_token_ids=body.stop_token_ids or (), ignore_eos=body.ignore_eos),
+                  "stop_token_ids")  # the one field left to protobuf's range check
 
 
 def _effort(value: Any, param: str) -> int:

@@ -7,7 +7,9 @@ deltas come back in OpenAI's shapes (cluster.router.openai_render), whole or as 
 
 - Auth: the router's bearer token (`Authorization: Bearer ...`) on everything but /health.
 - Errors: OpenAI's `{"error": {message, type, param, code}}`; a RouterError's gRPC status picks the HTTP status (400,
-  401, 404, 429 with Retry-After, 503, 504, else 500); body validation errors are 400 as well (not FastAPI's 422).
+  401, 404, 429 with Retry-After, 503, 504, else 500); body validation errors are 400 as well (not FastAPI's 422), and
+  so are bodies that are not JSON, not UTF-8, or hold text that is not valid Unicode (a lone surrogate).
+- Each route converts its body before anything else reads it: the conversion is what checks its text.
 - A stream sends its headers once the first delta exists, so that failures before it (bad request, queue full, no
   replica) are plain HTTP errors. A client that goes away, mid-stream or while waiting for a whole answer, cancels its
   replica request, which frees its KV blocks.
@@ -85,16 +87,17 @@ def build_app(server: GptossServer) -> FastAPI:
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: convert.ChatCompletionRequest, request: Request) -> Response:
+        request_message = convert.chat_request(body)
         check_model(body.model)
         render = ChatCompletion(server.model_name, tokenizer, logprobs=bool(body.logprobs),
                                 include_usage=body.include_usage)
-        events = server.chat_events(convert.chat_request(body), protocol="http")
+        events = server.chat_events(request_message, protocol="http")
         return await _answer(request, events, render, body.stream)
 
     @app.post("/v1/responses")
     async def responses(body: convert.ResponsesRequest, request: Request) -> Response:
-        check_model(body.model)
         request_message = convert.responses_request(body)
+        check_model(body.model)
         text = body.text or {"format": {"type": "text"}}
         render = ResponsesStream(server.model_name, {
             "instructions": body.instructions, "tools": body.tools or [], "tool_choice": body.tool_choice or "auto",
@@ -105,10 +108,11 @@ def build_app(server: GptossServer) -> FastAPI:
 
     @app.post("/v1/completions")
     async def completions(body: convert.CompletionRequest, request: Request) -> Response:
+        request_message = convert.completion_request(body)
         check_model(body.model)
         render = TextCompletion(server.model_name, tokenizer, logprobs=body.logprobs is not None,
                                 include_usage=body.include_usage)
-        events = server.generate_events(convert.completion_request(body), protocol="http")
+        events = server.generate_events(request_message, protocol="http")
         return await _answer(request, events, render, body.stream)
 
     @app.get("/v1/models")
@@ -142,6 +146,10 @@ def build_app(server: GptossServer) -> FastAPI:
     async def validation_error(_: Request, exc: RequestValidationError) -> Response:
         errors = exc.errors()
         first = errors[0] if errors else {}
+        if first.get("type") == "json_invalid":  # FastAPI's: loc is ("body", character offset), not a field
+            at = first.get("loc", ("body", "?"))[-1]
+            reason = first.get("ctx", {}).get("error", "JSON decode error")
+            return _error(400, f"the body is not valid JSON: {reason} (at character {at})", "invalid_request_error")
         loc = [str(p) for p in first.get("loc", ()) if p != "body"]
         param = ".".join(loc) or None
         message = "; ".join(f"{'.'.join(str(p) for p in e.get('loc', ()) if p != 'body') or 'body'}: {e.get('msg')}"
@@ -156,6 +164,8 @@ def build_app(server: GptossServer) -> FastAPI:
     async def http_error(request: Request, exc: HTTPException) -> Response:
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
         message = f"{request.method} {request.url.path}: {exc.detail}"
+        if isinstance(exc.__cause__, UnicodeDecodeError):  # FastAPI's 400 for a body its JSON decoder cannot read
+            message = f"the body is not valid UTF-8 JSON: {exc.__cause__}"
         return _error(exc.status_code, message, kind, headers=getattr(exc, "headers", None))
 
     @app.exception_handler(Exception)
