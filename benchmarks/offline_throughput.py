@@ -6,10 +6,12 @@ Workload: N requests (default 64) of random prompt ids, prompt and output length
 
     .venv/bin/python benchmarks/offline_throughput.py                      # writes the tiny checkpoint if missing
     .venv/bin/python benchmarks/offline_throughput.py --reps 3 --modes engine,hf-cb --profile
+    .venv/bin/python benchmarks/offline_throughput.py --modes engine --num-blocks 0   # the engine's own KV sizing
 
-Prints one line per run, then medians, ratios, the engine's step-time breakdown (scheduling + batch layout,
-model forward, sampling, output processing) and the fraction of the unembedding ceiling reached (fp32 unembedding of
-every output token at the matmul rate measured on this machine in the same process).
+Prints one line per run (throughput, peak RSS, the engine's KV blocks), then medians, ratios, the engine's step-time
+breakdown (scheduling + batch layout, model forward, sampling, output processing) and the fraction of the unembedding
+ceiling reached (fp32 unembedding of every output token at the matmul rate measured on this machine in the same
+process).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ sys.path.insert(0, str(ROOT))
 
 DEFAULT_CHECKPOINT = Path(os.environ.get("TMPDIR", "/tmp")) / "gptoss-bench" / "tiny-hf"
 MODES = ("engine", "hf-static", "hf-cb")
+DEFAULT_BLOCKS = 4096
 
 
 def workload(num_requests: int, lo: int, hi: int, seed: int, vocab: int) -> list[tuple[list[int], int]]:
@@ -72,7 +75,7 @@ def run_engine(args, requests) -> dict:
     from gptoss_cluster.workers.engine import Engine, EngineConfig
     from gptoss_cluster.workers.sampling import SamplingParams
 
-    config = EngineConfig(block_size=16, num_blocks=args.num_blocks, max_num_seqs=args.num_requests,
+    config = EngineConfig(block_size=16, num_blocks=args.num_blocks or None, max_num_seqs=args.num_requests,
                           max_num_batched_tokens=args.max_batched_tokens, enable_prefix_caching=True)
     engine = Engine.from_checkpoint(args.checkpoint, dtype=torch.float32, config=config, progress=False)
     # warm-up: one short request (first-call allocations, thread pools)
@@ -166,8 +169,9 @@ def run_hf_cb(args, requests) -> dict:
         attn_implementation="paged|eager").eval()
     gen_config = GenerationConfig(do_sample=False, max_new_tokens=max(n for _, n in requests), eos_token_id=-1,
                                   pad_token_id=model.config.pad_token_id)
-    # The same KV capacity as the engine's pool (its pages hold 256 tokens; left alone it takes 90 % of free memory)
-    pages = -(-args.num_blocks * 16 // 256)
+    # The same KV capacity as the engine's pool (its pages hold 256 tokens; left alone it takes 90 % of free memory);
+    # against the engine's own sizing (--num-blocks 0), the default pool of 4096 blocks.
+    pages = -(-(args.num_blocks or DEFAULT_BLOCKS) * 16 // 256)
     cb_config = ContinuousBatchingConfig(max_batch_tokens=args.max_batched_tokens, num_blocks=pages,
                                          auto_switch_to_flash=False, use_cuda_graph=False, use_async_batching=False)
     manager = model.init_continuous_batching(generation_config=gen_config, continuous_batching_config=cb_config)
@@ -225,7 +229,8 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=2)
     parser.add_argument("--modes", default=",".join(MODES))
     parser.add_argument("--hf-batch", type=int, default=16)
-    parser.add_argument("--num-blocks", type=int, default=4096)
+    parser.add_argument("--num-blocks", type=int, default=DEFAULT_BLOCKS,
+                        help="KV blocks of 16 tokens (0: the engine sizes its pool itself, as LLM(...) does)")
     parser.add_argument("--max-batched-tokens", type=int, default=2048)
     parser.add_argument("--threads", type=int, default=0, help="torch threads per run (0: torch's default)")
     parser.add_argument("--profile", action="store_true", help="cProfile the engine run(s)")
@@ -269,8 +274,10 @@ def main() -> None:
             result = json.loads(line[len("RESULT "):])
             result["rep"] = rep
             runs.append(result)
+            blocks = f"  {result['kv_blocks']} KV blocks" if "kv_blocks" in result else ""
             print(f"[rep {rep}] {mode:9s} {result['tok_s']:8.1f} output tok/s  {result['seconds']:7.1f} s  "
-                  f"{result['tok_per_cpu_s']:7.1f} tok/CPU-s  peak RSS {result['peak_rss_mib']:7.0f} MiB", flush=True)
+                  f"{result['tok_per_cpu_s']:7.1f} tok/CPU-s  peak RSS {result['peak_rss_mib']:7.0f} MiB{blocks}",
+                  flush=True)
             if "profile" in result:
                 print(result.pop("profile"), flush=True)
     if args.json:

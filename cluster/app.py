@@ -62,15 +62,14 @@ DTYPES = ("bfloat16", "float32")  # float16 is not supported by the engine
 EFFORTS = ("low", "medium", "high")
 AUTOSCALING_KEYS = {"min_replicas", "max_replicas", "initial_replicas", "target_ongoing_requests",
                     "upscale_delay_s", "downscale_delay_s"}
-ENGINE_KEYS = {"block_size", "num_blocks", "kv_memory_fraction", "max_num_batched_tokens", "max_num_seqs",
-               "max_model_len", "enable_prefix_caching", "enable_chunked_prefill", "scheduling_policy", "seed",
-               "count_expert_tokens"}
+ENGINE_KEYS = {"block_size", "num_blocks", "kv_memory_fraction", "cpu_kv_space_gib", "max_num_batched_tokens",
+               "max_num_seqs", "max_model_len", "enable_prefix_caching", "enable_chunked_prefill", "scheduling_policy",
+               "seed", "count_expert_tokens"}
 SAMPLING_KEYS = {"temperature", "top_p", "top_k", "min_p", "max_tokens", "presence_penalty", "frequency_penalty",
                  "repetition_penalty"}
 # CPU-only machines time-share their cores: the placement group asks for CPU fractions, not whole cores.
 CPU_REPLICA_SHARE = 0.25
 CPU_SHARD_SHARE = 0.5
-CPU_DEFAULT_KV_BLOCKS = 4096  # without num_blocks / kv_memory_fraction: a fixed pool, not half the RAM per replica
 ENV_OVERRIDES = {"GPTOSS_GRPC_HOST": "grpc_host", "GPTOSS_HTTP_HOST": "http_host",
                  "GPTOSS_METRICS_HOST": "metrics_host", "GPTOSS_AUTH_TOKEN_FILE": "auth_token_file",
                  "GPTOSS_TLS_CERT_FILE": "tls_cert_file", "GPTOSS_TLS_KEY_FILE": "tls_key_file"}
@@ -297,12 +296,10 @@ def placement(config: AppConfig, device: str) -> tuple[list[dict[str, float]], d
 def replica_settings(config: AppConfig, device: str) -> dict[str, Any]:
     from gptoss_cluster.cluster.replica import ReplicaSettings
 
-    engine = dict(config.engine)
-    if device == "cpu" and "num_blocks" not in engine and "kv_memory_fraction" not in engine:
-        engine["num_blocks"] = CPU_DEFAULT_KV_BLOCKS
+    # No KV default here: on CPU the engine sizes its pool by what it can use (EngineConfig.cpu_kv_space_gib).
     return ReplicaSettings(
         model=config.model, served_model_name=config.name, shards_per_replica=config.shards_per_replica,
-        device=device, dtype=config.dtype, engine=engine,
+        device=device, dtype=config.dtype, engine=dict(config.engine),
         placement_strategy=config.placement_strategy, max_ongoing_requests=config.max_ongoing_requests,
         drain_timeout_s=config.graceful_shutdown_timeout_s, metrics_port=config.metrics_port,
         metrics_host=config.metrics_host,

@@ -29,6 +29,9 @@ class ForwardingExecutor(Executor):
     def kv_block_bytes(self, layout: KVCacheLayout) -> int:
         return self.inner.kv_block_bytes(layout)
 
+    def device_type(self) -> str:
+        return self.inner.device_type()
+
     def available_kv_memory(self) -> int:
         return self.inner.available_kv_memory()
 

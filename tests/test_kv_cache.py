@@ -3,7 +3,8 @@
 import pytest
 import torch
 from gptoss_cluster.workers.config import ModelConfig
-from gptoss_cluster.workers.engine.kv_cache import BlockPool, KVCacheLayout, KVCacheManager, hash_block
+from gptoss_cluster.workers.engine.config import EngineConfig
+from gptoss_cluster.workers.engine.kv_cache import BlockPool, KVCacheLayout, KVCacheManager, hash_block, kv_pool_blocks
 from gptoss_cluster.workers.engine.request import Request
 from gptoss_cluster.workers.sampling import SamplingParams
 
@@ -37,6 +38,36 @@ def test_layout_groups_layers_by_window():
     assert len(full_only.groups) == 1 and full_only.num_slots == 4
     # a request of 1000 tokens holds at most 63 full blocks + the window's blocks on the sliding group
     assert layout.blocks_needed(1000, 16) == 63 + (16 + 127) // 16 + 2
+
+
+def test_pool_size_on_cpu_is_what_the_engine_can_use_and_on_cuda_a_share_of_the_device():
+    layout = KVCacheLayout.from_model_config(CFG, BS)
+    block = layout.block_bytes(4, 32, torch.bfloat16)  # 16 KiB
+
+    def size(max_model_len=4096, device="cpu", free=lambda: 1 << 40, **config):
+        return kv_pool_blocks(EngineConfig(**config), layout, max_model_len, block, device, free)
+
+    # by need: 8 sequences of 4096 tokens; the sliding group holds its window and one step's tokens, not 4096
+    per_sequence = 4096 // BS + (2048 + 127) // BS + 2
+    assert size(max_num_seqs=8) == 8 * per_sequence
+    # by the CPU budget: 64 sequences of the model's whole context would take 8 GiB; the default 4 GiB caps them
+    assert size(max_model_len=131072) == 4 * 2**30 // block
+    assert size(max_model_len=131072, cpu_kv_space_gib=0.5) == 2**29 // block
+    # by free memory: kv_memory_fraction of it
+    assert size(max_num_seqs=8, free=lambda: 100 * block) == 50
+    assert size(max_num_seqs=8, free=lambda: 100 * block, kv_memory_fraction=0.2) == 20
+    # an explicit num_blocks wins, and then free memory is never read (on Ray that is a round of remote calls)
+    assert size(num_blocks=7, max_model_len=131072, free=lambda: pytest.fail("free memory read")) == 7
+    # on CUDA the pool takes the fraction of free device memory, whatever the need and the CPU budget
+    gpu = 80 * 2**30
+    assert size(device="cuda", max_num_seqs=1, free=lambda: gpu, kv_memory_fraction=0.9) == int(0.9 * gpu) // block
+    with pytest.raises(ValueError, match="holds no KV block"):
+        size(free=lambda: block)
+    with pytest.raises(ValueError, match="cpu_kv_space_gib .* holds no KV block"):
+        size(cpu_kv_space_gib=1e-9)
+    for bad in (0, -1.0, True, float("inf"), float("nan"), "4"):
+        with pytest.raises(ValueError, match="cpu_kv_space_gib"):
+            EngineConfig(cpu_kv_space_gib=bad)
 
 
 def test_allocate_and_free_restore_the_pool():

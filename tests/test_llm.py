@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -144,3 +146,22 @@ def test_cli_generate_offline(checkpoints, capsys, tmp_path):
     assert main(["generate", "--model", str(tmp_path / "missing"), "--prompt", "x"]) == 2
     assert "not a directory" in capsys.readouterr().err
     assert main(["generate", "--model", str(checkpoints["tiny-hf"]), "--prompt", "x", "--temperature", "-1"]) == 2
+
+
+PEAK_RSS_SCRIPT = """
+import resource, sys
+from gptoss_cluster import LLM, SamplingParams
+llm = LLM(sys.argv[1], progress=False)
+llm.generate(["Hello", "The capital of France is"], SamplingParams(temperature=0, max_tokens=16, ignore_eos=True))
+print(llm.engine.num_kv_blocks, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+"""
+
+
+def test_llm_on_cpu_takes_ram_for_what_it_uses(checkpoints):
+    """No settings: the KV pool is sized by what the engine can hold (4 GiB at most on CPU, not half the free RAM,
+    which was 11 GiB of 12 GiB peak on a 24 GiB machine) and takes RAM only as blocks fill (~0.6 GiB in all)."""
+    proc = subprocess.run([sys.executable, "-c", PEAK_RSS_SCRIPT, str(checkpoints["tiny-hf"])], capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    blocks, peak = map(int, proc.stdout.split()[-2:])
+    assert blocks > 0 and peak < 2 * 2**30, f"peak RSS {peak / 2**30:.2f} GiB with {blocks} KV blocks"

@@ -9,10 +9,14 @@ from dataclasses import dataclass
 class EngineConfig:
     """How one replica batches, caches and schedules.
 
-    KV capacity: `num_blocks` fixes the pool size; left None, the pool takes `kv_memory_fraction` of the memory the
-    executor reports free (device memory on CUDA, MemAvailable on CPU). `max_model_len` defaults to the model's
-    context. With `enable_chunked_prefill` off a prompt runs in one step, so it must fit `max_num_batched_tokens`
-    (a preempted request's recomputation is still chunked). `scheduling_policy` "priority" serves lower `priority`
+    KV capacity: `num_blocks` fixes the pool size. Left None, on CUDA the pool takes `kv_memory_fraction` of the
+    free device memory (vLLM's gpu_memory_utilization); on CPU, where it shares RAM with everything else on the
+    node, it holds what the engine can use at once (`max_num_seqs` sequences of `max_model_len` tokens) within
+    `cpu_kv_space_gib` GiB per shard (vLLM's VLLM_CPU_KVCACHE_SPACE) and `kv_memory_fraction` of MemAvailable, and
+    its pages take RAM only as blocks are first written. `max_model_len` defaults to the model's context.
+
+    With `enable_chunked_prefill` off a prompt runs in one step, so it must fit `max_num_batched_tokens` (a
+    preempted request's recomputation is still chunked). `scheduling_policy` "priority" serves lower `priority`
     values first (ties by arrival) and preempts the highest value (newest first); "fcfs" ignores priorities.
     `seed` drives the sampling of requests without a seed of their own. `dequantize_experts` lets a local executor
     keep a dense copy of small models' MXFP4 experts (dequantized once instead of every step).
@@ -21,6 +25,7 @@ class EngineConfig:
     block_size: int = 16
     num_blocks: int | None = None
     kv_memory_fraction: float = 0.5
+    cpu_kv_space_gib: float = 4.0
     max_num_batched_tokens: int = 2048
     max_num_seqs: int = 64
     max_model_len: int | None = None
@@ -40,6 +45,9 @@ class EngineConfig:
         fraction = self.kv_memory_fraction
         if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
             raise ValueError(f"kv_memory_fraction must be in (0, 1], got {fraction!r}")
+        space = self.cpu_kv_space_gib
+        if isinstance(space, bool) or not isinstance(space, (int, float)) or not 0 < space < float("inf"):
+            raise ValueError(f"cpu_kv_space_gib must be a positive finite number, got {space!r}")
         if self.scheduling_policy not in ("fcfs", "priority"):
             raise ValueError(f"scheduling_policy must be 'fcfs' or 'priority', got {self.scheduling_policy!r}")
         for name in ("enable_prefix_caching", "enable_chunked_prefill", "count_expert_tokens"):

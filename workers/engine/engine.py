@@ -32,7 +32,7 @@ import torch
 from gptoss_cluster.workers.config import ModelConfig
 from gptoss_cluster.workers.engine.config import EngineConfig
 from gptoss_cluster.workers.engine.executor import Executor, LocalExecutor, StepPlan
-from gptoss_cluster.workers.engine.kv_cache import KVCacheLayout, KVCacheManager
+from gptoss_cluster.workers.engine.kv_cache import KVCacheLayout, KVCacheManager, kv_pool_blocks
 from gptoss_cluster.workers.engine.request import (
     GenerationResult,
     Request,
@@ -160,13 +160,8 @@ class Engine:
                                  model_config.max_position_embeddings)
         self.layout = KVCacheLayout.from_model_config(model_config, self.config.block_size)
         self.kv_block_bytes = executor.kv_block_bytes(self.layout)
-        if self.config.num_blocks is not None:
-            num_blocks = self.config.num_blocks
-        else:
-            num_blocks = int(self.config.kv_memory_fraction * executor.available_kv_memory()) // self.kv_block_bytes
-            if num_blocks < 1:
-                raise ValueError(f"kv_memory_fraction {self.config.kv_memory_fraction} of the free memory holds no KV "
-                                 f"block of {self.kv_block_bytes} bytes")
+        num_blocks = kv_pool_blocks(self.config, self.layout, self.max_model_len, self.kv_block_bytes,
+                                    executor.device_type(), executor.available_kv_memory)
         executor.initialize_cache(self.layout, num_blocks)
         logger.info("KV cache: %d blocks of %d tokens (%d tokens, %.1f MiB per shard), %d layer groups",
                     num_blocks, self.config.block_size, num_blocks * self.config.block_size,

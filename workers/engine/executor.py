@@ -49,8 +49,13 @@ class StepPlan:
 
 
 class Executor(abc.ABC):
-    """Runs steps on the model's shard(s). The engine calls, in order: `kv_block_bytes` / `available_kv_memory` (to
-    size the pool), `initialize_cache` once, then `execute` once per step."""
+    """Runs steps on the model's shard(s). The engine calls, in order: `kv_block_bytes` / `device_type` /
+    `available_kv_memory` (to size the pool), `initialize_cache` once, then `execute` once per step."""
+
+    def device_type(self) -> str:
+        """Where the KV pools live: "cpu" (sized by what the engine can use) or an accelerator type such as "cuda"
+        (sized by a fraction of its memory). Executors on accelerators override this."""
+        return "cpu"
 
     @abc.abstractmethod
     def kv_block_bytes(self, layout: KVCacheLayout) -> int:
@@ -100,6 +105,9 @@ class LocalExecutor(Executor):
 
     def kv_block_bytes(self, layout: KVCacheLayout) -> int:
         return layout.block_bytes(self.num_kv_heads, self.head_dim, self.model.dtype)
+
+    def device_type(self) -> str:
+        return self.device.type
 
     def available_kv_memory(self) -> int:
         if self.device.type == "cuda":

@@ -18,14 +18,17 @@ fresh block is needed.
 from __future__ import annotations
 
 import hashlib
+import math
+import mmap
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from gptoss_cluster.kernels.dispatch import Kernels
 from gptoss_cluster.workers.config import ModelConfig
+from gptoss_cluster.workers.engine.config import EngineConfig
 from gptoss_cluster.workers.engine.request import Request
 
 
@@ -80,14 +83,52 @@ class KVCacheLayout:
         return total
 
 
+# ---------------------------------------------------------------------------------------------------- the pool
+def kv_pool_blocks(config: EngineConfig, layout: KVCacheLayout, max_model_len: int, block_bytes: int,
+                   device_type: str, free_bytes: Callable[[], int]) -> int:
+    """How many block ids the pool gets, each `block_bytes` on the most loaded device (the sizing of every
+    executor, local or Ray shards).
+
+    An explicit `config.num_blocks` wins. On an accelerator the pool takes `kv_memory_fraction` of its free memory
+    (as vLLM's gpu_memory_utilization: that memory has no other tenant). On CPU the pool shares RAM with the
+    weights, other replicas and everything else on the node, so it gets no more than the engine can fill at once
+    (`max_num_seqs` sequences of `max_model_len` tokens, counting each layer group's blocks: a sliding group holds
+    only its window), within `cpu_kv_space_gib` (vLLM's VLLM_CPU_KVCACHE_SPACE) and `kv_memory_fraction` of the
+    free memory. `free_bytes` is called only when the pool is sized from memory (on Ray it asks every shard).
+    """
+    if config.num_blocks is not None:
+        return config.num_blocks
+    by_memory = int(config.kv_memory_fraction * free_bytes()) // block_bytes
+    if by_memory < 1:
+        raise ValueError(f"kv_memory_fraction {config.kv_memory_fraction} of the free memory holds no KV block of "
+                         f"{block_bytes} bytes")
+    if device_type != "cpu":
+        return by_memory
+    budget = int(config.cpu_kv_space_gib * 2**30) // block_bytes
+    if budget < 1:
+        raise ValueError(f"cpu_kv_space_gib {config.cpu_kv_space_gib} holds no KV block of {block_bytes} bytes")
+    need = config.max_num_seqs * layout.blocks_needed(max_model_len, config.max_num_batched_tokens)
+    return min(need, budget, by_memory)
+
+
 def allocate_kv_pools(layout: KVCacheLayout, num_blocks: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
                       device: torch.device | str) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Zeroed key and value pools, one [num_blocks, block_size, Hkv, D] tensor per slot (zeros: masked keys of a
     gathered block multiply into the output as 0, never as NaN)."""
     shape = (num_blocks, layout.block_size, num_kv_heads, head_dim)
-    keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layout.num_slots)]
-    values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layout.num_slots)]
+    keys = [_zeros(shape, dtype, device) for _ in range(layout.num_slots)]
+    values = [_zeros(shape, dtype, device) for _ in range(layout.num_slots)]
     return keys, values
+
+
+def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+    if torch.device(device).type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    # A fresh private anonymous mapping reads as zeros and takes RAM only as its pages are first written, so a CPU
+    # pool costs what requests have filled so far, not its full size (torch.zeros would write every page now).
+    # The tensor keeps the mapping alive.
+    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    return torch.frombuffer(mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE), dtype=dtype).view(shape)
 
 
 def hash_block(parent: bytes, token_ids: Sequence[int]) -> bytes:

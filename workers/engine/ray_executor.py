@@ -431,6 +431,9 @@ class RayExecutor(Executor):
         """One block id's bytes on one rank: its own KV heads only (every rank holds the same number)."""
         return layout.block_bytes(self.num_kv_heads, self.model_config.head_dim, self.dtype)
 
+    def device_type(self) -> str:
+        return self.device
+
     def available_kv_memory(self) -> int:
         """The most constrained device's free bytes. GPUs are per shard; on CPU the shards sharing a node share its
         memory, so a node's free memory is split between them."""

@@ -123,6 +123,7 @@ true
 {{- if not (kindIs "invalid" (index $s.engine $key)) }}{{ $_ := set $engine $name (index $s.engine $key) }}{{ end -}}
 {{- end -}}
 {{- if not (kindIs "invalid" $s.engine.kvMemoryFraction) }}{{ $_ := set $engine "kv_memory_fraction" (float64 $s.engine.kvMemoryFraction) }}{{ end -}}
+{{- if not (kindIs "invalid" $s.engine.cpuKvSpaceGib) }}{{ $_ := set $engine "cpu_kv_space_gib" (float64 $s.engine.cpuKvSpaceGib) }}{{ end -}}
 {{- $sampling := dict -}}
 {{- if not (kindIs "invalid" $s.sampling.temperature) }}{{ $_ := set $sampling "temperature" (float64 $s.sampling.temperature) }}{{ end -}}
 {{- if not (kindIs "invalid" $s.sampling.topP) }}{{ $_ := set $sampling "top_p" (float64 $s.sampling.topP) }}{{ end -}}
