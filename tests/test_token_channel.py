@@ -178,9 +178,13 @@ def test_serve_backend_streams_many_requests_over_one_channel_per_replica(script
     async def main():
         backend = ServeBackend(scripted_app, transport=transport)
         try:
+            # Every prompt its own first KV block: with 7 shared prefixes (as this test had) prefix affinity may,
+            # by design, keep all 48 small requests on the replicas that first took each prefix (3 k tokens stay
+            # within the load bound's 2048-token slack), and whether that is one replica or both depended on timing.
+            # Distinct prefixes route by load alone, which spreads them; this test is about the channel.
             n, max_tokens = 48, 24
             results = await asyncio.gather(*(
-                _collect(backend, {"request_id": f"q{k}", "prompt_token_ids": [k % 7] * (16 + k),
+                _collect(backend, {"request_id": f"q{k}", "prompt_token_ids": [100 + k] * (16 + k),
                                    "sampling": {"max_tokens": max_tokens, "ignore_eos": True}})
                 for k in range(n)))
             assert all(tokens == [1000 + i for i in range(max_tokens)] and finish == "length"
