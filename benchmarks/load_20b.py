@@ -25,6 +25,7 @@ sys.path.insert(0, str(ROOT))
 def measure(checkpoint: str, tokens: int, dtype: str) -> dict:
     """Runs in the child: load through the checkpoint reader, then prefill a short prompt and decode greedily."""
     import torch
+
     from gptoss_cluster.workers.checkpoint import open_checkpoint
     from gptoss_cluster.workers.engine.ray_executor import DTYPES
     from gptoss_cluster.workers.model import GptOssModel

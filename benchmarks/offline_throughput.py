@@ -72,6 +72,7 @@ def unembed_rate(hidden: int, vocab: int, rows: int) -> float:
 # ---------------------------------------------------------------------------------------------------- workers
 def run_engine(args, requests) -> dict:
     import torch
+
     from gptoss_cluster.workers.engine import Engine, EngineConfig
     from gptoss_cluster.workers.sampling import SamplingParams
 

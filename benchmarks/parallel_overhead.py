@@ -87,6 +87,7 @@ def main() -> None:
     args = parser.parse_args()
 
     import ray
+
     from gptoss_cluster.workers.checkpoint import open_checkpoint, write_checkpoint
     from gptoss_cluster.workers.config import ModelConfig
     from gptoss_cluster.workers.engine import KVCacheLayout

@@ -156,6 +156,7 @@ def _floor_server(cores: list[Any], stream_interval: int = 1) -> Any:
     Same client, transport, process, engine and messages as the router path: router minus floor is the router's own
     code; floor minus direct is what one streamed gRPC call costs on this machine."""
     import grpc
+
     from gptoss_cluster.proto.gptoss.v1 import gptoss_pb2 as pb
     from gptoss_cluster.proto.gptoss.v1 import gptoss_pb2_grpc as pb_grpc
 
@@ -282,8 +283,9 @@ class RayTarget:
 
             if ray_auth_token() and "RAY_AUTH_MODE" not in os.environ:
                 os.environ["RAY_AUTH_MODE"] = "token"  # Ray only sends its token to an explicit address when told
-            from gptoss_cluster.workers.engine.ray_executor import connect_ray
             from ray import serve
+
+            from gptoss_cluster.workers.engine.ray_executor import connect_ray
 
             connect_ray(os.environ.get("RAY_ADDRESS") or "auto")  # keeps a loopback address on loopback
             self.handle = serve.get_deployment_handle("ModelReplica", app_name=app)
@@ -334,18 +336,20 @@ class ServeTarget(RayTarget):
                  env: dict[str, str] | None = None, stream_interval: int = 1,
                  router_env: dict[str, str] | None = None, access_log: bool = False,
                  transport: str = "grpc") -> None:
-        from gptoss_cluster.workers.engine.ray_executor import connect_ray
         from ray import serve
+
+        from gptoss_cluster.workers.engine.ray_executor import connect_ray
 
         connect_ray(None, num_cpus=max(4, 2 * replicas + 2), log_to_driver=False)
         serve.start(proxy_location="Disabled", http_options={"host": "127.0.0.1", "port": _free_port()})
         port = _free_port()
         if engine == "scripted":
+            from ray.serve.config import RequestRouterConfig
+
             from gptoss_cluster.cluster.app import DEPLOYMENT_LOGGING, REPLICA_SERVE_ENV, ROUTER_SERVE_ENV
             from gptoss_cluster.cluster.router.replica_choice import PrefixAffinityRouter
             from gptoss_cluster.cluster.router.server import RouterImpl, RouterSettings
             from gptoss_cluster.cluster.router.testing import ScriptedReplicaImpl
-            from ray.serve.config import RequestRouterConfig
 
             logging = {**DEPLOYMENT_LOGGING, "enable_access_log": True} if access_log else DEPLOYMENT_LOGGING
             replica = serve.deployment(
@@ -473,8 +477,9 @@ def serve_micro(items: int = 3200) -> list[dict[str, Any]]:
     """CPU per streamed item through a Serve handle: consumer (this process) and replica, for 1 and 16 concurrent
     streams, 1 or 8 token ids per item, items back to back or 20 ms apart (a decode cadence)."""
     import ray
-    from gptoss_cluster.workers.engine.ray_executor import connect_ray
     from ray import serve
+
+    from gptoss_cluster.workers.engine.ray_executor import connect_ray
 
     connect_ray(None, num_cpus=4, log_to_driver=False)
     serve.start(proxy_location="Disabled", http_options={"host": "127.0.0.1", "port": _free_port()})

@@ -47,12 +47,12 @@ def main() -> None:
     args = p.parse_args()
 
     import torch
+
     from gptoss_cluster.workers.checkpoint import write_checkpoint
     from gptoss_cluster.workers.config import ModelConfig
     from gptoss_cluster.workers.engine import Engine, EngineConfig
     from gptoss_cluster.workers.engine.structured import Constraint, ResponseFormat, StructuredDecoding
     from gptoss_cluster.workers.harmony import get_tokenizer, render_chat
-
     from tests.structured_cases import SCHEMAS
 
     if not (args.checkpoint / "config.json").exists():

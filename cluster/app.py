@@ -340,11 +340,12 @@ def replica_max_ongoing(config: AppConfig) -> int:
 
 def build_application(config: AppConfig) -> Any:
     """The bound Serve application (Router -> ModelReplica) for a validated AppConfig."""
+    from ray import serve
+    from ray.serve.config import RequestRouterConfig
+
     from gptoss_cluster.cluster.replica import ModelReplicaImpl
     from gptoss_cluster.cluster.router.replica_choice import PrefixAffinityRouter
     from gptoss_cluster.cluster.router.server import RouterImpl
-    from ray import serve
-    from ray.serve.config import RequestRouterConfig
 
     validate(config)
     device = _resolve_device(config)
@@ -636,6 +637,7 @@ class LocalCluster:
 
     def start(self, ready_timeout_s: float = 600.0, log: Any = None) -> LocalCluster:
         import ray
+
         from gptoss_cluster.workers.engine.ray_executor import connect_ray
 
         log = log or (lambda *_: None)
@@ -675,8 +677,9 @@ class LocalCluster:
     def wait_ready(self, timeout_s: float) -> None:
         """Until the router's health says gptoss.v1.Inference SERVING (raises on a failed deployment)."""
         import grpc
-        from gptoss_cluster.cluster.router.server import INFERENCE_SERVICE
         from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        from gptoss_cluster.cluster.router.server import INFERENCE_SERVICE
 
         assert self.client is not None
         host = "127.0.0.1" if self.config.grpc_host in ("0.0.0.0", "::", "") else self.config.grpc_host

@@ -325,6 +325,7 @@ def _response_format(args: argparse.Namespace) -> dict[str, Any] | None:
 
 def _cmd_chat(args: argparse.Namespace) -> int:
     import grpc
+
     from gptoss_cluster.cluster.client import CHANNEL_NAMES, FINISH_NAMES
 
     if args.address is None:
@@ -400,6 +401,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     if args.model is not None:
         return _generate_offline(args)
     import grpc
+
     from gptoss_cluster.cluster.client import CHANNEL_NAMES, FINISH_NAMES
 
     last = None

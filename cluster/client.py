@@ -32,9 +32,10 @@ from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from typing import Any
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
 from gptoss_cluster.proto.gptoss.v1 import gptoss_pb2 as pb
 from gptoss_cluster.proto.gptoss.v1 import gptoss_pb2_grpc as pb_grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 __all__ = ["AsyncClient", "Client", "TOKEN_ENV", "chat_messages", "function_tools", "response_format_message",
            "sampling_params", "tool_choice_message"]

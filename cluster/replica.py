@@ -489,8 +489,9 @@ class ModelReplicaImpl(ReplicaMethods):
 
     async def __init__(self, settings: dict[str, Any]) -> None:
         import ray
-        from gptoss_cluster.cluster.metrics import Metrics, start_metrics_server
         from ray import serve
+
+        from gptoss_cluster.cluster.metrics import Metrics, start_metrics_server
 
         self.settings = ReplicaSettings.from_dict(settings)
         replica_id = serve.get_replica_context().replica_id.to_full_id_str()

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from types import ModuleType
 
 import torch
+
 from gptoss_cluster.kernels import paged, reference
 
 BACKENDS = ("torch", "triton")

@@ -15,6 +15,7 @@ the engine may have returned them to the pool (their table entries may hold any 
 from __future__ import annotations
 
 import torch
+
 from gptoss_cluster.kernels.reference import attention_with_sinks
 
 

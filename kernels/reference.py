@@ -10,6 +10,7 @@ import math
 from collections.abc import Callable
 
 import torch
+
 from gptoss_cluster.kernels.mxfp4 import dequantize_mxfp4
 
 

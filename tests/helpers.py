@@ -6,6 +6,7 @@ import contextlib
 from collections.abc import Iterator
 
 import torch
+
 from gptoss_cluster.workers.engine import Executor, KVCacheLayout, StepPlan
 
 

@@ -9,6 +9,7 @@ import time
 
 import grpc
 import pytest
+
 from gptoss_cluster.cluster.client import Client, generate_request
 from gptoss_cluster.cluster.router.admission import Admission, DeadlineExceeded, QueueFull
 from gptoss_cluster.cluster.router.server import PUSHBACK_TRAILER, RouterSettings

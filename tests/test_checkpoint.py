@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
+
 from gptoss_cluster.cluster.cli import main
 from gptoss_cluster.kernels.mxfp4 import dequantize_mxfp4
 from gptoss_cluster.workers import checkpoint as ckpt
@@ -21,7 +23,6 @@ from gptoss_cluster.workers.checkpoint import (
     write_checkpoint,
 )
 from gptoss_cluster.workers.config import ConfigError, ModelConfig
-from safetensors.torch import load_file, save_file
 
 # The tiny preset with 2 layers and hidden size 64: ~53 MB (mostly the real-size vocabulary, which the original layout
 # needs: its config.json has no eos/pad ids, so they take the real defaults).

@@ -21,12 +21,12 @@ from typing import Any
 
 import grpc
 import pytest
+
 from gptoss_cluster.cluster.app import AppConfig, DashboardClient, DashboardError, app_config, ray_auth_token, scale
 from gptoss_cluster.cluster.client import AsyncClient, Client
 from gptoss_cluster.cluster.router.server import INFERENCE_SERVICE
 from gptoss_cluster.proto.gptoss.v1 import gptoss_pb2 as pb
 from gptoss_cluster.workers.harmony import get_tokenizer
-
 from tests.tools import free_port
 
 SHARDS = 2
@@ -53,8 +53,9 @@ def test_build_app_arguments_follow_the_chart_schema(tmp_path):
 
     import jsonschema
     import yaml
-    from gptoss_cluster.cluster.app import AppConfigError, parse_args, placement, serve_config, to_yaml
     from ray.serve.schema import ServeDeploySchema
+
+    from gptoss_cluster.cluster.app import AppConfigError, parse_args, placement, serve_config, to_yaml
 
     schema = json.loads((Path(__file__).parents[1] / "helm/gptoss-cluster/files/serve-args.schema.json").read_text())
     config = parse_args({"model": "/models/gpt-oss-20b", "shards_per_replica": 2, "device": "cuda",
@@ -189,8 +190,9 @@ def test_cli_serve_then_chat_then_ctrl_c(tmp_path):
 @pytest.fixture(scope="module")
 def cluster(checkpoints):
     import ray
-    from gptoss_cluster.workers.engine.ray_executor import connect_ray
     from ray import serve
+
+    from gptoss_cluster.workers.engine.ray_executor import connect_ray
 
     dashboard_port, grpc_port = free_port(), free_port()
     os.environ["GPTOSS_NO_PROGRESS"] = "1"

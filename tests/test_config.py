@@ -1,6 +1,7 @@
 import json
 
 import pytest
+
 from gptoss_cluster.workers.config import FULL, PRESETS, SLIDING, ConfigError, ModelConfig
 
 

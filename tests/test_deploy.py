@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from gptoss_cluster.cluster.metrics import Metrics
 
+from gptoss_cluster.cluster.metrics import Metrics
 from tests.tools import find_tool
 
 ROOT = Path(__file__).resolve().parents[1]

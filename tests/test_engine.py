@@ -9,12 +9,12 @@ import threading
 
 import pytest
 import torch
+
 from gptoss_cluster.workers.checkpoint import open_checkpoint, write_checkpoint
 from gptoss_cluster.workers.config import ModelConfig
 from gptoss_cluster.workers.engine import Engine, EngineConfig, Executor, LocalExecutor, RequestStatus
 from gptoss_cluster.workers.model import GptOssModel
 from gptoss_cluster.workers.sampling import SamplingParams
-
 from tests.helpers import ForwardingExecutor, torch_threads
 
 VOCAB = 4096

@@ -8,6 +8,19 @@ import importlib.resources
 import os
 
 import pytest
+from openai_harmony import (
+    Author,
+    Conversation,
+    DeveloperContent,
+    HarmonyEncodingName,
+    Message,
+    ReasoningEffort,
+    Role,
+    SystemContent,
+    ToolDescription,
+    load_harmony_encoding,
+)
+
 from gptoss_cluster.workers import harmony
 from gptoss_cluster.workers.harmony import (
     O200K_BASE_SHA256,
@@ -21,18 +34,6 @@ from gptoss_cluster.workers.harmony import (
     parse_completion,
     render_chat,
     render_chat_text,
-)
-from openai_harmony import (
-    Author,
-    Conversation,
-    DeveloperContent,
-    HarmonyEncodingName,
-    Message,
-    ReasoningEffort,
-    Role,
-    SystemContent,
-    ToolDescription,
-    load_harmony_encoding,
 )
 
 RETURN, CONSTRAIN, CHANNEL, START, END, MESSAGE, CALL = 200002, 200003, 200005, 200006, 200007, 200008, 200012

@@ -16,8 +16,8 @@ from typing import Any
 
 import pytest
 import yaml
-from gptoss_cluster.cluster.app import ROUTER_SERVE_ENV, parse_args, replica_max_ongoing, router_settings
 
+from gptoss_cluster.cluster.app import ROUTER_SERVE_ENV, parse_args, replica_max_ongoing, router_settings
 from tests.tools import find_tool
 
 ROOT = Path(__file__).resolve().parents[1]

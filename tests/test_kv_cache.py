@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+
 from gptoss_cluster.workers.config import ModelConfig
 from gptoss_cluster.workers.engine.config import EngineConfig
 from gptoss_cluster.workers.engine.kv_cache import BlockPool, KVCacheLayout, KVCacheManager, hash_block, kv_pool_blocks

@@ -8,11 +8,11 @@ import sys
 
 import pytest
 import torch
+
+from gptoss_cluster import LLM, SamplingParams
 from gptoss_cluster.workers.checkpoint import CheckpointError
 from gptoss_cluster.workers.config import ConfigError
 from gptoss_cluster.workers.harmony import get_tokenizer
-
-from gptoss_cluster import LLM, SamplingParams
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,8 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
 from gptoss_cluster.cluster.metrics import (
     MULTIPROC_ENV,
     REPLICA_STATES,
@@ -19,7 +21,6 @@ from gptoss_cluster.cluster.metrics import (
     render_node_metrics,
     start_metrics_server,
 )
-from prometheus_client.parser import text_string_to_metric_families
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -25,13 +25,13 @@ import urllib.request
 import jsonschema
 import openai
 import pytest
+from structured_cases import GRAMMARS, REGEXES, SCHEMAS, WEATHER_TOOL, full_match
+
 from gptoss_cluster.cluster.client import Client
 from gptoss_cluster.cluster.metrics import Metrics
 from gptoss_cluster.cluster.router.server import RouterSettings
 from gptoss_cluster.cluster.router.testing import ScriptedReplica, ServerThread
 from gptoss_cluster.workers.harmony import get_tokenizer
-from structured_cases import GRAMMARS, REGEXES, SCHEMAS, WEATHER_TOOL, full_match
-
 from tests.tools import free_port
 
 TOKEN = "http-test-token"
@@ -73,6 +73,7 @@ def _wait(predicate, timeout: float, what: str, interval: float = 0.1):
 @pytest.fixture(scope="module")
 def cluster(checkpoints):
     import ray
+
     from gptoss_cluster.cluster.app import AppConfig, LocalCluster
 
     if ray.is_initialized():  # a previous module's connection: this module starts its own node

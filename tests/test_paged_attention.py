@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+
 from gptoss_cluster.kernels.dispatch import TORCH_KERNELS
 from gptoss_cluster.kernels.paged import paged_attention
 from gptoss_cluster.kernels.reference import attention_with_sinks

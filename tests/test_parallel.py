@@ -22,6 +22,8 @@ import time
 
 import pytest
 import torch
+
+from gptoss_cluster import LLM
 from gptoss_cluster.workers.checkpoint import open_checkpoint
 from gptoss_cluster.workers.config import ModelConfig
 from gptoss_cluster.workers.engine import EngineConfig, Executor, KVCacheLayout
@@ -34,8 +36,6 @@ from gptoss_cluster.workers.engine.ray_executor import (
     start_local_ray,
 )
 from gptoss_cluster.workers.sampling import SamplingParams
-
-from gptoss_cluster import LLM
 from tests.helpers import ForwardingExecutor, torch_threads
 
 ray = pytest.importorskip("ray")

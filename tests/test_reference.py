@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+
 from gptoss_cluster.kernels import reference
 from gptoss_cluster.kernels.mxfp4 import FP4_VALUES, dequantize_mxfp4, quantize_mxfp4
 from gptoss_cluster.workers.config import ModelConfig

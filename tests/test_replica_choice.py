@@ -6,6 +6,9 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from ray.serve._private.common import DeploymentHandleSource, DeploymentID, ReplicaID, RequestMetadata
+from ray.serve.request_router import PendingRequest
+
 from gptoss_cluster.cluster.router.replica_choice import (
     AffinityPolicy,
     PrefixAffinityRouter,
@@ -13,8 +16,6 @@ from gptoss_cluster.cluster.router.replica_choice import (
     request_cost,
 )
 from gptoss_cluster.workers.engine.kv_cache import hash_block
-from ray.serve._private.common import DeploymentHandleSource, DeploymentID, ReplicaID, RequestMetadata
-from ray.serve.request_router import PendingRequest
 
 BS = 4
 

@@ -16,13 +16,6 @@ import urllib.request
 
 import grpc
 import pytest
-from gptoss_cluster.cluster.client import Client
-from gptoss_cluster.cluster.metrics import Metrics
-from gptoss_cluster.cluster.replica import ReplicaCore, ReplicaSettings
-from gptoss_cluster.cluster.router.server import INFERENCE_SERVICE, RouterSettings
-from gptoss_cluster.cluster.router.testing import ScriptedReplica, ServerThread
-from gptoss_cluster.proto.gptoss.v1 import gptoss_pb2 as pb
-from gptoss_cluster.workers.harmony import get_encoding, get_tokenizer
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 from openai_harmony import (
@@ -34,6 +27,14 @@ from openai_harmony import (
     SystemContent,
     ToolDescription,
 )
+
+from gptoss_cluster.cluster.client import Client
+from gptoss_cluster.cluster.metrics import Metrics
+from gptoss_cluster.cluster.replica import ReplicaCore, ReplicaSettings
+from gptoss_cluster.cluster.router.server import INFERENCE_SERVICE, RouterSettings
+from gptoss_cluster.cluster.router.testing import ScriptedReplica, ServerThread
+from gptoss_cluster.proto.gptoss.v1 import gptoss_pb2 as pb
+from gptoss_cluster.workers.harmony import get_encoding, get_tokenizer
 
 WEATHER = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
 CONTEXT = 1024
@@ -257,7 +258,6 @@ def test_cli_bench_against_a_router_prints_every_level(tmp_path, capsys):
 def test_cli_bench_without_a_router_fails_in_seconds(capsys, monkeypatch):
     from gptoss_cluster.cluster import bench
     from gptoss_cluster.cluster.cli import main
-
     from tests.tools import free_port
 
     monkeypatch.setattr(bench, "CONNECT_TIMEOUT_S", 2.0)

@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+
 from gptoss_cluster.workers.engine.request import Request
 from gptoss_cluster.workers.engine.sampler import Sampler, apply_penalties, sample_rows
 from gptoss_cluster.workers.sampling import SamplingParams, sample_token

@@ -1,6 +1,7 @@
 """The scheduler without a model: token budget, max running, chunked prefill, preemption, admission checks, order."""
 
 import pytest
+
 from gptoss_cluster.workers.config import ModelConfig
 from gptoss_cluster.workers.engine.config import EngineConfig
 from gptoss_cluster.workers.engine.kv_cache import KVCacheLayout, KVCacheManager

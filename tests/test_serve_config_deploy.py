@@ -26,11 +26,11 @@ from typing import Any
 import grpc
 import pytest
 import yaml
+
 from gptoss_cluster.cluster.app import DashboardClient, DashboardError, parse_args, placement
 from gptoss_cluster.cluster.client import Client
 from gptoss_cluster.cluster.router.server import INFERENCE_SERVICE
 from gptoss_cluster.proto.gptoss.v1 import gptoss_pb2 as pb
-
 from tests.tools import find_tool, free_port
 
 pytestmark = pytest.mark.slow
@@ -153,8 +153,9 @@ def ray_node() -> Iterator[dict[str, Any]]:
     resource (rayStartParams; the Router deployment asks for it) and GPTOSS_AUTH_TOKEN (the chart's Secret; Ray's
     workers inherit the node's environment). Shared by both values files, one application at a time."""
     import ray
-    from gptoss_cluster.workers.engine.ray_executor import connect_ray
     from ray import serve
+
+    from gptoss_cluster.workers.engine.ray_executor import connect_ray
 
     helm = find_tool("helm")
     if not helm:

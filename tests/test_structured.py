@@ -12,10 +12,10 @@ import json
 import jsonschema
 import pytest
 import torch
+
 from gptoss_cluster.workers.engine import Engine, EngineConfig
 from gptoss_cluster.workers.engine.structured import Constraint, ResponseFormat, ToolSpec
 from gptoss_cluster.workers.harmony import get_tokenizer, parse_completion, render_chat
-
 from tests.structured_cases import GRAMMARS, REGEXES, SCHEMAS, TIME_TOOL, WEATHER_TOOL, full_match
 
 MAX_TOKENS = 400
@@ -246,6 +246,7 @@ def test_apply_bitmask_matches_xgrammar_s_kernel(engine):
     """The vectorized CPU apply: exactly xgrammar's result, for all rows, a subset, all-allowed rows, padding."""
     import numpy as np
     import xgrammar as xgr
+
     from gptoss_cluster.workers.engine.structured import _allows_all
 
     d = engine.structured

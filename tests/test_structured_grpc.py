@@ -19,6 +19,7 @@ from typing import Any
 import grpc
 import jsonschema
 import pytest
+
 from gptoss_cluster.cluster.client import (
     AsyncClient,
     Client,
@@ -30,7 +31,6 @@ from gptoss_cluster.cluster.router.requests import RequestError, Validator, cons
 from gptoss_cluster.proto.gptoss.v1 import gptoss_pb2 as pb
 from gptoss_cluster.workers.engine.structured import BUILTIN_RECIPIENTS, Constraint
 from gptoss_cluster.workers.harmony import END_ID, get_tokenizer
-
 from tests.structured_cases import GRAMMARS, REGEXES, SCHEMAS, TIME_TOOL, WEATHER_TOOL, full_match
 from tests.tools import free_port
 
@@ -190,6 +190,7 @@ def test_cli_structured_flags_bad_values_exit_2(tmp_path, capsys):
 def cluster(checkpoints):
     """Router + one ModelReplica (tiny model, one shard) on a local Ray node, deployed through the dashboard."""
     import ray
+
     from gptoss_cluster.cluster.app import AppConfig, LocalCluster
 
     os.environ["GPTOSS_NO_PROGRESS"] = "1"

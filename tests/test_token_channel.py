@@ -12,6 +12,7 @@ import contextlib
 import os
 
 import pytest
+
 from gptoss_cluster.cluster.app import REPLICA_SERVE_ENV
 from gptoss_cluster.cluster.replica import TokenChannels
 from gptoss_cluster.cluster.router.testing import ScriptedReplica
@@ -133,11 +134,12 @@ def test_cancelling_a_submit_aborts_the_request_on_the_replica():
 @pytest.fixture(scope="module")
 def scripted_app():
     import ray
+    from ray import serve
+    from ray.serve.config import RequestRouterConfig
+
     from gptoss_cluster.cluster.router.replica_choice import PrefixAffinityRouter
     from gptoss_cluster.cluster.router.testing import ScriptedReplicaImpl
     from gptoss_cluster.workers.engine.ray_executor import connect_ray
-    from ray import serve
-    from ray.serve.config import RequestRouterConfig
 
     if ray.is_initialized():
         ray.shutdown()

@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
 from gptoss_cluster.kernels.mxfp4 import BLOCK, BYTES_PER_BLOCK, dequantize_mxfp4, quantize_mxfp4
 from gptoss_cluster.workers.config import ConfigError, ModelConfig
 

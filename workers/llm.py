@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
 from gptoss_cluster.workers.checkpoint import open_checkpoint
 from gptoss_cluster.workers.engine import Engine, EngineConfig
 from gptoss_cluster.workers.engine.ray_executor import as_dtype

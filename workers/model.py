@@ -11,11 +11,12 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import torch
+from torch import nn
+from tqdm import tqdm
+
 from gptoss_cluster.kernels.dispatch import Kernels, select_kernels
 from gptoss_cluster.kernels.reference import rope_cos_sin, yarn_inv_freq
 from gptoss_cluster.workers.config import ModelConfig
-from torch import nn
-from tqdm import tqdm
 
 
 class Collective(Protocol):

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 import torch
+
 from gptoss_cluster.workers.engine.executor import LocalExecutor, StepPlan
 from gptoss_cluster.workers.engine.kv_cache import KVCacheLayout
 from gptoss_cluster.workers.parallel import (

@@ -22,8 +22,9 @@ import re
 from collections.abc import Callable
 from typing import Any
 
-from gptoss_cluster.proto.gptoss.v1 import gptoss_pb2 as pb
 from pydantic import BaseModel, ConfigDict
+
+from gptoss_cluster.proto.gptoss.v1 import gptoss_pb2 as pb
 
 __all__ = ["ChatCompletionRequest", "CompletionRequest", "InvalidRequest", "ResponsesRequest", "chat_request",
            "check_text", "completion_request", "responses_request"]

@@ -31,6 +31,8 @@ import grpc
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException
+
 from gptoss_cluster.cluster.router import openai_convert as convert
 from gptoss_cluster.cluster.router.openai_render import (
     ChatCompletion,
@@ -41,7 +43,6 @@ from gptoss_cluster.cluster.router.openai_render import (
 )
 from gptoss_cluster.cluster.router.server import RouterError
 from gptoss_cluster.workers.harmony import get_tokenizer
-from starlette.exceptions import HTTPException
 
 if TYPE_CHECKING:
     from gptoss_cluster.cluster.router.server import GptossServer

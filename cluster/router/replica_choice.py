@@ -30,8 +30,9 @@ from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from gptoss_cluster.workers.engine.kv_cache import hash_block
 from ray.serve.request_router import MultiplexMixin, PendingRequest, ReplicaID, RequestRouter, RunningReplica
+
+from gptoss_cluster.workers.engine.kv_cache import hash_block
 
 __all__ = ["AffinityPolicy", "PrefixAffinityRouter", "prefix_hashes", "request_cost"]
 

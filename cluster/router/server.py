@@ -36,6 +36,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
 from gptoss_cluster.cluster.replica import merge_deltas
 from gptoss_cluster.cluster.router.admission import Admission, DeadlineExceeded, QueueFull
 from gptoss_cluster.cluster.router.backend import Backend, BackendError
@@ -44,8 +47,6 @@ from gptoss_cluster.cluster.router.requests import Prepared, RequestError, Valid
 from gptoss_cluster.cluster.router.streaming import ChatDelta, ChatStream, TextStream, chat_finish_reason
 from gptoss_cluster.proto.gptoss.v1 import gptoss_pb2 as pb
 from gptoss_cluster.proto.gptoss.v1 import gptoss_pb2_grpc as pb_grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 logger = logging.getLogger("gptoss.router")
 

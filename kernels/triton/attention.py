@@ -27,6 +27,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+import triton.language as tl
 from gptoss_cluster.kernels.triton._jit import (
     cdiv,
     check_device,
@@ -37,8 +39,6 @@ from gptoss_cluster.kernels.triton._jit import (
     next_power_of_2,
     num_sms,
 )
-
-import triton.language as tl
 
 LOG2E = 1.4426950408889634
 MAX_SPLITS = 32

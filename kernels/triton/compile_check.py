@@ -21,9 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from gptoss_cluster.kernels.triton._jit import Launch, record_launches
 
 import triton
+from gptoss_cluster.kernels.triton._jit import Launch, record_launches
 from triton.backends.compiler import GPUTarget
 
 HOPPER = GPUTarget("cuda", 90, 32)

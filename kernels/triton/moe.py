@@ -32,9 +32,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from gptoss_cluster.kernels.triton._jit import cdiv, check_device, dot_fp32, interpreting, jit, launch, next_power_of_2
 
 import triton.language as tl
+from gptoss_cluster.kernels.triton._jit import cdiv, check_device, dot_fp32, interpreting, jit, launch, next_power_of_2
 
 
 # ---------------------------------------------------------------------------------------------------- grouping

@@ -8,9 +8,9 @@ the fused qkv projection without a copy).
 from __future__ import annotations
 
 import torch
-from gptoss_cluster.kernels.triton._jit import check_device, jit, launch, next_power_of_2
 
 import triton.language as tl
+from gptoss_cluster.kernels.triton._jit import check_device, jit, launch, next_power_of_2
 
 
 @jit

@@ -9,9 +9,9 @@ per-expert vector and adds it with one atomic per expert, so no two lanes of a p
 from __future__ import annotations
 
 import torch
-from gptoss_cluster.kernels.triton._jit import cdiv, check_device, jit, launch, next_power_of_2
 
 import triton.language as tl
+from gptoss_cluster.kernels.triton._jit import cdiv, check_device, jit, launch, next_power_of_2
 
 
 @jit

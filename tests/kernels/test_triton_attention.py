@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from gptoss_cluster.kernels import paged, reference
 from gptoss_cluster.kernels.triton import attention
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from gptoss_cluster.kernels.dispatch import select_kernels
 from gptoss_cluster.workers.config import ModelConfig
 from gptoss_cluster.workers.model import GptOssModel

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from gptoss_cluster.kernels import reference
 from gptoss_cluster.kernels.mxfp4 import quantize_mxfp4
 from gptoss_cluster.kernels.triton import moe

@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 import torch
+
 from gptoss_cluster.workers.config import ModelConfig
 from gptoss_cluster.workers.engine.config import EngineConfig
 from gptoss_cluster.workers.engine.executor import Executor, LocalExecutor, StepPlan

@@ -13,6 +13,7 @@ import os
 from dataclasses import dataclass
 
 import torch
+
 from gptoss_cluster.workers.engine.experts import (
     DEFAULT_LIMIT_BYTES,
     DequantizedMoE,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 
 import torch
+
 from gptoss_cluster.kernels.dispatch import Kernels
 from gptoss_cluster.kernels.mxfp4 import dequantize_mxfp4
 from gptoss_cluster.kernels.reference import mix_experts

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+
 from gptoss_cluster.kernels.dispatch import Kernels
 from gptoss_cluster.workers.config import ModelConfig
 from gptoss_cluster.workers.engine.config import EngineConfig

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
+
 from gptoss_cluster.workers.config import ModelConfig
 from gptoss_cluster.workers.engine.executor import Executor, LocalExecutor, StepPlan
 from gptoss_cluster.workers.engine.kv_cache import KVCacheLayout

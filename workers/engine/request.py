@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+
 from gptoss_cluster.workers.sampling import SamplingParams
 
 

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 import torch
+
 from gptoss_cluster.workers.engine.request import Request, TokenLogprob
 from gptoss_cluster.workers.sampling import SamplingParams
 
