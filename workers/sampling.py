@@ -9,8 +9,10 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # the router validates SamplingParams in a process that never loads torch
+    import torch
 
 MAX_LOGPROBS = 20  # most top logprobs a request may ask for per token
 _SEED_RANGE = (-(1 << 63), (1 << 64) - 1)  # what torch.Generator.manual_seed accepts
@@ -108,6 +110,8 @@ class SamplingParams:
         """A per-request generator, so a seeded request samples the same tokens whatever else runs beside it."""
         if self.seed is None or self.temperature == 0:
             return None
+        import torch
+
         return torch.Generator().manual_seed(self.seed)
 
 

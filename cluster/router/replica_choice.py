@@ -1,7 +1,7 @@
 """Which ModelReplica serves a request: prefix-cache affinity bounded by load, else least outstanding tokens.
 
 `AffinityPolicy` is the decision, free of Ray: it hashes the prompt's leading KV blocks with the engine's own hash
-chain (`workers.engine.kv_cache.hash_block`, so "same hash" means "the replica's prefix cache can hold it"),
+chain (`workers.block_hash`, so "same hash" means "the replica's prefix cache can hold it"),
 remembers which replica each hashed prefix was last sent to, and keeps an estimate of every replica's outstanding
 tokens (prompt + max_tokens of the requests it routed that have not finished, and of those it ranked but Serve has
 not routed yet, on their first choice; replicas also report their own figure through Serve's routing stats, and the
@@ -32,21 +32,11 @@ from typing import Any
 
 from ray.serve.request_router import MultiplexMixin, PendingRequest, ReplicaID, RequestRouter, RunningReplica
 
-from gptoss_cluster.workers.engine.kv_cache import hash_block
+from gptoss_cluster.workers.block_hash import prefix_hashes
 
 __all__ = ["AffinityPolicy", "PrefixAffinityRouter", "prefix_hashes", "request_cost"]
 
 CHOSEN_TTL_S = 5.0  # how long a choice not yet routed counts on its replica
-
-
-def prefix_hashes(token_ids: Sequence[int], block_size: int, max_blocks: int) -> list[bytes]:
-    """Hash chain of the prompt's leading full KV blocks (at most `max_blocks`), as the engine computes it."""
-    out: list[bytes] = []
-    parent = b""
-    for i in range(min(len(token_ids) // block_size, max_blocks)):
-        parent = hash_block(parent, token_ids[i * block_size:(i + 1) * block_size])
-        out.append(parent)
-    return out
 
 
 def request_cost(request: Mapping[str, Any]) -> int:

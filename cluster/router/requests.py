@@ -21,7 +21,7 @@ from typing import Any
 import grpc
 
 from gptoss_cluster.proto.gptoss.v1 import gptoss_pb2 as pb
-from gptoss_cluster.workers.engine.structured import BUILTIN_RECIPIENTS, Constraint
+from gptoss_cluster.workers.constraint import BUILTIN_RECIPIENTS, Constraint
 from gptoss_cluster.workers.harmony import Tokenizer, get_tokenizer, render_chat
 from gptoss_cluster.workers.sampling import SamplingParams
 

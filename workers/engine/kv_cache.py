@@ -17,17 +17,16 @@ fresh block is needed.
 
 from __future__ import annotations
 
-import hashlib
 import math
 import mmap
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from gptoss_cluster.kernels.dispatch import Kernels
+from gptoss_cluster.workers.block_hash import hash_block
 from gptoss_cluster.workers.config import ModelConfig
 from gptoss_cluster.workers.engine.config import EngineConfig
 from gptoss_cluster.workers.engine.request import Request
@@ -130,11 +129,6 @@ def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | st
     # The tensor keeps the mapping alive.
     nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
     return torch.frombuffer(mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE), dtype=dtype).view(shape)
-
-
-def hash_block(parent: bytes, token_ids: Sequence[int]) -> bytes:
-    """The chained name of a full block: a hash of its predecessor's name and its own token ids."""
-    return hashlib.blake2b(parent + np.asarray(token_ids, dtype=np.int64).tobytes(), digest_size=16).digest()
 
 
 # ---------------------------------------------------------------------------------------------------- block pool
