@@ -495,9 +495,6 @@ class CheckpointReader:
             return torch.uint8
         return _ST_DTYPES[self._headers[file][loc.name].dtype]
 
-    def file_of(self, name: str) -> Path:
-        return self._locate(name)[1]
-
     # ------------------------------------------------------------------------------------------ reading
     def read(self, name: str, index: tuple[slice, ...] | None = None, *, copy: bool = True,
              out: torch.Tensor | None = None) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""EngineConfig: the knobs of one replica's engine core (could move next to ModelConfig in workers/config.py)."""
+"""EngineConfig: the knobs of one replica's engine core (KV pool size, batching, scheduling, sampling seed)."""
 
 from __future__ import annotations
 
