@@ -240,8 +240,8 @@ class GptOssModel(nn.Module):
         config = reader.config
         # Buffers are torch.empty on the target device: allocated once, filled below (a meta-device detour costs
         # seconds of torch._refs imports per process, which every shard of a replica pays at start).
-        with torch.device(device):
-            model = cls(config, dtype, shard, kernels, collective)
+        with torch.device(device):  # kernels for the device it runs on (Triton on CUDA), unless given
+            model = cls(config, dtype, shard, kernels or select_kernels(device), collective)
         model.inv_freq.copy_(yarn_inv_freq(config.head_dim, config.rope_theta, config.rope_scaling_factor,
                                            config.rope_original_context, config.rope_beta_fast, config.rope_beta_slow,
                                            config.rope_truncate)[0])
