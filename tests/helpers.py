@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 import torch
 
-from gptoss_cluster.workers.engine import Executor, KVCacheLayout, StepPlan
+from gptoss_cluster.workers.engine import Executor, KVCacheLayout, SampledTokens, StepPlan
 
 
 @contextlib.contextmanager
@@ -39,8 +39,11 @@ class ForwardingExecutor(Executor):
     def initialize_cache(self, layout: KVCacheLayout, num_blocks: int) -> None:
         self.inner.initialize_cache(layout, num_blocks)
 
-    def execute(self, plan: StepPlan) -> torch.Tensor:
-        return self.inner.execute(plan)
+    def execute(self, plan: StepPlan, bitmask=None) -> SampledTokens:
+        return self.inner.execute(plan, bitmask)
+
+    def forward_logits(self, plan: StepPlan) -> torch.Tensor:
+        return self.inner.forward_logits(plan)
 
     def expert_counts(self) -> torch.Tensor | None:
         return self.inner.expert_counts()

@@ -13,6 +13,7 @@ import torch
 from gptoss_cluster.workers.checkpoint import open_checkpoint, write_checkpoint
 from gptoss_cluster.workers.config import ModelConfig
 from gptoss_cluster.workers.engine import Engine, EngineConfig, Executor, LocalExecutor, RequestStatus
+from gptoss_cluster.workers.engine.executor import sample_step
 from gptoss_cluster.workers.model import GptOssModel
 from gptoss_cluster.workers.sampling import SamplingParams
 from tests.helpers import ForwardingExecutor, torch_threads
@@ -70,13 +71,13 @@ class HookExecutor(ForwardingExecutor):
         self.steps = 0
         self.logits = []
 
-    def execute(self, plan):
-        out = super().execute(plan)
+    def execute(self, plan, bitmask=None):
+        logits = self.inner.forward_logits(plan)
         self.steps += 1
-        self.logits.append(out)
+        self.logits.append(logits.clone())
         if self.hook is not None:
             self.hook(self.steps)
-        return out
+        return sample_step(logits, plan, bitmask).to_host()
 
 
 MIX = [(5, 12), (40, 8), (150, 6), (300, 10), (17, 30), (129, 3), (64, 5)]  # (prompt, max_tokens)
@@ -169,7 +170,10 @@ class RandomExecutor(Executor):
     def initialize_cache(self, layout, num_blocks):
         self.num_blocks, self.block_size = num_blocks, layout.block_size
 
-    def execute(self, plan):
+    def execute(self, plan, bitmask=None):
+        return sample_step(self.forward_logits(plan), plan, bitmask).to_host()
+
+    def forward_logits(self, plan):
         for slots in plan.slot_mappings:
             assert slots.unique().numel() == slots.numel()
             assert int(slots.max()) < self.num_blocks * self.block_size
@@ -419,3 +423,97 @@ def test_kv_capacity_from_a_memory_fraction():
         EngineConfig(block_size=0)
     with pytest.raises(ValueError, match="scheduling_policy"):
         EngineConfig(scheduling_policy="lifo")
+
+
+# ---------------------------------------------------------------------------------------------------- sampling
+class FixedLogitsExecutor(RandomExecutor):
+    """No model: a row's logits are a fixed function of the token it was fed (its context's last token), so a
+    request's logits do not depend on what runs beside it, and its tokens differ only by its draws."""
+
+    def forward_logits(self, plan):
+        super().forward_logits(plan)  # the KV slot checks
+        rows = [torch.randn(self.vocab, generator=torch.Generator().manual_seed(t)) * 2
+                for t in plan.token_ids[plan.logits_indices].tolist()]
+        return torch.stack(rows) if rows else torch.zeros(0, self.vocab)
+
+
+def test_with_fixed_logits_a_seeded_row_draws_the_same_tokens_alone_and_in_a_busy_batch():
+    config = ModelConfig.preset("tiny", num_hidden_layers=2, vocab_size=512, eos_token_id=511, pad_token_id=510)
+    seeded = SamplingParams(temperature=1.0, top_p=0.9, seed=1234, max_tokens=24, ignore_eos=True)
+    prompt = list(range(40, 75))
+    alone = Engine(FixedLogitsExecutor(512), config, EngineConfig(num_blocks=64)).generate([(prompt, seeded)])[0]
+    others = [(list(range(n, 2 * n)), SamplingParams(max_tokens=m, ignore_eos=True, **extra)) for n, m, extra in [
+        (90, 30, dict(temperature=1.0)), (12, 9, dict(temperature=0, logprobs=3)),
+        (150, 20, dict(temperature=0.7, seed=99, repetition_penalty=1.2)),
+        (33, 26, dict(temperature=1.2, top_k=5, min_p=0.1, frequency_penalty=0.5, logprobs=2)),
+        (20, 18, dict(temperature=0.5, seed=1234))]]  # the same seed in another request: its own stream
+    busy = Engine(FixedLogitsExecutor(512), config, EngineConfig(num_blocks=64, max_num_batched_tokens=40, seed=9))
+    results = busy.generate(others[:2] + [(prompt, seeded)] + others[2:])
+    assert results[2].token_ids == alone.token_ids and len(set(alone.token_ids)) > 5
+
+
+def test_mixed_batch_gives_the_tokens_and_logprobs_of_the_previous_engine(model):
+    """The engine with sampling on the executor against the engine as it was (tests/sampler_oracle.py: the full
+    logits back to the engine, its old host sampler): the same tokens, stops and logprobs, in one mixed batch."""
+    from tests.sampler_oracle import OracleEngine, assert_same_results
+
+    prompt = ids(30, seed=80)
+    free = reference_greedy(model, prompt, 8)
+    stop = free[3]
+    requests = [
+        (prompt, SamplingParams(max_tokens=8, **GREEDY)),
+        (prompt, SamplingParams(max_tokens=8, stop_token_ids=[stop], temperature=0)),
+        (prompt, SamplingParams(max_tokens=10, min_tokens=6, stop_token_ids=[stop], temperature=0)),
+        (ids(50, seed=81), SamplingParams(max_tokens=9, temperature=0.8, top_p=0.9, seed=7, logprobs=5,
+                                          ignore_eos=True)),
+        (ids(17, seed=82), SamplingParams(max_tokens=7, temperature=1.1, top_k=50, min_p=0.02, ignore_eos=True)),
+        (ids(64, seed=83), SamplingParams(max_tokens=9, temperature=0.7, seed=11, repetition_penalty=1.3,
+                                          frequency_penalty=0.5, presence_penalty=0.3, ignore_eos=True)),
+        (ids(9, seed=84), SamplingParams(max_tokens=6, repetition_penalty=0.8, presence_penalty=-1.0, logprobs=0,
+                                         **GREEDY)),
+        (ids(40, seed=85), SamplingParams(max_tokens=8, logprobs=5, **GREEDY)),
+    ]
+    config = EngineConfig(num_blocks=200, max_num_batched_tokens=64, seed=3)
+    new = Engine.from_model(model, config).generate(requests)
+    old = OracleEngine(LocalExecutor(model), model.config, config).generate(requests)
+    assert_same_results(new, old, "G=1")
+    assert new[1].finish_reason == "stop" and new[1].token_ids == free[:free.index(stop) + 1]
+    assert new[2].token_ids[:6].count(stop) == 0 and new[3].logprobs and len(new[3].logprobs[0].top) == 5
+
+
+def test_a_step_reads_nothing_back_from_the_device_until_its_tokens():
+    """LocalExecutor.run_step (forward with expert counting, then the sampler) on a model on the meta device: any
+    read-back (.cpu(), .item(), .tolist(), a boolean mask, bincount's data-sized output) raises there. The paged
+    attention and MoE kernels are stand-ins: the torch references read the data on purpose (they are the CPU path);
+    the Triton kernels that run on GPUs do not."""
+    import dataclasses
+
+    from gptoss_cluster.kernels.dispatch import TORCH_KERNELS
+    from gptoss_cluster.workers.engine import KVCacheLayout
+
+    config = ModelConfig.preset("tiny", num_hidden_layers=2, vocab_size=512, eos_token_id=511, pad_token_id=510)
+    kernels = dataclasses.replace(TORCH_KERNELS, paged_attention=lambda q, *args: torch.empty_like(q),
+                                  moe_experts=lambda x, weights, *args: x * weights.sum(-1, keepdim=True))
+    with torch.device("meta"):
+        meta_model = GptOssModel(config, torch.float32, kernels=kernels)
+    executor = LocalExecutor(meta_model, count_expert_tokens=True, dequantize_experts=False)
+
+    class Capture(RandomExecutor):
+        plans = []
+
+        def execute(self, plan, bitmask=None):
+            self.plans.append(plan)
+            return super().execute(plan, bitmask)
+
+    capture = Capture(512)
+    engine = Engine(capture, config, EngineConfig(num_blocks=32, max_num_batched_tokens=40))
+    engine.generate([(list(range(1, 60)), SamplingParams(max_tokens=3, temperature=0.8, top_p=0.9, top_k=7,
+                                                         min_p=0.1, seed=1, logprobs=2, ignore_eos=True)),
+                     (list(range(5, 20)), SamplingParams(max_tokens=4, repetition_penalty=1.1, min_tokens=3,
+                                                         **GREEDY))])
+    executor.initialize_cache(KVCacheLayout.from_model_config(config, 16), 32)
+    assert len(capture.plans) >= 4
+    for plan in capture.plans:
+        out = executor.run_step(plan)
+        assert out.token_ids.device.type == "meta" and out.token_ids.shape == (plan.num_sampled,)
+    assert executor.model.expert_counts.device.type == "meta"

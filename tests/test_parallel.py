@@ -3,9 +3,13 @@
 - sharding refused at start: a shard count that does not divide the KV heads / experts / vocabulary, more devices
   than the cluster has, a placement group that never fits (bounded wait), a too-small given placement group;
 - G = 2 (in a given placement group laid out like a Serve replica's: shards in bundles 1..G) and G = 4 (its own
-  group) give the greedy tokens of G = 1, every step's logits and `forward_logits` within 1e-4 (float32), the same
-  routed-token counts, each rank holding 1/G of the experts, KV heads, vocabulary and KV pool; shutdown leaves no
-  actor or placement group behind;
+  group) give the greedy tokens of G = 1, every step's top-20 logprobs (sampled on rank 0) and `forward_logits`
+  within 1e-4 (float32), the same routed-token counts, each rank holding 1/G of the experts, KV heads, vocabulary
+  and KV pool; shutdown leaves no actor or placement group behind;
+- at G = 1, 2 and 4 a mixed batch (greedy, seeded temperature / top-p, top-k / min-p, penalties, min_tokens, stop
+  tokens, logprobs with top 5, a JSON-schema constrained row) gives exactly the tokens, stops and logprobs of the
+  engine as it was before sampling moved onto the executor (tests/sampler_oracle.py: rank 0's full logits back to
+  the engine, sampled there);
 - a killed ShardWorker: the next step fails with ShardFailure within seconds, the health check fails, and every
   shard actor and the executor's placement group are gone;
 - two Ray nodes (two raylets on this machine, both on 127.0.0.1), joined through $RAY_ADDRESS: STRICT_SPREAD puts
@@ -26,7 +30,7 @@ import torch
 from gptoss_cluster import LLM
 from gptoss_cluster.workers.checkpoint import open_checkpoint
 from gptoss_cluster.workers.config import ModelConfig
-from gptoss_cluster.workers.engine import EngineConfig, Executor, KVCacheLayout
+from gptoss_cluster.workers.engine import Engine, EngineConfig, KVCacheLayout
 from gptoss_cluster.workers.engine.ray_executor import (
     RayExecutor,
     ShardFailure,
@@ -36,7 +40,8 @@ from gptoss_cluster.workers.engine.ray_executor import (
     start_local_ray,
 )
 from gptoss_cluster.workers.sampling import SamplingParams
-from tests.helpers import ForwardingExecutor, torch_threads
+from tests.helpers import torch_threads
+from tests.sampler_oracle import OracleEngine, assert_same_results
 
 ray = pytest.importorskip("ray")
 
@@ -53,36 +58,71 @@ def one_thread():
         yield
 
 
-class Recording(ForwardingExecutor):
-    """Wraps an engine's executor and keeps a copy of every step's logits."""
-
-    def __init__(self, inner: Executor) -> None:
-        super().__init__(inner)
-        self.logits = []
-
-    def execute(self, plan):
-        out = super().execute(plan)
-        self.logits.append(out.clone())
-        return out
-
-
 def run(llm: LLM) -> dict:
-    """Greedy generation (every step's logits recorded), routed-token counts, then whole-sequence logits."""
-    recording = llm.engine.executor = Recording(llm.engine.executor)
+    """Greedy generation (every token's top-20 logprobs, from the executor's sampler), routed-token counts, then
+    whole-sequence logits."""
+    before = llm.engine.stats().expert_counts  # the executor's counts so far (other engines may have used it)
     outs = llm.generate(PROMPTS, GREEDY)
-    counts = llm.engine.stats().expert_counts
-    llm.engine.executor = recording.inner
+    counts = llm.engine.stats().expert_counts - before
+    with_logprobs = llm.engine.generate([(p, SamplingParams(temperature=0, max_tokens=6, ignore_eos=True,
+                                                            logprobs=20)) for p in PROMPTS])
     tokens = [o.token_ids for o in outs]
     full = [llm.forward_logits(p + t) for p, t in zip(PROMPTS, tokens, strict=True)]
-    return {"tokens": tokens, "steps": recording.logits, "counts": counts, "full": full}
+    return {"tokens": tokens, "logprobs": with_logprobs, "counts": counts, "full": full}
 
 
 def assert_same(got: dict, want: dict, what: str) -> None:
     assert got["tokens"] == want["tokens"], what
+    assert [r.token_ids for r in got["logprobs"]] == want["tokens"], what
+    assert_same_results(got["logprobs"], want["logprobs"], what, atol=1e-4)
     assert torch.equal(got["counts"], want["counts"]), what
-    assert len(got["steps"]) == len(want["steps"]), what
-    for i, (a, b) in enumerate(zip(got["steps"] + got["full"], want["steps"] + want["full"], strict=True)):
+    for i, (a, b) in enumerate(zip(got["full"], want["full"], strict=True)):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-4, msg=lambda m, i=i: f"{what}, logits {i}: {m}")
+
+
+def mixed_requests(greedy_tokens: list[list[int]]) -> list[tuple]:
+    """One batch of every sampling feature; the stop token is one the greedy run of PROMPTS[0] reaches."""
+    import json
+
+    from gptoss_cluster.workers.engine.structured import Constraint, ResponseFormat
+    from gptoss_cluster.workers.harmony import get_tokenizer, render_chat
+    from tests.structured_cases import SCHEMAS
+
+    stop = greedy_tokens[0][2]
+    chat = render_chat([{"role": "user", "content": "Answer in JSON."}])
+    schema = Constraint(ResponseFormat("json_schema", json.dumps(SCHEMAS[0])), max_reasoning_tokens=0)
+    return [
+        (PROMPTS[0], SamplingParams(temperature=0, max_tokens=6, stop_token_ids=[stop])),
+        (PROMPTS[0], SamplingParams(temperature=0, max_tokens=6, min_tokens=4, stop_token_ids=[stop], logprobs=5)),
+        (PROMPTS[1], SamplingParams(temperature=0.8, top_p=0.9, seed=7, max_tokens=6, logprobs=5, ignore_eos=True)),
+        (PROMPTS[2], SamplingParams(temperature=0.7, seed=11, repetition_penalty=1.3, frequency_penalty=0.5,
+                                    presence_penalty=0.3, max_tokens=6, ignore_eos=True)),
+        (list(range(2000, 2013)), SamplingParams(temperature=1.1, top_k=50, min_p=0.02, max_tokens=5,
+                                                 ignore_eos=True)),
+        (chat, SamplingParams(temperature=1.0, seed=3, max_tokens=12), get_tokenizer().stop_token_ids_for_chat,
+         schema),
+    ]
+
+
+def check_mixed_batch(llm: LLM, greedy_tokens: list[list[int]], what: str) -> None:
+    """The mixed batch through two fresh engines over `llm`'s executor: sampling on the executor, and the oracle
+    (the old path); then the executor's pool back to what `llm`'s engine expects (nothing it cached is lost: this
+    runs before it serves anything, or after it is done)."""
+    executor, config = llm.engine.executor, llm.config
+    engine_config = EngineConfig(**ENGINE, seed=5)
+    requests = mixed_requests(greedy_tokens)
+    new_engine = Engine(executor, config, engine_config, tokenizer=llm.tokenizer)
+    new = new_engine.generate(requests)
+    old_engine = OracleEngine(executor, config, engine_config, tokenizer=llm.tokenizer)
+    old_engine._structured = new_engine.structured  # xgrammar's vocabulary tables: built once
+    old = old_engine.generate(requests)
+    executor.initialize_cache(llm.engine.layout, llm.engine.num_kv_blocks)
+    llm.engine.kv.reset_prefix_cache()
+    assert_same_results(new, old, what)
+    stop = greedy_tokens[0][2]
+    assert new[0].finish_reason == "stop" and new[0].stop_reason == stop
+    assert stop not in new[1].token_ids[:4] and len(new[1].logprobs[0].top) == 5
+    assert new[5].token_ids[0] == llm.tokenizer.token_id("<|channel|>")  # the constraint's header: no analysis
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +134,11 @@ def tiny(checkpoints):
 def reference(tiny):
     """G = 1, the model in this process (no Ray)."""
     llm = LLM(tiny, dtype="float32", progress=False, engine_config=EngineConfig(**ENGINE))
-    return {"config": llm.config, **run(llm)}
+    return {"config": llm.config, "llm": llm, **run(llm)}
+
+
+def test_mixed_batch_in_process_gives_the_previous_engine_s_tokens(reference):
+    check_mixed_batch(reference["llm"], reference["tokens"], "G=1 (in process)")
 
 
 def shard_actors() -> dict[str, str]:
@@ -175,6 +219,7 @@ class TestOneNode:
             executor = llm.engine.executor
             assert isinstance(executor, RayExecutor) and llm.config == config and llm.model is None
             assert executor.owns_placement_group == (given is None) and not executor.owns_ray
+            check_mixed_batch(llm, reference["tokens"], f"G={g}")
             assert_same(run(llm), reference, f"G={g}")
 
             # Each rank holds its 1/G share: experts (MXFP4 blocks), KV heads, vocabulary rows, KV pool bytes.

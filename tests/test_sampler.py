@@ -1,4 +1,6 @@
-"""SamplingParams validation and the batched sampler, on synthetic logits (no model)."""
+"""SamplingParams validation and the batched sampler (SamplingBatch built on the host, `sample` where the logits
+are), on synthetic logits (no model): its math, its equality with the engine's previous host sampler, and that it
+never reads a device tensor back."""
 
 import math
 
@@ -6,8 +8,17 @@ import pytest
 import torch
 
 from gptoss_cluster.workers.engine.request import Request
-from gptoss_cluster.workers.engine.sampler import Sampler, apply_penalties, sample_rows
+from gptoss_cluster.workers.engine.sampler import (
+    SamplingBatch,
+    TokenBitmask,
+    apply_penalties,
+    build_sampling_batch,
+    sample,
+    sample_rows,
+    token_logprobs,
+)
 from gptoss_cluster.workers.sampling import SamplingParams, sample_token
+from tests.sampler_oracle import Sampler as OldSampler
 
 V = 64
 
@@ -16,6 +27,24 @@ def request(params, prompt=(1, 2, 3), output=(), rid="r", eos=()):
     r = Request(rid, list(prompt), params, eos_token_ids=eos)
     r.token_ids.extend(output)
     return r
+
+
+class Sampler:
+    """The engine's two halves in one call: the SamplingBatch of `requests` (uniforms from the requests' generators
+    or this one's), then `sample` over `logits`; token ids and TokenLogprobs as the engine unpacks them."""
+
+    def __init__(self, seed: int = 0) -> None:
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def sample(self, logits, requests, bitmask=None):
+        batch = build_sampling_batch(requests, self.generator, logits.shape[1])
+        out = sample(logits, batch, bitmask)
+        tokens = out.token_ids.tolist()
+        return tokens, token_logprobs(out, requests, tokens)
+
+
+def batch_of(params, generators, generator, vocab=V):
+    return SamplingBatch.from_params(params, generators, generator, vocab)
 
 
 @pytest.mark.parametrize("bad, field", [
@@ -63,7 +92,7 @@ def test_sampling_follows_the_filtered_distribution():
     def freq(params):
         counts = torch.zeros(6)
         rows = logits.expand(n, -1).clone()
-        for t in sample_rows(rows, [params] * n, [None] * n, gen):
+        for t in sample_rows(rows, batch_of([params] * n, [None] * n, gen)).tolist():
             counts[t] += 1
         return counts / n
 
@@ -107,7 +136,7 @@ def test_penalties_match_their_definitions():
     reqs = [request(params[0], prompt=[1, 2, 2], output=[3, 3]), request(params[1], prompt=[4], output=[5, 5, 6]),
             request(params[2], prompt=[7], output=[8, 8])]
     got = logits.clone()
-    apply_penalties(got, [0, 1, 2], reqs)
+    apply_penalties(got, build_sampling_batch(reqs, torch.Generator(), V).penalties)
     want = logits.clone()
     for t in (1, 2, 3):
         want[0, t] = want[0, t] / 1.5 if want[0, t] > 0 else want[0, t] * 1.5
@@ -161,5 +190,125 @@ def test_masked_tokens_are_never_drawn():
     logits[0, allowed] = torch.tensor([0.0, -30.0, 1.0, -60.0])  # 7 and V - 2 are (nearly) impossible
     n = 3000
     gen = torch.Generator().manual_seed(3)
-    tokens = sample_rows(logits.expand(n, -1).clone(), [SamplingParams(temperature=1.0)] * n, [None] * n, gen)
+    tokens = sample_rows(logits.expand(n, -1).clone(), batch_of([SamplingParams(temperature=1.0)] * n, [None] * n,
+                                                                gen)).tolist()
     assert set(tokens) <= set(allowed) and {0, V // 2} <= set(tokens)
+
+
+# ---------------------------------------------------------------------------------------------------- the old path
+MIXED = [  # (params, stop/eos ids, constrained)
+    (SamplingParams(temperature=0), (), False),
+    (SamplingParams(temperature=0, logprobs=5), (), False),
+    (SamplingParams(temperature=0.8, top_p=0.9, seed=7, logprobs=5), (), False),
+    (SamplingParams(temperature=1.2, top_k=20, min_p=0.05), (), False),
+    (SamplingParams(temperature=0.7, seed=11, repetition_penalty=1.3, frequency_penalty=0.5, presence_penalty=0.3),
+     (), False),
+    (SamplingParams(temperature=0, repetition_penalty=0.8, presence_penalty=-1.0, logprobs=0), (), False),
+    (SamplingParams(temperature=0, min_tokens=3, stop_token_ids=[5, 6]), (9,), False),
+    (SamplingParams(temperature=1.0, top_p=0.5, top_k=40, seed=3, min_tokens=4), (9,), True),
+    (SamplingParams(temperature=0.9, seed=5, min_p=0.1, frequency_penalty=1.0), (), True),
+]
+
+
+def test_mixed_batch_gives_the_previous_host_sampler_s_tokens_and_logprobs():
+    """Greedy, seeded and unseeded draws, top-k / top-p / min-p, penalties, min_tokens, logprobs and two
+    constrained rows, over several steps: exactly the tokens and logprobs of the engine's old host sampler (kept in
+    tests/sampler_oracle.py), which read the requests and drew the uniforms itself."""
+    import xgrammar as xgr
+
+    vocab = 300  # not a multiple of 32: the bitmask's last word is partly unused
+    g = torch.Generator().manual_seed(11)
+
+    def make():
+        out = []
+        for i, (params, eos, constrained) in enumerate(MIXED):
+            r = request(params, prompt=torch.randint(0, vocab, (5 + i,), generator=torch.Generator().manual_seed(i))
+                        .tolist(), rid=str(i), eos=eos)
+            r.constraint = object() if constrained else None  # only its presence matters to the sampler
+            out.append(r)
+        return out
+
+    new_reqs, old_reqs = make(), make()
+    new, old = Sampler(seed=4), OldSampler(seed=4)
+    constrained = [i for i, (_, _, c) in enumerate(MIXED) if c]
+    for step in range(8):
+        logits = torch.randn(len(MIXED), vocab, generator=g) * 3
+        logits[:, 9] += 6.0 * (step % 2)  # the stop token is likely on every other step
+        allowed = torch.randint(-2 ** 31, 2 ** 31 - 1, (len(constrained), (vocab + 31) // 32), generator=g,
+                                dtype=torch.int64).to(torch.int32)
+        full = xgr.allocate_token_bitmask(len(MIXED), vocab)
+        full[constrained] = allowed
+        old_tokens, old_logprobs = old.sample(logits.clone(), old_reqs, (full, constrained, _xgrammar_apply))
+        new_tokens, new_logprobs = new.sample(logits.clone(), new_reqs,
+                                              TokenBitmask(allowed, torch.tensor(constrained)))
+        assert new_tokens == old_tokens, step
+        assert new_logprobs == old_logprobs, step
+        for r_new, r_old, t in zip(new_reqs, old_reqs, new_tokens, strict=True):
+            r_new.token_ids.append(t)
+            r_old.token_ids.append(t)
+    assert all(lp is not None and len(lp.top) == 5 for lp in (new_logprobs[1], new_logprobs[2]))
+    assert new_logprobs[5].top == [] and new_logprobs[0] is None
+
+
+def _xgrammar_apply(logits, bitmask, rows):
+    import xgrammar as xgr
+
+    xgr.apply_token_bitmask_inplace(logits, bitmask, vocab_size=logits.shape[1], indices=rows)
+
+
+def test_apply_token_bitmask_matches_xgrammar_s_kernel():
+    """The CPU apply (numpy unpackbits, all-allowed rows skipped) and the device one (torch shifts): exactly
+    xgrammar's result, for all rows, a subset, all-allowed rows, logits wider than the vocabulary."""
+    import numpy as np
+    import xgrammar as xgr
+
+    from gptoss_cluster.workers.engine.sampler import _apply_bitmask_torch, allows_all, apply_token_bitmask
+
+    vocab = 201088
+    g = torch.Generator().manual_seed(0)
+    bitmask = xgr.allocate_token_bitmask(6, vocab)
+    words = bitmask.shape[1]
+    bitmask[0] = torch.randint(-2 ** 31, 2 ** 31 - 1, (words,), generator=g, dtype=torch.int64).to(torch.int32)
+    bitmask[1] = 0
+    bitmask[1, 7] = 1 << 3  # one token allowed
+    bitmask[2, 100:] = 0  # the first 3200 tokens allowed
+    bitmask[4, -1] = (1 << 31) - 1  # all but the last token
+    bitmask[5] = torch.randint(-2 ** 31, 2 ** 31 - 1, (words,), generator=g, dtype=torch.int64).to(torch.int32)
+    for pad in (0, 5):
+        for rows in ([0, 1, 2, 3, 4, 5], [1, 3, 4], [3], [5, 0]):
+            logits = torch.randn(6, vocab + pad, generator=g)
+            expected = logits.clone()
+            xgr.apply_token_bitmask_inplace(expected, bitmask, vocab_size=vocab, indices=rows)
+            index = torch.tensor(rows)
+            got = logits.clone()
+            apply_token_bitmask(got, bitmask[index], index, vocab)  # one bitmask row per constrained row
+            assert torch.equal(got, expected), (pad, rows)
+            got = logits.clone()
+            _apply_bitmask_torch(got, bitmask[index], index, vocab)
+            assert torch.equal(got, expected), (pad, rows)
+    row = np.full(3, -1, dtype=np.int32)
+    assert allows_all(row, 96) and allows_all(row, 70)
+    row[2] = 0b0111111
+    assert allows_all(row, 70) and not allows_all(row, 71)
+    row[0] = -2
+    assert not allows_all(row, 70)
+
+
+def test_the_device_sampler_never_reads_a_device_tensor_back():
+    """`sample` on meta tensors (shapes only: any read-back, .item(), .tolist(), a boolean mask, raises there) with
+    every feature at once: on an accelerator it only queues work; the step's one sync is SampledTokens.to_host."""
+    vocab = 1000
+    reqs = [request(params, output=(4, 4, 7), rid=str(i), eos=eos) for i, (params, eos, _) in enumerate(MIXED)]
+    reqs[-1].constraint = object()
+    batch = build_sampling_batch(reqs, torch.Generator().manual_seed(0), vocab)
+    assert batch.penalties is not None and batch.banned_rows is not None and batch.min_p is not None
+    assert batch.max_top_k == 40 and batch.top_p_rows.numel() == 2 and batch.max_logprobs == 5
+    bitmask = TokenBitmask(torch.zeros(1, (vocab + 31) // 32, dtype=torch.int32), torch.tensor([len(reqs) - 1]))
+    logits = torch.empty(len(reqs), vocab, device="meta")
+    out = sample(logits, batch.to("meta"), bitmask.to("meta"))
+    assert out.token_ids.device.type == "meta" and out.token_ids.shape == (len(reqs),)
+    assert out.logprobs.shape == (3,) and out.top_ids.shape == out.top_logprobs.shape == (3, 5)
+    with pytest.raises((RuntimeError, NotImplementedError)):  # the harness does catch a read-back
+        torch.empty(3, device="meta").tolist()
+    with pytest.raises((RuntimeError, NotImplementedError)):
+        logits[logits[:, 0] > 0]

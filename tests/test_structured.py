@@ -242,38 +242,6 @@ def test_chain_bounded_repeats_rewrites_only_bounded_character_repeats():
         assert chain_bounded_repeats(repeated) == repeated
 
 
-def test_apply_bitmask_matches_xgrammar_s_kernel(engine):
-    """The vectorized CPU apply: exactly xgrammar's result, for all rows, a subset, all-allowed rows, padding."""
-    import numpy as np
-    import xgrammar as xgr
-
-    from gptoss_cluster.workers.engine.structured import _allows_all
-
-    d = engine.structured
-    g = torch.Generator().manual_seed(0)
-    bitmask = d.allocate_bitmask(6)
-    words = bitmask.shape[1]
-    bitmask[0] = torch.randint(-2 ** 31, 2 ** 31 - 1, (words,), generator=g, dtype=torch.int64).to(torch.int32)
-    bitmask[1] = 0
-    bitmask[1, 7] = 1 << 3  # one token allowed
-    bitmask[2, 100:] = 0  # the first 3200 tokens allowed
-    bitmask[4, -1] = (1 << 31) - 1  # all but the last token
-    bitmask[5] = torch.randint(-2 ** 31, 2 ** 31 - 1, (words,), generator=g, dtype=torch.int64).to(torch.int32)
-    for pad in (0, 5):
-        for rows in ([0, 1, 2, 3, 4, 5], [1, 3, 4], [3], [5, 0]):
-            logits = torch.randn(6, d.vocab_size + pad, generator=g)
-            expected = logits.clone()
-            xgr.apply_token_bitmask_inplace(expected, bitmask, vocab_size=d.vocab_size, indices=rows)
-            d.apply_bitmask(logits, bitmask, rows)
-            assert torch.equal(logits, expected), (pad, rows)
-    row = np.full(3, -1, dtype=np.int32)
-    assert _allows_all(row, 96) and _allows_all(row, 70)
-    row[2] = 0b0111111
-    assert _allows_all(row, 70) and not _allows_all(row, 71)
-    row[0] = -2
-    assert not _allows_all(row, 70)
-
-
 # ================================================================================================ the engine around it
 def test_unconstrained_rows_are_untouched(engine, tok, prompt):
     """A seeded unconstrained request samples the same tokens alone and beside constrained ones."""

@@ -166,7 +166,10 @@ class MLPBlock(nn.Module):
         router_logits = nn.functional.linear(h, self.router_weight, self.router_bias)
         weights, expert_ids = k_.route(router_logits, cfg.experts_per_token)
         if model.expert_counts is not None:
-            model.expert_counts[layer] += torch.bincount(expert_ids.flatten(), minlength=cfg.num_experts).cpu()
+            # Counted where the ids are (index_add_: bincount sizes its output from the data, a read-back on a GPU);
+            # the host reads the counts when it collects statistics, not every layer of every step.
+            ids = expert_ids.flatten()
+            model.expert_counts[layer].index_add_(0, ids, torch.ones_like(ids))
         out = k_.moe_experts(h, weights, expert_ids, self.gate_up_blocks, self.gate_up_scales, self.gate_up_bias,
                              self.down_blocks, self.down_scales, self.down_bias, cfg.swiglu_limit, cfg.swiglu_alpha,
                              self.first_expert)
@@ -195,7 +198,8 @@ class GptOssModel(nn.Module):
             config.rope_beta_fast, config.rope_beta_slow, config.rope_truncate,
         )
         self.register_buffer("inv_freq", inv_freq, persistent=False)
-        # Routed-token counts per layer and expert, read by the engine's statistics (None = not counting).
+        # Routed-token counts per layer and expert, int64 [layers, experts] on the model's device, read by the
+        # engine's statistics (None = not counting).
         self.expert_counts: torch.Tensor | None = None
 
     @property

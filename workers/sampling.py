@@ -1,7 +1,7 @@
 """Sampling parameters (validated once, at the edge) and token selection from one row of logits.
 
-The engine samples whole batches at once (`workers.engine.sampler.Sampler`); `sample_token` is the one-row form of
-the same math, kept for callers that hold a single row of logits.
+The engine's executors sample whole batches at once (`workers.engine.sampler.sample`); `sample_token` is the one-row
+form of the same math, kept for callers that hold a single row of logits.
 """
 
 from __future__ import annotations
@@ -117,9 +117,11 @@ class SamplingParams:
 
 def sample_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None) -> int:
     """logits [vocab] float32 -> one token id (no penalties: they need the request's history; see the engine)."""
-    from gptoss_cluster.workers.engine.sampler import sample_rows
+    from gptoss_cluster.workers.engine.sampler import SamplingBatch, sample_rows
 
-    return sample_rows(logits.float()[None], [params], [generator], default_generator=None)[0]
+    logits = logits.float()[None]
+    batch = SamplingBatch.from_params([params], [generator], None, logits.shape[1]).to(logits.device)
+    return int(sample_rows(logits, batch)[0])
 
 
 def _is_int(value: object) -> bool:

@@ -3,7 +3,8 @@
 Rank r of G holds query/KV heads [r·H/G, (r+1)·H/G), experts [r·E/G, (r+1)·E/G) and a vocab slice, read straight
 from the checkpoint (`GptOssModel.from_checkpoint` reads only these slices), and KV pools over the same block ids as
 every other rank but for its own KV heads only. Per step every rank runs the forward on the same plan; the partial
-results meet in torch.distributed collectives; rank 0 alone returns the gathered logits.
+results meet in torch.distributed collectives; the logits slices are gathered to rank 0, which samples them on its
+device (`workers.engine.sampler`) and alone returns the `SampledTokens`: O(rows) bytes, not the [rows, vocab] logits.
 
 A plain class: `workers.engine.ray_executor` applies `ray.remote` to it, so this module imports without Ray. The call
 order is `node_info` -> `free_port` (rank 0) -> `init_process_group` (all ranks together) -> `load` ->
@@ -22,6 +23,7 @@ import torch
 
 from gptoss_cluster.workers.engine.executor import LocalExecutor, StepPlan
 from gptoss_cluster.workers.engine.kv_cache import KVCacheLayout
+from gptoss_cluster.workers.engine.sampler import SampledTokens, TokenBitmask, map_tensors
 from gptoss_cluster.workers.parallel import (
     DEFAULT_TIMEOUT_S,
     TorchDistributedCollective,
@@ -35,20 +37,23 @@ EXPERT_BUFFERS = ("gate_up_blocks", "gate_up_scales", "gate_up_bias", "down_bloc
 
 
 # ---------------------------------------------------------------------------------------------------- the wire
+def encode(obj: Any) -> bytes:
+    """A dataclass of host tensors (StepPlan with its SamplingBatch, TokenBitmask, SampledTokens) as one bytes object:
+    its tensors as numpy arrays, pickled with protocol 5 (the torch tensor reducer goes through torch.save per
+    tensor, several times slower). A plan is encoded once per step and shipped to every rank."""
+    return pickle.dumps(map_tensors(obj, lambda t: t.numpy()), protocol=5)
+
+
+def decode(data: bytes) -> Any:
+    return map_tensors(pickle.loads(data), torch.from_numpy)
+
+
 def encode_plan(plan: StepPlan) -> bytes:
-    """A step plan as one small bytes object: numpy arrays pickled with protocol 5 (the torch tensor reducer goes
-    through torch.save per tensor, several times slower). Encoded once per step, shipped to every rank."""
-    fields = (plan.token_ids, plan.positions, plan.query_start_loc, plan.seq_lens, plan.logits_indices)
-    return pickle.dumps(([t.numpy() for t in fields], [t.numpy() for t in plan.block_tables],
-                         [t.numpy() for t in plan.slot_mappings]), protocol=5)
+    return encode(plan)
 
 
 def decode_plan(data: bytes) -> StepPlan:
-    fields, tables, slots = pickle.loads(data)
-    token_ids, positions, query_start_loc, seq_lens, logits_indices = (torch.from_numpy(a) for a in fields)
-    return StepPlan(token_ids=token_ids, positions=positions, query_start_loc=query_start_loc, seq_lens=seq_lens,
-                    block_tables=[torch.from_numpy(a) for a in tables],
-                    slot_mappings=[torch.from_numpy(a) for a in slots], logits_indices=logits_indices)
+    return decode(data)
 
 
 def rss_bytes() -> int:
@@ -149,15 +154,30 @@ class ShardWorker:
         executor.initialize_cache(layout, num_blocks)
         return sum(t.numel() * t.element_size() for t in executor.key_pools + executor.value_pools)
 
-    def execute(self, plan: StepPlan | bytes) -> np.ndarray | None:
-        """One forward on every rank; rank 0 returns the float32 logits rows as a numpy array (Ray ships numpy
-        arrays as raw buffers; a torch tensor goes through torch.save, several times slower), the others None."""
+    def execute(self, plan: StepPlan | bytes, bitmask: TokenBitmask | bytes | None = None) -> bytes | None:
+        """One forward on every rank; rank 0 samples the gathered logits and returns the encoded `SampledTokens`
+        (token ids, and logprobs for rows that asked), the others None (their logits rows are not filled)."""
         if isinstance(plan, bytes):
             plan = decode_plan(plan)
-        logits = self._require().execute(plan)
+        if isinstance(bitmask, bytes):
+            bitmask = decode(bitmask)
+        executor = self._require()
         if self.rank != 0:
+            executor.run_forward(plan)
             return None
-        return logits.cpu().numpy()
+        sampled: SampledTokens = executor.execute(plan, bitmask)
+        return encode(sampled)
+
+    def forward_logits(self, plan: StepPlan | bytes) -> np.ndarray | None:
+        """One forward on every rank, no sampling; rank 0 returns the float32 logits rows as a numpy array (Ray ships
+        numpy arrays as raw buffers), the others None. Verification only: it moves rows x vocab floats."""
+        if isinstance(plan, bytes):
+            plan = decode_plan(plan)
+        executor = self._require()
+        if self.rank != 0:
+            executor.run_forward(plan)
+            return None
+        return executor.forward_logits(plan).numpy()
 
     def expert_counts(self) -> torch.Tensor | None:
         return self._require().expert_counts()

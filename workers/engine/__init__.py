@@ -1,4 +1,5 @@
-"""The engine core of one replica: scheduler, paged KV cache with prefix caching, batched sampler, step loop.
+"""The engine core of one replica: scheduler, paged KV cache with prefix caching, step loop; executors that run the
+model and sample on its device.
 
     engine = Engine.from_model(model, EngineConfig(num_blocks=2048))
     results = engine.generate([(prompt_ids, SamplingParams(temperature=0, max_tokens=32))])
@@ -18,11 +19,12 @@ from gptoss_cluster.workers.engine.request import (
     TokenLogprob,
     Usage,
 )
-from gptoss_cluster.workers.engine.sampler import Sampler
+from gptoss_cluster.workers.engine.sampler import SampledTokens, SamplingBatch, TokenBitmask
 from gptoss_cluster.workers.engine.scheduler import Scheduler, SchedulerOutput
 
 __all__ = [
     "Engine", "EngineConfig", "EngineStats", "Executor", "FinishReason", "GenerationResult", "KVCacheLayout",
     "KVCacheManager", "LocalExecutor", "PagedKVStore", "Request", "RequestOutput", "RequestStatus", "RequestStream",
-    "Sampler", "Scheduler", "SchedulerOutput", "StepPlan", "TokenLogprob", "Usage",
+    "SampledTokens", "SamplingBatch", "Scheduler", "SchedulerOutput", "StepPlan", "TokenBitmask", "TokenLogprob",
+    "Usage",
 ]

@@ -1,8 +1,9 @@
 """The engine core of one replica: the step loop, streaming, aborts and statistics.
 
 Each `step()` asks the scheduler what runs, lays the batch out for the executor (flat tokens, positions, block
-tables, slot mappings, the rows to sample), has the executor run the model, samples every finished row at once, and
-turns the new tokens into per-request deltas (stop tokens, stop strings, max_tokens, incremental text).
+tables, slot mappings, the rows to sample and how: a `SamplingBatch`), has the executor run the model and sample
+every finished row where the logits are (it returns token ids, and logprobs only for rows that asked), and turns the
+new tokens into per-request deltas (stop tokens, stop strings, max_tokens, incremental text).
 
 Two ways in, over the same core:
 - synchronous: `submit(...)` then `step()` until idle, or `generate([...])` (the offline LLM);
@@ -41,7 +42,7 @@ from gptoss_cluster.workers.engine.request import (
     RequestStatus,
     TokenLogprob,
 )
-from gptoss_cluster.workers.engine.sampler import Sampler
+from gptoss_cluster.workers.engine.sampler import SamplingBatch, TokenBitmask, build_sampling_batch, token_logprobs
 from gptoss_cluster.workers.engine.scheduler import Scheduler, SchedulerOutput
 from gptoss_cluster.workers.engine.structured import CompiledConstraint, Constraint, StructuredDecoding
 from gptoss_cluster.workers.sampling import SamplingParams
@@ -77,7 +78,7 @@ class EngineStats:
     mean_step_time_s: float
     time_schedule_s: float  # scheduling + laying out the batch (block tables, slot mappings)
     time_execute_s: float  # the model forward (executor)
-    time_sample_s: float
+    time_sample_s: float  # the host's part of sampling: the SamplingBatch, reading back tokens and logprobs
     time_output_s: float  # stop checks, detokenization, deltas
     expert_counts: torch.Tensor | None = None  # int64 [layers, experts]: routed tokens
 
@@ -169,7 +170,7 @@ class Engine:
                     num_blocks * self.kv_block_bytes / 2**20, len(self.layout.groups))
         self.kv = KVCacheManager(self.layout, num_blocks, self.config.enable_prefix_caching)
         self.scheduler = Scheduler(self.config, self.kv, self.max_model_len)
-        self.sampler = Sampler(self.config.seed)
+        self.generator = torch.Generator().manual_seed(self.config.seed)  # draws of random rows without a seed
         self.requests: dict[str, Request] = {}  # live (unfinished) requests by id
         self._lock = threading.RLock()  # guards scheduler / KV / request state
         self._step_lock = threading.Lock()  # one step at a time
@@ -338,22 +339,23 @@ class Engine:
                     return self._take_pending()
                 plan, sampled = self._build_plan(sched)
                 masks = self._start_masks(sampled)
+                t_plan = time.perf_counter()
+                requests = [s.request for s in sampled]
+                plan.sampling = self._sampling_batch(requests)
             t1 = time.perf_counter()
-            logits = self.executor.execute(plan)
+            result = self.executor.execute(plan, masks)
             t2 = time.perf_counter()
             with self._lock:
-                with torch.inference_mode():
-                    tokens, logprobs = (self.sampler.sample(logits, [s.request for s in sampled],
-                                                            masks.result() if masks is not None else None)
-                                        if sampled else ([], []))
+                tokens = result.token_ids.tolist()
+                logprobs = token_logprobs(result, requests, tokens)
                 t3 = time.perf_counter()
                 self._process(sched, sampled, tokens, logprobs)
                 outputs = self._take_pending()
             t4 = time.perf_counter()
             tm = self._timers
-            tm.schedule += t1 - t0
+            tm.schedule += t_plan - t0
             tm.execute += t2 - t1
-            tm.sample += t3 - t2
+            tm.sample += (t1 - t_plan) + (t3 - t2)
             tm.output += t4 - t3
             tm.steps += 1
             tm.last_tokens = plan.num_tokens
@@ -403,19 +405,24 @@ class Engine:
         )
         return plan, sampled
 
+    def _sampling_batch(self, requests: list[Request]) -> SamplingBatch:
+        """How the executor samples each row; draws the random rows' uniforms (so this runs once per step)."""
+        return build_sampling_batch(requests, self.generator, self.model_config.vocab_size)
+
     def _start_masks(self, sampled: list) -> Any:
         """The constrained rows' token bitmasks, filled in a helper thread while the model runs (the states only
-        change in `_process`, after sampling). Returns a future of (bitmask, rows, apply) or None."""
+        change in `_process`, after sampling). Returns a future of a TokenBitmask (one bitmask row per constrained
+        row) or None."""
         rows = [i for i, s in enumerate(sampled) if s.request.constraint is not None]
         if not rows:
             return None
         structured = self.structured
         states = [sampled[i].request.constraint for i in rows]
 
-        def fill() -> tuple[torch.Tensor, list[int], Any]:
-            bitmask = structured.allocate_bitmask(len(sampled))
-            structured.fill_bitmask(states, bitmask, rows)
-            return bitmask, rows, structured.apply_bitmask
+        def fill() -> TokenBitmask:
+            bitmask = structured.allocate_bitmask(len(rows))
+            structured.fill_bitmask(states, bitmask, range(len(rows)))
+            return TokenBitmask(bitmask, torch.tensor(rows, dtype=torch.long))
 
         if self._mask_pool is None:
             from concurrent.futures import ThreadPoolExecutor

@@ -1,15 +1,25 @@
-"""Executors run what the engine decided: one `StepPlan` in, the logits rows to sample out.
+"""Executors run what the engine decided: one `StepPlan` in, one `SampledTokens` out.
 
-The engine core (scheduler, KV block manager, sampler) works on token ids and block ids only; the executor owns the
-model and the KV pools. `LocalExecutor` runs one in-process `GptOssModel` (the offline LLM and the CPU tests); a
-RayExecutor will send the same plan to G ShardWorkers, each holding its heads / experts / vocab slice and its own
-pools over the same block ids, and return rank 0's gathered logits.
+The engine core (scheduler, KV block manager) works on token ids and block ids only; the executor owns the model,
+the KV pools and the device-side sampler. The contract, the same for every executor:
+
+    execute(plan, bitmask=None) -> SampledTokens   # plan.sampling: how to pick each row's token (SamplingBatch)
+    forward_logits(plan) -> logits                 # an explicit, separate call: the rows' float32 logits
+
+`execute` runs the forward, then samples where the logits are (`workers.engine.sampler.sample`: penalties,
+min_tokens, token bitmasks, greedy / temperature / top-k / top-p / min-p, logprobs), and returns O(rows): token ids
+and only the logprobs the rows asked for. `bitmask` (constrained rows' TokenBitmask, or a Future of it) is read only
+after the forward, so the engine fills it in a helper thread meanwhile. `LocalExecutor` runs one in-process
+`GptOssModel` (the offline LLM, a one-shard replica and the CPU tests); `RayExecutor` sends the same plan to G
+ShardWorkers, each holding its heads / experts / vocab slice, and rank 0 samples after the vocabulary gather. Both
+are plain dataclasses at the boundary, so the call can later return a future (asynchronous scheduling).
 """
 
 from __future__ import annotations
 
 import abc
 import os
+from concurrent.futures import Future
 from dataclasses import dataclass
 
 import torch
@@ -21,6 +31,7 @@ from gptoss_cluster.workers.engine.experts import (
     with_dequantized_experts,
 )
 from gptoss_cluster.workers.engine.kv_cache import KVCacheLayout, PagedKVStore, allocate_kv_pools
+from gptoss_cluster.workers.engine.sampler import SampledTokens, SamplingBatch, TokenBitmask, sample
 from gptoss_cluster.workers.model import GptOssModel
 
 
@@ -35,10 +46,18 @@ class StepPlan:
     block_tables: list[torch.Tensor]  # per KV group: [B, max_blocks] int32
     slot_mappings: list[torch.Tensor]  # per KV group: [T] int64, block_id * block_size + offset of each token
     logits_indices: torch.Tensor  # [S] int64: rows whose next-token logits are sampled
+    sampling: SamplingBatch | None = None  # how to sample those rows (None: greedy, nothing else)
 
     @property
     def num_tokens(self) -> int:
         return int(self.token_ids.shape[0])
+
+    @property
+    def num_sampled(self) -> int:
+        return int(self.logits_indices.shape[0])
+
+    def sampling_batch(self) -> SamplingBatch:
+        return self.sampling if self.sampling is not None else SamplingBatch.greedy(self.num_sampled)
 
     def to(self, device: torch.device | str) -> StepPlan:
         if torch.device(device).type == "cpu":
@@ -46,12 +65,26 @@ class StepPlan:
         move = lambda t: t.to(device, non_blocking=True)  # noqa: E731
         return StepPlan(move(self.token_ids), move(self.positions), move(self.query_start_loc),
                         move(self.seq_lens), [move(t) for t in self.block_tables],
-                        [move(t) for t in self.slot_mappings], move(self.logits_indices))
+                        [move(t) for t in self.slot_mappings], move(self.logits_indices),
+                        None if self.sampling is None else self.sampling.to(device))
+
+
+BitmaskSource = TokenBitmask | Future | None  # a Future resolves to a TokenBitmask or None
+
+
+def sample_step(logits: torch.Tensor, plan: StepPlan, bitmask: BitmaskSource = None) -> SampledTokens:
+    """The device half of a step after the forward: `plan`'s rows sampled from `logits` [S, V] (on their device,
+    modified in place); the bitmask is awaited only now. Results stay on the device (`to_host` reads them)."""
+    if isinstance(bitmask, Future):
+        bitmask = bitmask.result()
+    device = logits.device
+    return sample(logits, plan.sampling_batch().to(device), None if bitmask is None else bitmask.to(device))
 
 
 class Executor(abc.ABC):
     """Runs steps on the model's shard(s). The engine calls, in order: `kv_block_bytes` / `device_type` /
-    `available_kv_memory` (to size the pool), `initialize_cache` once, then `execute` once per step."""
+    `available_kv_memory` (to size the pool), `initialize_cache` once, then `execute` once per step; `expert_counts`
+    when it collects statistics."""
 
     def device_type(self) -> str:
         """Where the KV pools live: "cpu" (sized by what the engine can use) or an accelerator type such as "cuda"
@@ -70,8 +103,14 @@ class Executor(abc.ABC):
     def initialize_cache(self, layout: KVCacheLayout, num_blocks: int) -> None: ...
 
     @abc.abstractmethod
-    def execute(self, plan: StepPlan) -> torch.Tensor:
-        """float32 logits [len(plan.logits_indices), vocab] (full vocabulary)."""
+    def execute(self, plan: StepPlan, bitmask: BitmaskSource = None) -> SampledTokens:
+        """Run the step and sample its rows (`plan.sampling`; `bitmask`: the constrained rows' allowed tokens, or a
+        Future of them); the result is on the host: token ids [S], logprobs only for rows that asked."""
+
+    @abc.abstractmethod
+    def forward_logits(self, plan: StepPlan) -> torch.Tensor:
+        """Run the step without sampling: float32 logits [S, vocab] (full vocabulary) on the host. For
+        verification (`LLM.forward_logits`), not the step loop: it moves S x vocab floats."""
 
     def expert_counts(self) -> torch.Tensor | None:
         """Routed tokens per layer and expert so far, int64 [layers, experts] (None: not counted)."""
@@ -102,7 +141,8 @@ class LocalExecutor(Executor):
         self.value_pools: list[torch.Tensor] = []
         if count_expert_tokens:
             cfg = model.config
-            model.expert_counts = torch.zeros(cfg.num_hidden_layers, cfg.num_experts, dtype=torch.int64)
+            model.expert_counts = torch.zeros(cfg.num_hidden_layers, cfg.num_experts, dtype=torch.int64,
+                                              device=self.device)
 
     def kv_block_bytes(self, layout: KVCacheLayout) -> int:
         return layout.block_bytes(self.num_kv_heads, self.head_dim, self.model.dtype)
@@ -120,17 +160,32 @@ class LocalExecutor(Executor):
         self.key_pools, self.value_pools = allocate_kv_pools(layout, num_blocks, self.num_kv_heads, self.head_dim,
                                                              self.model.dtype, self.device)
 
-    def execute(self, plan: StepPlan) -> torch.Tensor:
+    def execute(self, plan: StepPlan, bitmask: BitmaskSource = None) -> SampledTokens:
+        return self.run_step(plan, bitmask).to_host()  # the step's one wait for the device
+
+    def run_step(self, plan: StepPlan, bitmask: BitmaskSource = None) -> SampledTokens:
+        """Forward and sampling, everything queued on the device; nothing in here reads a device tensor back."""
+        plan = plan.to(self.device)
+        return sample_step(self._forward(plan), plan, bitmask)
+
+    def forward_logits(self, plan: StepPlan) -> torch.Tensor:
+        return self.run_forward(plan).cpu()
+
+    def run_forward(self, plan: StepPlan) -> torch.Tensor:
+        """The forward alone, queued on the device: logits [S, V] there (a shard other than rank 0 runs only this)."""
+        return self._forward(plan.to(self.device))
+
+    def _forward(self, plan: StepPlan) -> torch.Tensor:
         if self.layout is None:
             raise RuntimeError("initialize_cache must run before execute")
-        plan = plan.to(self.device)
         store = PagedKVStore(self.layout, self.key_pools, self.value_pools, plan.slot_mappings, plan.block_tables,
                              plan.query_start_loc, plan.seq_lens)
         return self.model(plan.token_ids, plan.positions, store, plan.logits_indices)
 
     def expert_counts(self) -> torch.Tensor | None:
+        """The counts so far, copied to the host (they accumulate on the device, read only here)."""
         counts = self.model.expert_counts
-        return None if counts is None else counts.clone()
+        return None if counts is None else counts.to("cpu", copy=True)
 
 
 def _mem_available() -> int:

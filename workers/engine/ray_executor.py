@@ -12,9 +12,11 @@ LLM) the executor creates a group of G bundles ({"GPU": 1, "CPU": 1} or {"CPU": 
 node), after checking that the cluster has the devices at all, and removes it on shutdown.
 
 Start-up: rank 0 reports its node IP and a free port on it, every rank joins the torch.distributed group there (NCCL
-on CUDA, gloo otherwise) and reads only its slices of the checkpoint. Per step the plan is pickled once (about a
-kilobyte, numpy arrays) and sent to every rank in one round of calls; rank 0 alone returns the logits rows (a numpy
-array: Ray ships its buffer as is), the other ranks None.
+on CUDA, gloo otherwise) and reads only its slices of the checkpoint. Per step the plan (with its SamplingBatch) is
+pickled once (about a kilobyte, numpy arrays) and sent to every rank in one round of calls; rank 0 samples after the
+vocabulary gather and alone returns the `SampledTokens` (token ids, logprobs only for rows that asked: O(rows)
+bytes), the other ranks None. A step with constrained rows waits for their token bitmasks before it is sent (they
+travel with the plan). `forward_logits` is the separate call that returns rank 0's float32 logits rows instead.
 
 Failure: any shard that dies, raises, or overruns `step_timeout_s` turns the step into a `ShardFailure` naming the
 shard; the whole group is torn down at once (every actor killed: survivors may sit in a collective waiting for the
@@ -31,17 +33,19 @@ import os
 import time
 from collections import Counter
 from collections.abc import Callable
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
 
 from gptoss_cluster.workers.config import ModelConfig
-from gptoss_cluster.workers.engine.executor import Executor, LocalExecutor, StepPlan
+from gptoss_cluster.workers.engine.executor import BitmaskSource, Executor, LocalExecutor, StepPlan
 from gptoss_cluster.workers.engine.kv_cache import KVCacheLayout
+from gptoss_cluster.workers.engine.sampler import SampledTokens
 from gptoss_cluster.workers.model import ShardSpec
 from gptoss_cluster.workers.parallel import DEFAULT_TIMEOUT_S, default_backend
-from gptoss_cluster.workers.shard import ShardWorker, encode_plan
+from gptoss_cluster.workers.shard import ShardWorker, decode, encode, encode_plan
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -451,13 +455,25 @@ class RayExecutor(Executor):
         self.kv_bytes = self._gather([w.initialize_cache.remote(layout, num_blocks) for w in self.workers],
                                      self.step_timeout_s, f"allocating {num_blocks} KV blocks")
 
-    def execute(self, plan: StepPlan) -> torch.Tensor:
-        """Every rank runs the step (one round of calls, the plan pickled once); rank 0's logits come back."""
+    def execute(self, plan: StepPlan, bitmask: BitmaskSource = None) -> SampledTokens:
+        """Every rank runs the step (one round of calls, the plan pickled once); rank 0 samples and its
+        SampledTokens come back."""
+        self._check_usable()
+        if isinstance(bitmask, Future):
+            bitmask = bitmask.result()
+        payload = encode_plan(plan)
+        mask = None if bitmask is None else encode(bitmask)
+        refs = [self.workers[0].execute.remote(payload, mask)]
+        refs += [w.execute.remote(payload) for w in self.workers[1:]]
+        return decode(self._gather(refs, self.step_timeout_s, "running a step")[0])
+
+    def forward_logits(self, plan: StepPlan) -> torch.Tensor:
+        """Every rank runs the step's forward; rank 0's float32 logits rows come back (verification)."""
         self._check_usable()
         payload = encode_plan(plan)
-        refs = [w.execute.remote(payload) for w in self.workers]
-        logits = self._gather(refs, self.step_timeout_s, "running a step")[0]
-        # Large results arrive as read-only views of Ray's object store; the sampler writes into its logits.
+        logits = self._gather([w.forward_logits.remote(payload) for w in self.workers], self.step_timeout_s,
+                              "running a forward")[0]
+        # Large results arrive as read-only views of Ray's object store.
         return torch.from_numpy(logits if logits.flags.writeable else logits.copy())
 
     def expert_counts(self) -> torch.Tensor | None:
@@ -585,7 +601,7 @@ def engine_forward_logits(engine: Any, token_ids: list[int]) -> torch.Tensor:
                             query_start_loc=torch.tensor([0, n], dtype=torch.int32),
                             seq_lens=torch.tensor([n], dtype=torch.int32), block_tables=tables,
                             slot_mappings=slots, logits_indices=torch.arange(n))
-            return engine.executor.execute(plan)
+            return engine.executor.forward_logits(plan)
         finally:
             pool.release(blocks)
 
