@@ -9,7 +9,7 @@ Targets:
     # 2. the router's own overhead: a scripted engine (fixed token cadence, no model) behind the router
     .venv/bin/python benchmarks/serving.py --engine scripted --step-ms 20 --concurrency 64
     # 3. the production path on a local Ray (127.0.0.1): the Router deployment (real RouterImpl, gRPC server,
-    #    ServeBackend, PrefixAffinityRouter) in front of ModelReplica deployments (tiny model, or --engine scripted:
+    #    ServeBackend, the request router) in front of ModelReplica deployments (tiny model, or --engine scripted:
     #    the same deployment methods around a scripted engine)
     .venv/bin/python benchmarks/serving.py --serve --engine scripted --step-ms 20 --concurrency 64
     # 4. a running cluster (gptoss-cluster serve / Helm); with --ray-app the replicas are also called directly
@@ -19,7 +19,7 @@ Targets:
     #    validation, admission, replica choice, detokenization, response messages, metrics) over a scripted replica
     #    in this process, no gRPC, no Ray, one request at a time
     .venv/bin/python benchmarks/serving.py --micro
-    # 6. what one streamed item costs through a Serve deployment handle (local Ray, a deployment yielding small dicts
+    # 6. what one streamed item costs through a Serve deployment handle (local Ray, a deployment yielding small deltas
     #    as fast as it can or every 20 ms): CPU per item in the consuming process and in the replica
     .venv/bin/python benchmarks/serving.py --serve-micro
 
@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import gc
 import json
 import multiprocessing as mp
@@ -128,23 +129,37 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _engine_request(prompt: list[int], output_len: int) -> dict[str, Any]:
-    return {"request_id": os.urandom(8).hex(), "prompt_token_ids": prompt,
-            "sampling": {"max_tokens": output_len, "ignore_eos": True, "temperature": 0.0}}
+def _engine_request(prompt: list[int], output_len: int) -> Any:
+    """What the router would send a replica for this prompt (cluster.contract.ReplicaRequest), greedy, EOS ignored."""
+    from gptoss_cluster.cluster.contract import ReplicaRequest
+
+    return ReplicaRequest(os.urandom(8).hex(), prompt, _greedy(output_len))
+
+
+@functools.cache
+def _greedy(output_len: int) -> Any:
+    """Greedy sampling of exactly `output_len` tokens (immutable: one object serves every direct request, so the
+    direct path costs what a caller that validated once would pay)."""
+    from gptoss_cluster.workers.sampling import SamplingParams
+
+    return SamplingParams(max_tokens=output_len, ignore_eos=True, temperature=0.0)
 
 
 # ------------------------------------------------------------------------------------------------ local target
 def _direct_sender(cores: list[Any], output_len: int) -> Sender:
     """Requests straight into the replica cores (round robin), no router, no gRPC."""
+    from gptoss_cluster.cluster.contract import Delta, ReplicaError
+
     turn = [0]
 
     async def send(prompt: list[int], record: Record) -> None:
         core = cores[turn[0] % len(cores)]
         turn[0] += 1
         async for item in core.generate(_engine_request(prompt, output_len)):
-            if "error" in item:
-                raise RuntimeError(item["error"]["message"])
-            record.got(len(item.get("token_ids") or ()))
+            if isinstance(item, ReplicaError):
+                raise RuntimeError(item.message)
+            if isinstance(item, Delta):
+                record.got(len(item.token_ids))
 
     return send
 
@@ -157,6 +172,7 @@ def _floor_server(cores: list[Any], stream_interval: int = 1) -> Any:
     code; floor minus direct is what one streamed gRPC call costs on this machine."""
     import grpc
 
+    from gptoss_cluster.cluster.contract import Delta
     from gptoss_cluster.proto.gptoss.v1 import gptoss_pb2 as pb
     from gptoss_cluster.proto.gptoss.v1 import gptoss_pb2_grpc as pb_grpc
 
@@ -170,12 +186,15 @@ def _floor_server(cores: list[Any], stream_interval: int = 1) -> Any:
             held: list[int] = []
             first = True
             async for item in core.generate(engine_request):
-                if "token_ids" not in item:
+                if not isinstance(item, Delta):
                     continue
-                held += item["token_ids"]
-                if item.get("finish_reason"):
+                held += item.token_ids
+                if item.finished:
+                    u = item.usage
                     yield pb.GenerateResponse(token_ids=held, finish_reason=pb.FINISH_REASON_LENGTH,
-                                              usage=pb.Usage(**item["usage"]))
+                                              usage=pb.Usage(prompt_tokens=u.prompt_tokens,
+                                                             completion_tokens=u.completion_tokens,
+                                                             cached_prompt_tokens=u.cached_prompt_tokens))
                     return
                 if first or len(held) >= stream_interval:
                     yield pb.GenerateResponse(token_ids=held)
@@ -191,7 +210,8 @@ def _server_process(conn: Any, engine: str, model: str, replicas: int, scripted:
     os.environ.setdefault("GPTOSS_NO_PROGRESS", "1")
     from gptoss_cluster.cluster.metrics import Metrics
     from gptoss_cluster.cluster.router.backend import LocalBackend
-    from gptoss_cluster.cluster.router.server import GptossServer, RouterSettings
+    from gptoss_cluster.cluster.router.server import GptossServer
+    from gptoss_cluster.cluster.router.settings import RouterSettings
 
     async def main() -> None:
         if engine == "scripted":
@@ -306,18 +326,20 @@ class RayTarget:
                      pacing: Pacing) -> tuple[list[Record], float] | None:
         if self.handle is None:
             return None
-        from gptoss_cluster.cluster.router.backend import ServeBackend
+        from gptoss_cluster.cluster.contract import Delta, ReplicaError
+        from gptoss_cluster.cluster.router.serve_backend import ServeBackend
 
         # the router's own replica transport (per-request call + multiplexed token channel), without the router
         backend = ServeBackend(self.handle, transport=self.transport)
 
         async def send(prompt: list[int], record: Record) -> None:
             async for item in backend.stream(_engine_request(prompt, output_len)):
-                if "error" in item:
-                    raise RuntimeError(item["error"]["message"])
-                record.got(len(item.get("token_ids") or ()))
-                if item.get("finish_reason"):
-                    return
+                if isinstance(item, ReplicaError):
+                    raise RuntimeError(item.message)
+                if isinstance(item, Delta):
+                    record.got(len(item.token_ids))
+                    if item.finished:
+                        return
 
         try:
             return await run_level(send, prompts, concurrency, pacing)
@@ -347,8 +369,9 @@ class ServeTarget(RayTarget):
             from ray.serve.config import RequestRouterConfig
 
             from gptoss_cluster.cluster.app import DEPLOYMENT_LOGGING, REPLICA_SERVE_ENV, ROUTER_SERVE_ENV
+            from gptoss_cluster.cluster.router.deployment import RouterImpl
             from gptoss_cluster.cluster.router.replica_choice import PrefixAffinityRouter
-            from gptoss_cluster.cluster.router.server import RouterImpl, RouterSettings
+            from gptoss_cluster.cluster.router.settings import RouterSettings
             from gptoss_cluster.cluster.router.testing import ScriptedReplicaImpl
 
             logging = {**DEPLOYMENT_LOGGING, "enable_access_log": True} if access_log else DEPLOYMENT_LOGGING
@@ -412,7 +435,8 @@ def micro(reps: int = 5, requests: int = 1000, long_tokens: int = 256) -> dict[s
     from gptoss_cluster.cluster.client import generate_request
     from gptoss_cluster.cluster.metrics import Metrics
     from gptoss_cluster.cluster.router.backend import LocalBackend
-    from gptoss_cluster.cluster.router.server import GptossServer, RouterSettings
+    from gptoss_cluster.cluster.router.server import GptossServer
+    from gptoss_cluster.cluster.router.settings import RouterSettings
     from gptoss_cluster.cluster.router.testing import ScriptedReplica
     from gptoss_cluster.workers.harmony import get_tokenizer
 
@@ -434,7 +458,7 @@ def micro(reps: int = 5, requests: int = 1000, long_tokens: int = 256) -> dict[s
         async def router(out: int, n: int, timeout: float | None) -> None:
             for _ in range(n):
                 request = generate_request(prompt, max_tokens=out, ignore_eos=True, temperature=0)
-                async for _response in server.generate_events(request, timeout=timeout):
+                async for _response in server.core.generate_events(request, timeout=timeout):
                     pass
 
         paths: dict[str, Callable[[int, int], Awaitable[None]]] = {
@@ -460,14 +484,15 @@ def micro(reps: int = 5, requests: int = 1000, long_tokens: int = 256) -> dict[s
 
 
 class _Items:
-    """Body of the --serve-micro deployment: streams `n` items of `per` token ids, `sleep_s` apart."""
+    """Body of the --serve-micro deployment: streams `n` deltas of `per` token ids, `sleep_s` apart."""
 
     async def stream(self, n: int, per: int, sleep_s: float) -> Any:
+        from gptoss_cluster.cluster.contract import Delta
+
         for _ in range(n):
             if sleep_s:
                 await asyncio.sleep(sleep_s)
-            yield {"token_ids": list(range(per)), "logprobs": None, "finish_reason": None, "stop_reason": None,
-                   "usage": None}
+            yield Delta(list(range(per)))
 
     def pid(self) -> int:
         return os.getpid()

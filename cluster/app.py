@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gptoss_cluster.cluster.replica import REPLICA_TRANSPORTS
+from gptoss_cluster.cluster.contract import REPLICA_TRANSPORTS
 
 APP_NAME = "gptoss"
 IMPORT_PATH = "gptoss_cluster.cluster.app:build_app"
@@ -43,7 +43,7 @@ MODEL_REPLICA = "ModelReplica"
 # both the router and the direct path (session 5).
 # Serve's gRPC transport between deployments (replica_transport "grpc") refuses messages over 4 MiB by default, on the
 # replica (a request: prompt ids, grammar) and on the router (a token-channel batch). The router already bounds what
-# it takes from clients (max_message_bytes) and the replica bounds its batches (cluster.replica.TokenChannels), so
+# it takes from clients (max_message_bytes) and the replica bounds its batches (cluster.token_channel.TokenChannels), so
 # the transport's own limit only has to stay out of the way.
 SERVE_GRPC_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 REPLICA_SERVE_ENV = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
@@ -307,7 +307,7 @@ def replica_settings(config: AppConfig, device: str) -> dict[str, Any]:
 
 
 def router_settings(config: AppConfig) -> dict[str, Any]:
-    from gptoss_cluster.cluster.router.server import RouterSettings
+    from gptoss_cluster.cluster.router.settings import RouterSettings
 
     return RouterSettings(
         served_model_name=config.name, host=config.grpc_host, port=config.grpc_port, http_port=config.http_port,
@@ -334,7 +334,7 @@ def router_actor_options(config: AppConfig) -> dict[str, Any]:
 
 def replica_max_ongoing(config: AppConfig) -> int:
     """ModelReplica's Serve `max_ongoing_requests`: the requests it takes, plus one slot per Router replica for that
-    router's token channel (a long-lived call; see cluster.replica.TokenChannels)."""
+    router's token channel (a long-lived call; see cluster.token_channel.TokenChannels)."""
     return config.max_ongoing_requests + config.router_replicas
 
 
@@ -344,8 +344,8 @@ def build_application(config: AppConfig) -> Any:
     from ray.serve.config import RequestRouterConfig
 
     from gptoss_cluster.cluster.replica import ModelReplicaImpl
+    from gptoss_cluster.cluster.router.deployment import RouterImpl
     from gptoss_cluster.cluster.router.replica_choice import PrefixAffinityRouter
-    from gptoss_cluster.cluster.router.server import RouterImpl
 
     validate(config)
     device = _resolve_device(config)
@@ -679,7 +679,7 @@ class LocalCluster:
         import grpc
         from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-        from gptoss_cluster.cluster.router.server import INFERENCE_SERVICE
+        from gptoss_cluster.cluster.router.grpc_service import INFERENCE_SERVICE
 
         assert self.client is not None
         host = "127.0.0.1" if self.config.grpc_host in ("0.0.0.0", "::", "") else self.config.grpc_host

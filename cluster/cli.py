@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from gptoss_cluster.cluster.replica import REPLICA_TRANSPORTS
+from gptoss_cluster.cluster.contract import REPLICA_TRANSPORTS
 
 PROG = "gptoss-cluster"
 

@@ -12,7 +12,8 @@ import pytest
 
 from gptoss_cluster.cluster.client import Client, generate_request
 from gptoss_cluster.cluster.router.admission import Admission, DeadlineExceeded, QueueFull
-from gptoss_cluster.cluster.router.server import PUSHBACK_TRAILER, RouterSettings
+from gptoss_cluster.cluster.router.grpc_service import PUSHBACK_TRAILER
+from gptoss_cluster.cluster.router.settings import RouterSettings
 from gptoss_cluster.cluster.router.testing import ScriptedReplica, ServerThread
 
 
@@ -169,9 +170,9 @@ def test_full_queue_answers_resource_exhausted_with_pushback(slow_server):
     results: dict[str, object] = {}
     with Client(address, timeout=30) as c:
         threads = [_stream_in_thread(c, results, "running", max_tokens=20, ignore_eos=True)]
-        _wait(lambda: st.server.admission.running == 1)
+        _wait(lambda: st.server.core.admission.running == 1)
         threads += [_stream_in_thread(c, results, f"queued{i}", max_tokens=2, ignore_eos=True) for i in range(2)]
-        _wait(lambda: st.server.admission.queued == 2)
+        _wait(lambda: st.server.core.admission.queued == 2)
         call = c.inference.Generate(generate_request([1], max_tokens=1), timeout=10)
         with pytest.raises(grpc.RpcError) as info:
             list(call)
@@ -189,19 +190,19 @@ def test_priorities_and_queue_deadline_over_grpc(slow_server):
     results: dict[str, object] = {}
     with Client(address, timeout=30) as c:
         threads = [_stream_in_thread(c, results, "first", max_tokens=10, ignore_eos=True)]
-        _wait(lambda: st.server.admission.running == 1)
+        _wait(lambda: st.server.core.admission.running == 1)
         threads.append(_stream_in_thread(c, results, "low", max_tokens=1, priority=9, ignore_eos=True,
                                          request_id="low"))
-        _wait(lambda: st.server.admission.queued == 1)
+        _wait(lambda: st.server.core.admission.queued == 1)
         threads.append(_stream_in_thread(c, results, "high", max_tokens=1, priority=-1, ignore_eos=True,
                                          request_id="high"))
-        _wait(lambda: st.server.admission.queued == 2)
+        _wait(lambda: st.server.core.admission.queued == 2)
         for t in threads:
             t.join(30)
-        assert [r["request_id"] for r in replica.started[1:]] == ["high", "low"]
+        assert [r.request_id for r in replica.started[1:]] == ["high", "low"]
         # a deadline that passes while queued
         threads = [_stream_in_thread(c, results, "blocker", max_tokens=30, ignore_eos=True)]
-        _wait(lambda: st.server.admission.running == 1)
+        _wait(lambda: st.server.core.admission.running == 1)
         start = time.monotonic()
         with pytest.raises(grpc.RpcError) as info:
             list(c.generate([1], max_tokens=1, timeout_seconds=0.2))

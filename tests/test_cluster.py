@@ -24,7 +24,7 @@ import pytest
 
 from gptoss_cluster.cluster.app import AppConfig, DashboardClient, DashboardError, app_config, ray_auth_token, scale
 from gptoss_cluster.cluster.client import AsyncClient, Client
-from gptoss_cluster.cluster.router.server import INFERENCE_SERVICE
+from gptoss_cluster.cluster.router.grpc_service import INFERENCE_SERVICE
 from gptoss_cluster.proto.gptoss.v1 import gptoss_pb2 as pb
 from gptoss_cluster.workers.harmony import get_tokenizer
 from tests.tools import free_port

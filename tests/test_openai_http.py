@@ -28,8 +28,9 @@ import pytest
 from structured_cases import GRAMMARS, REGEXES, SCHEMAS, WEATHER_TOOL, full_match
 
 from gptoss_cluster.cluster.client import Client
+from gptoss_cluster.cluster.contract import ReplicaState
 from gptoss_cluster.cluster.metrics import Metrics
-from gptoss_cluster.cluster.router.server import RouterSettings
+from gptoss_cluster.cluster.router.settings import RouterSettings
 from gptoss_cluster.cluster.router.testing import ScriptedReplica, ServerThread
 from gptoss_cluster.workers.harmony import get_tokenizer
 from tests.tools import free_port
@@ -514,7 +515,7 @@ def test_full_queue_is_429_with_retry_after_and_no_replica_is_503():
     finally:
         st.stop()
 
-    st, base, c = _scripted(ScriptedReplica([5], state="STARTING"), wait_ready=False)
+    st, base, c = _scripted(ScriptedReplica([5], state=ReplicaState.STARTING), wait_ready=False)
     try:
         time.sleep(0.3)
         assert _http("GET", f"{base}/health")[0] == 503

@@ -4,18 +4,16 @@ Ray Serve RequestRouter plug-in driven the way Serve drives it (no cluster neede
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 
 import pytest
 from ray.serve._private.common import DeploymentHandleSource, DeploymentID, ReplicaID, RequestMetadata
 from ray.serve.request_router import PendingRequest
 
-from gptoss_cluster.cluster.router.replica_choice import (
-    AffinityPolicy,
-    PrefixAffinityRouter,
-    prefix_hashes,
-    request_cost,
-)
-from gptoss_cluster.workers.engine.kv_cache import hash_block
+from gptoss_cluster.cluster.contract import ChannelOpen, ReplicaLoad, ReplicaRequest, ReplicaState, request_cost
+from gptoss_cluster.cluster.router.replica_choice import AffinityPolicy, PrefixAffinityRouter, prefix_hashes
+from gptoss_cluster.workers.block_hash import hash_block
+from gptoss_cluster.workers.sampling import SamplingParams
 
 BS = 4
 
@@ -32,7 +30,8 @@ def test_prefix_hashes_match_the_engine_hash_chain():
     assert hashes[0] == hash_block(b"", tokens[:4])
     assert hashes[1] == hash_block(hashes[0], tokens[4:8])
     assert prefix_hashes(tokens, 4, 1) == hashes[:1]
-    assert request_cost({"prompt_token_ids": tokens, "sampling": {"max_tokens": 5}}) == 16
+    assert request_cost(len(tokens), 5) == 16
+    assert ReplicaRequest("r", tokens, SamplingParams(max_tokens=5)).cost == 16
 
 
 def test_least_outstanding_tokens_without_affinity():
@@ -120,9 +119,10 @@ DEPLOYMENT = DeploymentID(name="ModelReplica", app_name="gptoss")
 class FakeReplica:
     """What the RequestRouter reads of a RunningReplica."""
 
-    def __init__(self, unique_id: str, routing_stats: dict | None = None) -> None:
+    def __init__(self, unique_id: str, outstanding_tokens: int | None = None) -> None:
         self.replica_id = ReplicaID(unique_id, DEPLOYMENT)
-        self.routing_stats = routing_stats or {}
+        self.routing_stats = {} if outstanding_tokens is None else ReplicaLoad(
+            ReplicaState.RUNNING, outstanding_tokens, 0, 0, 0.0).to_dict()
         self.max_ongoing_requests = 8
         self.node_id = "node"
         self.availability_zone = None
@@ -132,7 +132,11 @@ class FakeReplica:
         return 0
 
 
-def _pending(request: dict, rid: str) -> PendingRequest:
+def _request(prompt: list[int], max_tokens: int = 16, **fields) -> ReplicaRequest:
+    return ReplicaRequest("r", prompt, SamplingParams(max_tokens=max_tokens), **fields)
+
+
+def _pending(request: ReplicaRequest | ChannelOpen, rid: str) -> PendingRequest:
     return PendingRequest(args=[request], kwargs={},
                           metadata=RequestMetadata(request_id=rid, internal_request_id=rid, call_method="generate",
                                                    is_streaming=True))
@@ -151,13 +155,13 @@ def test_serve_router_affinity_accounting_and_exclusion():
         router.update_replicas(replicas)
         full = {r.replica_id.to_full_id_str(): r for r in replicas}
         prompt = _prompt(5)
-        request = {"prompt_token_ids": prompt, "sampling": {"max_tokens": 8}}
+        request = _request(prompt, 8)
         ranks = await router.choose_replicas(replicas, _pending(request, "q1"))
         first = ranks[0][0]
         router.on_request_routed(_pending(request, "q1"), first.replica_id, None)
         assert router.policy.load(first.replica_id.to_full_id_str()) == len(prompt) + 8
         # the same prompt follows its prefix even though that replica is busier
-        ranks = await router.choose_replicas(replicas, _pending(dict(request), "q2"))
+        ranks = await router.choose_replicas(replicas, _pending(request, "q2"))
         assert ranks[0] == [first]
         router.on_request_completed(first.replica_id, "q1")
         # q2 was ranked but not routed yet: its cost counts on its first choice until it is routed or ends
@@ -165,24 +169,24 @@ def test_serve_router_affinity_accounting_and_exclusion():
         router.on_request_completed(first.replica_id, "q2")
         assert router.policy.load(first.replica_id.to_full_id_str()) == 0
         # a retry excludes the replica that failed
-        retry = dict(request, exclude_replicas=[first.replica_id.to_full_id_str()])
+        retry = dataclasses.replace(request, exclude_replicas=(first.replica_id.to_full_id_str(),))
         ranks = await router.choose_replicas(replicas, _pending(retry, "q3"))
         assert first not in [r for rank in ranks for r in rank]
         # precomputed hashes from the router are used as given
-        hinted = {"prompt_token_ids": _prompt(6), "sampling": {}, "prefix_hashes": prefix_hashes(prompt, BS, 64)}
+        hinted = _request(_prompt(6), prefix_hashes=tuple(prefix_hashes(prompt, BS, 64)))
         ranks = await router.choose_replicas(replicas, _pending(hinted, "q4"))
         assert ranks[0] == [first]
         # replicas' own reports (routing stats) push load away
-        busy = FakeReplica(first.replica_id.unique_id, {"outstanding_tokens": 10_000})
+        busy = FakeReplica(first.replica_id.unique_id, outstanding_tokens=10_000)
         other = next(r for k, r in full.items() if k != first.replica_id.to_full_id_str())
-        ranks = await router.choose_replicas([busy, other], _pending(dict(request), "q5"))
+        ranks = await router.choose_replicas([busy, other], _pending(request, "q5"))
         assert ranks[0] == [other]
         # calls that are not generate requests (model_info) just get the least loaded
         ranks = await router.choose_replicas(replicas, None)
         assert len(ranks[0]) == 1
         # a token-channel call goes to the replica it names, and nowhere while that one is gone
         target = other.replica_id.to_full_id_str()
-        channel = {"router": "r", "target_replica": target}
+        channel = ChannelOpen("r", target)
         assert await router.choose_replicas(replicas, _pending(channel, "c1")) == [[other]]
         assert await router.choose_replicas([first], _pending(channel, "c2")) == []
         # a replica that left is forgotten
@@ -203,15 +207,13 @@ def test_a_burst_ranked_before_any_is_routed_spreads_over_the_replicas():
         router.policy.routed("old", replicas[0].replica_id.to_full_id_str(), (), 0)
         firsts = []
         for i in range(8):
-            request = {"prompt_token_ids": [300 + i, 1, 2], "sampling": {"max_tokens": 200}}
-            ranks = await router.choose_replicas(replicas, _pending(request, f"b{i}"))
+            ranks = await router.choose_replicas(replicas, _pending(_request([300 + i, 1, 2], 200), f"b{i}"))
             firsts.append(ranks[0][0].replica_id.unique_id)
         assert sorted(firsts) == ["a"] * 4 + ["b"] * 4
         # routing (to the first choice or elsewhere) replaces the provisional cost; completion removes it
         b = replicas[1].replica_id
         for i in range(8):
-            request = {"prompt_token_ids": [300 + i, 1, 2], "sampling": {"max_tokens": 200}}
-            router.on_request_routed(_pending(request, f"b{i}"), b, None)
+            router.on_request_routed(_pending(_request([300 + i, 1, 2], 200), f"b{i}"), b, None)
         assert router.policy.load(b.to_full_id_str()) == 8 * 203
         assert router.policy.load(replicas[0].replica_id.to_full_id_str()) == 0
         for i in range(8):

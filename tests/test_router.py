@@ -9,6 +9,7 @@ message size limits, metrics, and the retry on another replica before the first 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import threading
 import time
@@ -29,12 +30,23 @@ from openai_harmony import (
 )
 
 from gptoss_cluster.cluster.client import Client
+from gptoss_cluster.cluster.contract import (
+    Accepted,
+    Delta,
+    ErrorCode,
+    ReplicaRequest,
+    ReplicaState,
+    Usage,
+)
 from gptoss_cluster.cluster.metrics import Metrics
 from gptoss_cluster.cluster.replica import ReplicaCore, ReplicaSettings
-from gptoss_cluster.cluster.router.server import INFERENCE_SERVICE, RouterSettings
+from gptoss_cluster.cluster.router.errors import RouterError
+from gptoss_cluster.cluster.router.grpc_service import INFERENCE_SERVICE
+from gptoss_cluster.cluster.router.settings import RouterSettings
 from gptoss_cluster.cluster.router.testing import ScriptedReplica, ServerThread
 from gptoss_cluster.proto.gptoss.v1 import gptoss_pb2 as pb
 from gptoss_cluster.workers.harmony import get_encoding, get_tokenizer
+from gptoss_cluster.workers.sampling import SamplingParams
 
 WEATHER = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
 CONTEXT = 1024
@@ -202,7 +214,7 @@ def test_chat_tool_call(script, name, channel, arguments):
     assert json.loads("".join(r.tool_call.arguments_delta for r in calls)) == arguments
     assert out[-1].finish_reason == pb.FINISH_REASON_TOOL_CALL
     # chat requests stop on harmony's <|return|> and <|call|>
-    assert sorted(replica.started[0]["eos_token_ids"]) == [200002, 200012]
+    assert sorted(replica.started[0].eos_token_ids) == [200002, 200012]
 
 
 @pytest.mark.parametrize("interval", [1, 4])
@@ -251,8 +263,8 @@ def test_cli_bench_against_a_router_prints_every_level(tmp_path, capsys):
     assert all(int(row[1]) == 6 and int(row[2]) == 0 for row in rows[1:])  # requests, errors
     levels = json.loads(out.read_text())["levels"]
     assert {k: (v["requests"], v["errors"]) for k, v in levels.items()} == {"1": (6, 0), "4": (6, 0)}
-    assert len(replica.started) == 12 and all(len(r["prompt_token_ids"]) == 5 for r in replica.started)
-    assert all(r["sampling"]["max_tokens"] == 3 for r in replica.started)
+    assert len(replica.started) == 12 and all(len(r.prompt_token_ids) == 5 for r in replica.started)
+    assert all(r.sampling.max_tokens == 3 for r in replica.started)
 
 
 def test_cli_bench_without_a_router_fails_in_seconds(capsys, monkeypatch):
@@ -418,7 +430,7 @@ def test_health_and_reflection(tiny):
 
 
 def test_inference_health_follows_replica_readiness():
-    replica = ScriptedReplica([1, 2, 3], state="STARTING")
+    replica = ScriptedReplica([1, 2, 3], state=ReplicaState.STARTING)
     st = ServerThread()
     address = st.start([replica], RouterSettings(host="127.0.0.1", port=0, health_interval_s=0.05),
                        wait_ready=False)
@@ -430,12 +442,12 @@ def test_inference_health_follows_replica_readiness():
             with pytest.raises(grpc.RpcError) as info:
                 list(c.generate([1], max_tokens=1))
             assert info.value.code() == grpc.StatusCode.UNAVAILABLE
-            replica.state = "RUNNING"
+            replica.state = ReplicaState.RUNNING
             deadline = time.monotonic() + 5
             while c.health(INFERENCE_SERVICE) != "SERVING" and time.monotonic() < deadline:
                 time.sleep(0.05)
             assert c.health(INFERENCE_SERVICE) == "SERVING"
-            replica.state = "UNHEALTHY"
+            replica.state = ReplicaState.UNHEALTHY
             deadline = time.monotonic() + 5
             while c.health(INFERENCE_SERVICE) != "NOT_SERVING" and time.monotonic() < deadline:
                 time.sleep(0.05)
@@ -455,7 +467,7 @@ def test_drain_flips_health_first_and_lets_running_streams_finish():
             thread = threading.Thread(target=lambda: drained.setdefault("ok", st.run(st.server.drain(10))))
             thread.start()
             deadline = time.monotonic() + 5
-            while not st.server.draining and time.monotonic() < deadline:
+            while not st.server.core.draining and time.monotonic() < deadline:
                 time.sleep(0.01)
             assert c.health("") == "NOT_SERVING" and c.health(INFERENCE_SERVICE) == "NOT_SERVING"
             with pytest.raises(grpc.RpcError) as info:
@@ -646,19 +658,19 @@ def test_replica_coalesces_queued_outputs_into_one_item(tiny):
     core = tiny["cores"][0]
 
     def request(rid):
-        return {"request_id": rid, "prompt_token_ids": [5, 6, 7] * 7,
-                "sampling": {"max_tokens": 12, "ignore_eos": True, "temperature": 0.0, "logprobs": 1}}
+        return ReplicaRequest(rid, [5, 6, 7] * 7, SamplingParams(max_tokens=12, ignore_eos=True, temperature=0.0,
+                                                                 logprobs=1))
 
     steady = tiny["st"].run(_replica_items(core, request("steady"), False))
     held = tiny["st"].run(_replica_items(core, request("held"), True))
-    assert steady[0]["accepted"] and held[0]["accepted"]
-    assert [len(i["token_ids"]) for i in held[1:]] == [1, 11]
-    tokens = [t for i in steady[1:] for t in i["token_ids"]]
-    assert [t for i in held[1:] for t in i["token_ids"]] == tokens and len(tokens) == 12
-    assert [lp["token_id"] for i in held[1:] for lp in i["logprobs"]] == tokens
-    assert held[-1]["finish_reason"] == steady[-1]["finish_reason"] == "length"
-    assert held[-1]["usage"]["completion_tokens"] == 12 and held[1]["usage"] is None
-    assert all(i["finish_reason"] is None for i in held[1:-1])
+    assert steady[0] == held[0] == Accepted(core.replica_id)
+    assert [len(i.token_ids) for i in held[1:]] == [1, 11]
+    tokens = [t for i in steady[1:] for t in i.token_ids]
+    assert [t for i in held[1:] for t in i.token_ids] == tokens and len(tokens) == 12
+    assert [lp.token_id for i in held[1:] for lp in i.logprobs] == tokens
+    assert held[-1].finish_reason == steady[-1].finish_reason == "length"
+    assert held[-1].usage.completion_tokens == 12 and held[1].usage is None
+    assert all(i.finish_reason is None for i in held[1:-1])
 
 
 # ------------------------------------------------------------------------------------------------ the router's body
@@ -669,27 +681,28 @@ class _TimedBackend:
         self.script, self.token = script, token
 
     async def stream(self, request):
-        yield {"accepted": True, "replica_id": "r0"}
+        yield Accepted("r0")
         for i, wait in enumerate(self.script):
             await asyncio.sleep(wait)
             last = i == len(self.script) - 1
-            yield {"token_ids": [self.token], "finish_reason": "length" if last else None,
-                   "usage": {"cached_prompt_tokens": 0} if last else None}
+            yield Delta([self.token], finish_reason="length" if last else None,
+                        usage=Usage(len(request.prompt_token_ids), i + 1, 0) if last else None)
 
     async def replica_stats(self):
-        return [{"replica_id": "r0", "state": "RUNNING", "max_ongoing_requests": 8}]
+        return [ScriptedReplica(replica_id="r0", max_ongoing_requests=8).stats()]
 
     async def model_info(self):
-        return {"model": "scripted", "vocab_size": 201088, "context_length": 4096, "kv_block_size": 16}
+        return ScriptedReplica().model_info()
 
 
 async def _body_server(script, metrics=None):
-    from gptoss_cluster.cluster.router.server import GptossServer
+    """The router's core over a backend that streams on a timetable (no gRPC, no Ray)."""
+    from gptoss_cluster.cluster.router.core import RouterCore
 
-    server = GptossServer(_TimedBackend(script), RouterSettings(), metrics)
-    await server.refresh()
-    assert server.ready_replicas == 1
-    return server
+    core = RouterCore(_TimedBackend(script), RouterSettings(), metrics)
+    await core.refresh()
+    assert core.ready_replicas == 1
+    return core
 
 
 def _generate(n: int) -> pb.GenerateRequest:
@@ -706,8 +719,6 @@ def _codes(metrics: Metrics) -> dict[str, float]:
 def test_deadline_while_waiting_for_the_replica_is_deadline_exceeded():
     """The router's own deadline fires while it waits for the next token (the replica stalls): DEADLINE_EXCEEDED
     with the usual message, and the consuming task is left with no cancellation pending."""
-    from gptoss_cluster.cluster.router.server import RouterError
-
     async def main():
         metrics = Metrics()
         server = await _body_server([0.0, 30.0], metrics)
@@ -717,7 +728,7 @@ def test_deadline_while_waiting_for_the_replica_is_deadline_exceeded():
             async for response in server.generate_events(_generate(2), timeout=0.2):
                 got.append(response)
         assert time.monotonic() - start < 5
-        assert info.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert info.value.code is ErrorCode.DEADLINE_EXCEEDED
         assert "passed while generating" in info.value.message
         assert [list(r.token_ids) for r in got] == [[5]]
         assert asyncio.current_task().cancelling() == 0
@@ -732,8 +743,6 @@ def test_deadline_passing_while_the_caller_is_busy_never_cancels_the_caller():
     """The deadline passes while the caller works on a response (not waiting for the replica): the caller's own
     awaits are not cancelled; its next wait for a token ends in DEADLINE_EXCEEDED. Before the deadline, tokens
     stream as usual."""
-    from gptoss_cluster.cluster.router.server import RouterError
-
     async def main():
         server = await _body_server([0.0, 0.0, 0.0])
         responses = []
@@ -741,7 +750,7 @@ def test_deadline_passing_while_the_caller_is_busy_never_cancels_the_caller():
             async for response in server.generate_events(_generate(3), timeout=0.15):
                 responses.append(response)
                 await asyncio.sleep(0.3)  # past the deadline: must not raise CancelledError
-        assert info.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert info.value.code is ErrorCode.DEADLINE_EXCEEDED
         assert len(responses) == 1
         assert asyncio.current_task().cancelling() == 0
 
@@ -778,27 +787,26 @@ def test_caller_cancelled_while_waiting_with_a_deadline_stays_cancelled():
 
 
 def test_sampling_checks_repeat_for_the_same_settings():
-    """Validated sampling settings are reused, never shared: each request gets its own dicts, and the room left by
-    a longer prompt still shrinks the default max_tokens or refuses an explicit one."""
-    from gptoss_cluster.cluster.router.requests import RequestError, Validator
+    """Validated sampling settings are the engine's SamplingParams without the stop strings (those stay with the
+    router), and the room left by a longer prompt still shrinks the default max_tokens or refuses an explicit one."""
+    from gptoss_cluster.cluster.router.requests import Validator
 
-    v = Validator({"vocab_size": 201088, "context_length": 300})
-    s = pb.SamplingParams(temperature=0.0, stop_token_ids=[9])
+    v = Validator(dataclasses.replace(ScriptedReplica().model_info(), context_length=300))
+    s = pb.SamplingParams(temperature=0.0, stop_token_ids=[9], stop=["END"])
     a, stops = v.sampling(s, 10)
     b, _ = v.sampling(s, 10)
-    assert a == b and a is not b and a["stop_token_ids"] is not b["stop_token_ids"] and stops == ()
-    a["stop_token_ids"].append(1)
-    assert v.sampling(s, 10)[0]["stop_token_ids"] == [9]
-    assert a["max_tokens"] == 256 and v.sampling(s, 100)[0]["max_tokens"] == 200  # default shrinks to fit
+    assert a == b and isinstance(a, SamplingParams) and a.stop == () and stops == ("END",)
+    assert a.stop_token_ids == (9,)
+    assert a.max_tokens == 256 and v.sampling(s, 100)[0].max_tokens == 200  # default shrinks to fit
     explicit = pb.SamplingParams(max_tokens=250)
-    assert v.sampling(explicit, 10)[0]["max_tokens"] == 250
-    with pytest.raises(RequestError, match="exceed the context of 300 tokens"):
+    assert v.sampling(explicit, 10)[0].max_tokens == 250
+    with pytest.raises(RouterError, match="exceed the context of 300 tokens"):
         v.sampling(explicit, 100)
     bad = pb.SamplingParams(max_tokens=20, min_tokens=50)
     for _ in range(2):  # a failure is not remembered as a success
-        with pytest.raises(RequestError, match=r"sampling\.min_tokens \(50\) must not exceed max_tokens \(20\)"):
+        with pytest.raises(RouterError, match=r"sampling\.min_tokens \(50\) must not exceed max_tokens \(20\)"):
             v.sampling(bad, 10)
     shrunk = pb.SamplingParams(min_tokens=250)  # fits the default 256 with a short prompt, not once it shrinks
-    assert v.sampling(shrunk, 10)[0]["min_tokens"] == 250
-    with pytest.raises(RequestError, match="must not exceed max_tokens"):
+    assert v.sampling(shrunk, 10)[0].min_tokens == 250
+    with pytest.raises(RouterError, match="must not exceed max_tokens"):
         v.sampling(shrunk, 100)

@@ -29,7 +29,7 @@ import yaml
 
 from gptoss_cluster.cluster.app import DashboardClient, DashboardError, parse_args, placement
 from gptoss_cluster.cluster.client import Client
-from gptoss_cluster.cluster.router.server import INFERENCE_SERVICE
+from gptoss_cluster.cluster.router.grpc_service import INFERENCE_SERVICE
 from gptoss_cluster.proto.gptoss.v1 import gptoss_pb2 as pb
 from tests.tools import find_tool, free_port
 

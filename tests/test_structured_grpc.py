@@ -1,6 +1,6 @@
 """Structured outputs, tool_choice and the reasoning budget through the gRPC API (issue 8).
 
-Unit tests of the router's mapping (ChatRequest -> structured.Constraint dict, the Python client's OpenAI-style
+Unit tests of the router's mapping (ChatRequest -> workers.constraint.Constraint, the Python client's OpenAI-style
 arguments, the CLI's flags) need no cluster. The rest runs on one local Ray cluster on loopback (Router + one
 ModelReplica of the tiny model, one shard), deployed once for the module: every chat request of the acceptance
 table is sent at once (the replica batches them) and each test checks its own answers.
@@ -27,14 +27,17 @@ from gptoss_cluster.cluster.client import (
     response_format_message,
     tool_choice_message,
 )
-from gptoss_cluster.cluster.router.requests import RequestError, Validator, constraint_from_chat
+from gptoss_cluster.cluster.contract import ErrorCode
+from gptoss_cluster.cluster.router.errors import RouterError
+from gptoss_cluster.cluster.router.requests import Validator, constraint_from_chat
+from gptoss_cluster.cluster.router.testing import ScriptedReplica
 from gptoss_cluster.proto.gptoss.v1 import gptoss_pb2 as pb
-from gptoss_cluster.workers.engine.structured import BUILTIN_RECIPIENTS, Constraint
+from gptoss_cluster.workers.constraint import BUILTIN_RECIPIENTS, Constraint
 from gptoss_cluster.workers.harmony import END_ID, get_tokenizer
 from tests.structured_cases import GRAMMARS, REGEXES, SCHEMAS, TIME_TOOL, WEATHER_TOOL, full_match
 from tests.tools import free_port
 
-MODEL = {"vocab_size": 201088, "context_length": 4096}
+MODEL = ScriptedReplica(vocab_size=201088, context_length=4096).model_info()
 STRICT_WEATHER = {**WEATHER_TOOL, "strict": True}
 STRICT_TIME = {**TIME_TOOL, "strict": True}
 BROWSER = list(BUILTIN_RECIPIENTS["browser"])
@@ -46,6 +49,12 @@ def _chat(**options: Any) -> pb.ChatRequest:
     return chat_request("Answer, please.", **options)
 
 
+def _constraint(request: pb.ChatRequest) -> dict[str, Any] | None:
+    """The request's constraint in its plain-data form (None: unconstrained)."""
+    c = constraint_from_chat(request)
+    return None if c is None else c.to_dict()
+
+
 # ======================================================================================= the mapping (no cluster)
 def test_plain_requests_stay_unconstrained():
     validator = Validator(MODEL)
@@ -53,26 +62,26 @@ def test_plain_requests_stay_unconstrained():
                     {"builtin_tools": ["browser", "python"]}, {"response_format": {"type": "text"}}):
         prep = validator.chat(_chat(**options))
         assert prep.constraint is None, options
-        assert prep.replica_request(None)["constraint"] is None
+        assert prep.replica_request(None).constraint is None
 
 
 def test_constraint_mapping():
     schema = SCHEMAS[0]
-    c = constraint_from_chat(_chat(response_format={"type": "json_schema", "json_schema": {
+    c = _constraint(_chat(response_format={"type": "json_schema", "json_schema": {
         "name": "person", "schema": schema, "strict": True}}, max_reasoning_tokens=0))
     assert c is not None and c["max_reasoning_tokens"] == 0 and c["tool_choice"] == "auto" and c["tools"] == []
     assert c["response_format"]["type"] == "json_schema" and json.loads(c["response_format"]["value"]) == schema
     # compact, property order kept (xgrammar writes properties in schema order)
     assert c["response_format"]["value"] == json.dumps(schema, separators=(",", ":"))
-    assert constraint_from_chat(_chat(response_format={"type": "json_object"}))["response_format"] == {
+    assert _constraint(_chat(response_format={"type": "json_object"}))["response_format"] == {
         "type": "json_object", "value": ""}
-    assert constraint_from_chat(_chat(response_format={"type": "regex", "regex": "[a-z]+"}))["response_format"] == {
+    assert _constraint(_chat(response_format={"type": "regex", "regex": "[a-z]+"}))["response_format"] == {
         "type": "regex", "value": "[a-z]+"}
-    assert constraint_from_chat(_chat(response_format={"type": "grammar", "grammar": GRAMMARS[0][0]}))[
+    assert _constraint(_chat(response_format={"type": "grammar", "grammar": GRAMMARS[0][0]}))[
         "response_format"] == {"type": "grammar", "value": GRAMMARS[0][0]}
 
     # a strict tool alone turns the constraint on: its arguments follow its schema; non-strict tools take any object
-    c = constraint_from_chat(_chat(tools=[STRICT_WEATHER, TIME_TOOL], builtin_tools=["browser", "python"]))
+    c = _constraint(_chat(tools=[STRICT_WEATHER, TIME_TOOL], builtin_tools=["browser", "python"]))
     assert c is not None and c["response_format"] is None and c["tool_choice"] == "auto"
     assert c["max_reasoning_tokens"] is None
     assert [t["recipient"] for t in c["tools"]] == ["functions.get_weather", "functions.get_time", *BROWSER, "python"]
@@ -84,12 +93,12 @@ def test_constraint_mapping():
                               ({"type": "function", "function": {"name": "get_time"}}, "functions.get_time"),
                               ("browser.find", "browser.find"), ("python", "python"), ("none", "none"),
                               ("required", "required")]:
-        assert constraint_from_chat(_chat(tool_choice=choice, **both))["tool_choice"] == recipient, choice
-    # the dict form is what the replica compiles
+        assert _constraint(_chat(tool_choice=choice, **both))["tool_choice"] == recipient, choice
+    # the Constraint itself travels to the replica, which compiles it
     c = constraint_from_chat(_chat(tool_choice="get_weather", max_reasoning_tokens=5, **both))
-    assert Constraint.from_dict(c).to_dict() == c
+    assert Constraint.from_dict(c.to_dict()) == c
     prep = Validator(MODEL).chat(_chat(tool_choice="get_weather", max_reasoning_tokens=5, **both))
-    assert prep.constraint == c and prep.replica_request(1.0)["constraint"] == c
+    assert prep.constraint == c and prep.replica_request(1.0).constraint == c
 
 
 def test_constraint_fields_never_change_the_prompt():
@@ -137,9 +146,9 @@ INVALID = [
 
 @pytest.mark.parametrize(("request_", "message"), INVALID, ids=[m[:40] for _, m in INVALID])
 def test_invalid_constraints_name_the_field(request_, message):
-    with pytest.raises(RequestError) as info:
+    with pytest.raises(RouterError) as info:
         Validator(MODEL).chat(request_)
-    assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert info.value.code is ErrorCode.INVALID_ARGUMENT
     assert message in info.value.message, info.value.message
 
 

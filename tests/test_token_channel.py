@@ -1,8 +1,8 @@
-"""The multiplexed token channel between router and replica (cluster.replica.TokenChannels, ServeBackend).
+"""The multiplexed token channel between router and replica (cluster.token_channel.TokenChannels, ServeBackend).
 
 The replica half runs without Ray first (a scripted core, one event loop): deltas batch per step, arrive whole and
 in order, wait for a late channel, and a cancelled request is aborted. Then the whole path on a local Ray (loopback):
-ServeBackend in this process against two scripted ModelReplica deployments behind PrefixAffinityRouter.
+ServeBackend in this process against two scripted ModelReplica deployments behind the deployment's request router.
 """
 
 from __future__ import annotations
@@ -14,18 +14,34 @@ import os
 import pytest
 
 from gptoss_cluster.cluster.app import REPLICA_SERVE_ENV
-from gptoss_cluster.cluster.replica import TokenChannels
+from gptoss_cluster.cluster.contract import (
+    Accepted,
+    ChannelOpen,
+    ChannelRoute,
+    Delta,
+    Misrouted,
+    ReplicaRequest,
+    ReplicaStats,
+)
 from gptoss_cluster.cluster.router.testing import ScriptedReplica
+from gptoss_cluster.cluster.token_channel import TokenChannels
+from gptoss_cluster.workers.constraint import Constraint, ResponseFormat
+from gptoss_cluster.workers.sampling import SamplingParams
 
 STEP_S = 0.02
 
 
-def _request(key: int, max_tokens: int, router: str = "r1") -> dict:
-    return {"request_id": f"q{key}", "prompt_token_ids": [1, 2, 3], "channel": {"router": router, "key": key},
-            "sampling": {"max_tokens": max_tokens, "ignore_eos": True}}
+def _request(key: int | str, max_tokens: int, router: str = "r1", prompt: list[int] | None = None,
+             **fields) -> ReplicaRequest:
+    """An int key: request q<key> on router `router`'s channel (calls to TokenChannels); a str: that request id, for
+    the ServeBackend, which sets the channel itself."""
+    if isinstance(key, int):
+        fields["channel"] = ChannelRoute(router, key)
+    return ReplicaRequest(f"q{key}" if isinstance(key, int) else key, prompt or [1, 2, 3],
+                          SamplingParams(max_tokens=max_tokens, ignore_eos=True), **fields)
 
 
-async def _submit(channels: TokenChannels, core: ScriptedReplica, request: dict) -> dict:
+async def _submit(channels: TokenChannels, core: ScriptedReplica, request: ReplicaRequest) -> Accepted:
     """Run one request's submit call to its end; its first event (the answer to the call)."""
     events = channels.submit(request, core.generate)
     first = await anext(events)
@@ -45,24 +61,24 @@ def test_channel_batches_one_item_per_step_and_delivers_every_delta_in_order():
         got: dict[int, list[int]] = {k: [] for k in range(n)}
         finishes: dict[int, str] = {}
         batches = 0
-        async for batch in channels.stream({"router": "r1", "target_replica": "rep-a"}):
+        async for batch in channels.stream(ChannelOpen("r1", "rep-a")):
             if not batch:
                 continue  # the "open" item
             batches += 1
             for key, item in batch:
                 assert key not in finishes, "a delta after the request finished"
-                got[key] += item["token_ids"]
-                if item["finish_reason"]:
-                    finishes[key] = item["finish_reason"]
+                got[key] += item.token_ids
+                if item.finish_reason:
+                    finishes[key] = item.finish_reason
         # the stream closed by itself: nothing was running any more for idle_close_s
         firsts = await asyncio.gather(*submits)
-        assert all(f == {"accepted": True, "replica_id": "rep-a"} for f in firsts)
+        assert all(f == Accepted("rep-a") for f in firsts)
         assert got == {k: [1000 + i for i in range(max_tokens)] for k in range(n)}
         assert finishes == dict.fromkeys(range(n), "length")
         # one Serve item per step for all 16 requests (plus the backlog in the first), not one per token
         assert batches <= max_tokens + 2, batches
-        assert channels.stats()["channel_deltas"] == n * max_tokens
-        assert channels.stats()["channel_routers"] == 0
+        assert channels.stats().deltas == n * max_tokens
+        assert channels.stats().routers == 0
 
     asyncio.run(main())
 
@@ -78,11 +94,11 @@ def test_a_backlog_goes_out_in_bounded_batches_in_order():
         await asyncio.sleep(4 * STEP_S)  # ~3 steps x 12 requests of deltas wait in the outbox
         got: dict[int, list[int]] = {k: [] for k in range(n)}
         sizes = []
-        async for batch in channels.stream({"router": "r1", "target_replica": "rep-a"}):
+        async for batch in channels.stream(ChannelOpen("r1", "rep-a")):
             if batch:
                 sizes.append(len(batch))
                 for key, item in batch:
-                    got[key] += item["token_ids"]
+                    got[key] += item.token_ids
         await asyncio.gather(*submits)
         assert got == {k: [1000 + i for i in range(max_tokens)] for k in range(n)}
         assert max(sizes) == 5 and sizes.count(5) >= 4, sizes  # the backlog came in full pieces
@@ -93,21 +109,21 @@ def test_a_backlog_goes_out_in_bounded_batches_in_order():
 def test_misrouted_channel_says_so_and_a_new_channel_takes_over():
     async def main():
         channels = TokenChannels("rep-a", idle_close_s=5)
-        items = [b async for b in channels.stream({"router": "r1", "target_replica": "rep-b"})]
-        assert items == [[("misrouted", {"replica_id": "rep-a"})]]
+        items = [b async for b in channels.stream(ChannelOpen("r1", "rep-b"))]
+        assert items == [Misrouted("rep-a")]
 
         core = ScriptedReplica(step_s=STEP_S, replica_id="rep-a")
-        old = channels.stream({"router": "r1", "target_replica": "rep-a"})
+        old = channels.stream(ChannelOpen("r1", "rep-a"))
         assert await anext(old) == []
         submit = asyncio.create_task(_submit(channels, core, _request(1, 4)))
         await asyncio.sleep(STEP_S / 2)
-        new = channels.stream({"router": "r1", "target_replica": "rep-a"})  # the router lost the old one
+        new = channels.stream(ChannelOpen("r1", "rep-a"))  # the router lost the old one
         assert await anext(new) == []
         with pytest.raises(StopAsyncIteration):
             await anext(old)  # the old channel ends; the deltas go to the new one
         tokens = []
         while len(tokens) < 4:
-            tokens += [t for _, item in await anext(new) for t in item["token_ids"]]
+            tokens += [t for _, item in await anext(new) for t in item.token_ids]
         assert tokens == [1000, 1001, 1002, 1003]
         await submit
         await new.aclose()
@@ -159,23 +175,23 @@ def scripted_app():
         ray.shutdown()
 
 
-async def _collect(backend, request: dict) -> tuple[str, list[int], str]:
+async def _collect(backend, request: ReplicaRequest) -> tuple[str, list[int], str]:
     replica, tokens, finish = "", [], ""
     async for item in backend.stream(request):
-        if "accepted" in item:
-            replica = item["replica_id"]
+        if isinstance(item, Accepted):
+            replica = item.replica_id
             continue
-        assert "error" not in item, item
-        tokens += item["token_ids"]
-        if item["finish_reason"]:
-            finish = item["finish_reason"]
+        assert isinstance(item, Delta), item
+        tokens += item.token_ids
+        if item.finish_reason:
+            finish = item.finish_reason
             break
     return replica, tokens, finish
 
 
 @pytest.mark.parametrize("transport", ["grpc", "ray"])
 def test_serve_backend_streams_many_requests_over_one_channel_per_replica(scripted_app, transport):
-    from gptoss_cluster.cluster.router.backend import ServeBackend
+    from gptoss_cluster.cluster.router.serve_backend import ServeBackend
 
     async def main():
         backend = ServeBackend(scripted_app, transport=transport)
@@ -186,45 +202,42 @@ def test_serve_backend_streams_many_requests_over_one_channel_per_replica(script
             # Distinct prefixes route by load alone, which spreads them; this test is about the channel.
             n, max_tokens = 48, 24
             results = await asyncio.gather(*(
-                _collect(backend, {"request_id": f"q{k}", "prompt_token_ids": [100 + k] * (16 + k),
-                                   "sampling": {"max_tokens": max_tokens, "ignore_eos": True}})
-                for k in range(n)))
+                _collect(backend, _request(f"q{k}", max_tokens, prompt=[100 + k] * (16 + k))) for k in range(n)))
             assert all(tokens == [1000 + i for i in range(max_tokens)] and finish == "length"
                        for _, tokens, finish in results)
             used = {replica for replica, _, _ in results}
             assert len(used) == 2, "the load spreads over both replicas"
             stats = await backend.replica_stats()
-            assert sum(s["channel_deltas"] for s in stats) >= n * max_tokens / 2  # coalescing may merge deltas
+            assert all(isinstance(s, ReplicaStats) for s in stats) and len(stats) == 2
+            assert sum(s.channels.deltas for s in stats) >= n * max_tokens / 2  # coalescing may merge deltas
             # a batch per step for all of this router's requests on the replica, not one Serve item per token
-            assert sum(s["channel_batches"] for s in stats) < n * max_tokens / 4, stats
+            assert sum(s.channels.batches for s in stats) < n * max_tokens / 4, stats
             assert set(backend._channels) <= used
 
             # closing a stream early cancels the request on its replica
-            stream = backend.stream({"request_id": "long", "prompt_token_ids": [5] * 20,
-                                     "sampling": {"max_tokens": 5000, "ignore_eos": True}})
+            stream = backend.stream(_request("long", 5000, prompt=[5] * 20))
             accepted = await anext(stream)
             for _ in range(3):
-                assert (await anext(stream))["token_ids"]
+                assert (await anext(stream)).token_ids
             await stream.aclose()
             for _ in range(100):
-                stats = {s["replica_id"]: s for s in await backend.replica_stats()}
-                if stats[accepted["replica_id"]]["num_running"] == 0:
+                stats = {s.replica_id: s for s in await backend.replica_stats()}
+                if stats[accepted.replica_id].load.num_running == 0:
                     break
                 await asyncio.sleep(0.05)
-            assert stats[accepted["replica_id"]]["num_running"] == 0
+            assert stats[accepted.replica_id].load.num_running == 0
 
             # a caller that falls behind gets the deltas already there merged into one, none lost
             items = []
-            async for item in backend.stream({"request_id": "slow", "prompt_token_ids": [9] * 20,
-                                              "sampling": {"max_tokens": 20, "ignore_eos": True}}):
-                if "accepted" not in item:
+            async for item in backend.stream(_request("slow", 20, prompt=[9] * 20)):
+                if isinstance(item, Delta):
                     items.append(item)
-                    if item["finish_reason"]:
+                    if item.finish_reason:
                         break
                     await asyncio.sleep(5 * STEP_S)
-            assert [t for item in items for t in item["token_ids"]] == [1000 + i for i in range(20)]
-            assert len(items) < 10 and items[-1]["finish_reason"] == "length"
-            assert items[-1]["usage"]["completion_tokens"] == 20
+            assert [t for item in items for t in item.token_ids] == [1000 + i for i in range(20)]
+            assert len(items) < 10 and items[-1].finish_reason == "length"
+            assert items[-1].usage.completion_tokens == 20
         finally:
             await backend.close()
 
@@ -234,13 +247,13 @@ def test_serve_backend_streams_many_requests_over_one_channel_per_replica(script
 def test_serve_backend_carries_a_request_over_the_grpc_transports_default_limit(scripted_app):
     """A request larger than the 4 MiB that Serve's gRPC transport takes by default (a large grammar, say) reaches
     its replica: the replica's environment raises the limit (cluster.app.REPLICA_SERVE_ENV)."""
-    from gptoss_cluster.cluster.router.backend import ServeBackend
+    from gptoss_cluster.cluster.router.serve_backend import ServeBackend
 
     async def main():
         backend = ServeBackend(scripted_app, transport="grpc")
         try:
-            request = {"request_id": "big", "prompt_token_ids": [3] * 20, "padding": "x" * (6 << 20),
-                       "sampling": {"max_tokens": 4, "ignore_eos": True}}
+            grammar = Constraint(ResponseFormat("grammar", "root ::= " + "x" * (6 << 20)))
+            request = _request("big", 4, prompt=[3] * 20, constraint=grammar)
             _, tokens, finish = await _collect(backend, request)
             assert tokens == [1000, 1001, 1002, 1003] and finish == "length"
         finally:
@@ -251,21 +264,21 @@ def test_serve_backend_carries_a_request_over_the_grpc_transports_default_limit(
 
 @pytest.mark.parametrize("transport", ["grpc", "ray"])
 def test_serve_backend_fails_requests_of_a_replica_that_dies(scripted_app, transport):
-    from gptoss_cluster.cluster.router.backend import BackendError, ServeBackend
+    from gptoss_cluster.cluster.router.backend import BackendError
+    from gptoss_cluster.cluster.router.serve_backend import ServeBackend
 
     async def main():
         backend = ServeBackend(scripted_app, transport=transport)
         try:
-            streams = [backend.stream({"request_id": f"d{k}", "prompt_token_ids": [k] * 20,
-                                       "sampling": {"max_tokens": 5000, "ignore_eos": True}}) for k in range(6)]
+            streams = [backend.stream(_request(f"d{k}", 5000, prompt=[k] * 20)) for k in range(6)]
             accepted = [await anext(s) for s in streams]
             for s in streams:
                 await anext(s)  # streaming
-            victim = accepted[0]["replica_id"]
-            pid = next(s["pid"] for s in await backend.replica_stats() if s["replica_id"] == victim)
+            victim = accepted[0].replica_id
+            pid = next(s.pid for s in await backend.replica_stats() if s.replica_id == victim)
             os.kill(pid, 9)
             for s, a in zip(streams, accepted, strict=True):
-                if a["replica_id"] != victim:
+                if a.replica_id != victim:
                     await s.aclose()
                     continue
                 with pytest.raises(BackendError):

@@ -1,12 +1,13 @@
 """The router's OpenAI-compatible HTTP API: a FastAPI app on uvicorn, in the router's process and event loop.
 
 Routes: POST /v1/chat/completions, /v1/responses, /v1/completions; GET /v1/models, /health. A body becomes a
-gptoss.v1 request (cluster.router.openai_convert) and runs through `GptossServer.chat_events` / `generate_events`:
-the same validation, admission, replica choice, retries, deadlines and metrics (protocol="http") as a gRPC call. The
-deltas come back in OpenAI's shapes (cluster.router.openai_render), whole or as server-sent events.
+gptoss.v1 request (cluster.router.openai_convert) and runs through the router core's `chat_events` /
+`generate_events` (cluster.router.core): the same validation, admission, replica choice, retries, deadlines and
+metrics (protocol="http") as a gRPC call. The deltas come back in OpenAI's shapes (cluster.router.openai_render),
+whole or as server-sent events.
 
 - Auth: the router's bearer token (`Authorization: Bearer ...`) on everything but /health.
-- Errors: OpenAI's `{"error": {message, type, param, code}}`; a RouterError's gRPC status picks the HTTP status (400,
+- Errors: OpenAI's `{"error": {message, type, param, code}}`; a RouterError's code picks the HTTP status (400,
   401, 404, 429 with Retry-After, 503, 504, else 500); body validation errors are 400 as well (not FastAPI's 422), and
   so are bodies that are not JSON, not UTF-8, or hold text that is not valid Unicode (a lone surrogate).
 - Each route converts its body before anything else reads it: the conversion is what checks its text.
@@ -25,15 +26,17 @@ import math
 import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
-import grpc
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
+from gptoss_cluster.cluster.contract import ErrorCode
 from gptoss_cluster.cluster.router import openai_convert as convert
+from gptoss_cluster.cluster.router.core import RouterCore
+from gptoss_cluster.cluster.router.errors import RouterError
 from gptoss_cluster.cluster.router.openai_render import (
     ChatCompletion,
     ResponsesStream,
@@ -41,11 +44,7 @@ from gptoss_cluster.cluster.router.openai_render import (
     error_body,
     http_status,
 )
-from gptoss_cluster.cluster.router.server import RouterError
 from gptoss_cluster.workers.harmony import get_tokenizer
-
-if TYPE_CHECKING:
-    from gptoss_cluster.cluster.router.server import GptossServer
 
 logger = logging.getLogger("gptoss.router.http")
 
@@ -73,15 +72,16 @@ def _error(status: int, message: str, type_: str, param: str | None = None, code
 
 
 # ================================================================================================ the app
-def build_app(server: GptossServer) -> FastAPI:
-    """The FastAPI app over one GptossServer (its settings give the token and the body size limit)."""
+def build_app(core: RouterCore, token: str | None) -> FastAPI:
+    """The FastAPI app over one router core (`token`: the bearer token every route but /health needs; the core's
+    settings give the body size limit)."""
     app = FastAPI(title="gptoss-cluster", docs_url=None, redoc_url=None)
-    app.add_middleware(_Guard, token=server.token, max_body=server.settings.max_message_bytes)
+    app.add_middleware(_Guard, token=token, max_body=core.settings.max_message_bytes)
     tokenizer = get_tokenizer()
     started = int(time.time())
 
     def check_model(name: str) -> None:
-        served = server.model_name
+        served = core.model_name
         if name and served and name != served:
             raise _ApiError(404, f"the model {name!r} does not exist; this server serves {served!r}",
                             "invalid_request_error", "model", "model_not_found")
@@ -90,9 +90,9 @@ def build_app(server: GptossServer) -> FastAPI:
     async def chat_completions(body: convert.ChatCompletionRequest, request: Request) -> Response:
         request_message = convert.chat_request(body)
         check_model(body.model)
-        render = ChatCompletion(server.model_name, tokenizer, logprobs=bool(body.logprobs),
+        render = ChatCompletion(core.model_name, tokenizer, logprobs=bool(body.logprobs),
                                 include_usage=body.include_usage)
-        events = server.chat_events(request_message, protocol="http")
+        events = core.chat_events(request_message, protocol="http")
         return await _answer(request, events, render, body.stream)
 
     @app.post("/v1/responses")
@@ -100,42 +100,42 @@ def build_app(server: GptossServer) -> FastAPI:
         request_message = convert.responses_request(body)
         check_model(body.model)
         text = body.text or {"format": {"type": "text"}}
-        render = ResponsesStream(server.model_name, {
+        render = ResponsesStream(core.model_name, {
             "instructions": body.instructions, "tools": body.tools or [], "tool_choice": body.tool_choice or "auto",
             "temperature": body.temperature, "top_p": body.top_p, "max_output_tokens": body.max_output_tokens,
             "reasoning": {"effort": (body.reasoning or {}).get("effort"), "summary": None}, "text": text})
-        events = server.chat_events(request_message, protocol="http")
+        events = core.chat_events(request_message, protocol="http")
         return await _answer(request, events, render, body.stream)
 
     @app.post("/v1/completions")
     async def completions(body: convert.CompletionRequest, request: Request) -> Response:
         request_message = convert.completion_request(body)
         check_model(body.model)
-        render = TextCompletion(server.model_name, tokenizer, logprobs=body.logprobs is not None,
+        render = TextCompletion(core.model_name, tokenizer, logprobs=body.logprobs is not None,
                                 include_usage=body.include_usage)
-        events = server.generate_events(request_message, protocol="http")
+        events = core.generate_events(request_message, protocol="http")
         return await _answer(request, events, render, body.stream)
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
-        context = server.model.get("context_length")
-        return {"object": "list", "data": [{"id": server.model_name, "object": "model", "created": started,
+        context = core.model.context_length if core.model is not None else None
+        return {"object": "list", "data": [{"id": core.model_name, "object": "model", "created": started,
                                             "owned_by": "gptoss-cluster", "max_model_len": context}]}
 
     @app.get("/health")
     async def health() -> Response:
-        if server.draining:
+        if core.draining:
             return _error(503, "the server is draining", "service_unavailable_error")
-        if not server.ready_replicas:
+        if not core.ready_replicas:
             return _error(503, "no model replica is ready", "service_unavailable_error")
-        return JSONResponse({"status": "ok", "ready_replicas": server.ready_replicas})
+        return JSONResponse({"status": "ok", "ready_replicas": core.ready_replicas})
 
     # ------------------------------------------------------------------------------------------------ errors
     @app.exception_handler(RouterError)
     async def router_error(_: Request, exc: RouterError) -> Response:
         status, type_ = http_status(exc.code)
         headers = None
-        if exc.code == grpc.StatusCode.RESOURCE_EXHAUSTED and exc.retry_after_ms is not None:
+        if exc.code is ErrorCode.RESOURCE_EXHAUSTED and exc.retry_after_ms is not None:
             headers = {"Retry-After": str(max(1, math.ceil(exc.retry_after_ms / 1000)))}
         return _error(status, exc.message, type_, code=exc.code.name.lower(), headers=headers)
 
@@ -268,10 +268,10 @@ async def _disconnected(request: Request) -> None:
 
 # ================================================================================================ the server
 class HttpServer:
-    """uvicorn serving `build_app(server)` on the current event loop. The socket is bound in the constructor (a
+    """uvicorn serving `build_app(core, token)` on the current event loop. The socket is bound in the constructor (a
     taken port fails at once); `start` serves, `stop` closes (running streams get `grace_s` to finish)."""
 
-    def __init__(self, server: GptossServer, host: str, port: int) -> None:
+    def __init__(self, core: RouterCore, token: str | None, host: str, port: int) -> None:
         import uvicorn
 
         self.host = host
@@ -284,7 +284,7 @@ class HttpServer:
             self._sock.close()
             raise OSError(f"cannot bind the HTTP server to {host}:{port}: {exc.strerror or exc}") from None
         self.port: int = self._sock.getsockname()[1]
-        config = uvicorn.Config(build_app(server), lifespan="off", log_config=None, access_log=False,
+        config = uvicorn.Config(build_app(core, token), lifespan="off", log_config=None, access_log=False,
                                 timeout_keep_alive=30)
         config.load()
         self._uvicorn = uvicorn.Server(config)

@@ -17,9 +17,8 @@ import uuid
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
-import grpc
-
-from gptoss_cluster.cluster.router.server import RouterError
+from gptoss_cluster.cluster.contract import ErrorCode
+from gptoss_cluster.cluster.router.errors import RouterError
 from gptoss_cluster.proto.gptoss.v1 import gptoss_pb2 as pb
 from gptoss_cluster.workers.harmony import Tokenizer
 
@@ -28,19 +27,18 @@ __all__ = ["ChatCompletion", "ResponsesStream", "TextCompletion", "error_body", 
 ChatEvents = AsyncIterator[tuple[pb.ChatResponse, list[pb.TokenLogprob]]]
 _FINISH = {pb.FINISH_REASON_STOP: "stop", pb.FINISH_REASON_LENGTH: "length", pb.FINISH_REASON_TOOL_CALL: "tool_calls",
            pb.FINISH_REASON_ABORTED: "stop"}
-# gRPC status -> (HTTP status, OpenAI error type)
-_HTTP = {grpc.StatusCode.INVALID_ARGUMENT: (400, "invalid_request_error"),
-         grpc.StatusCode.UNAUTHENTICATED: (401, "authentication_error"),
-         grpc.StatusCode.PERMISSION_DENIED: (403, "permission_error"),
-         grpc.StatusCode.NOT_FOUND: (404, "not_found_error"),
-         grpc.StatusCode.RESOURCE_EXHAUSTED: (429, "rate_limit_error"),
-         grpc.StatusCode.CANCELLED: (499, "cancelled"),
-         grpc.StatusCode.UNAVAILABLE: (503, "service_unavailable_error"),
-         grpc.StatusCode.DEADLINE_EXCEEDED: (504, "timeout_error")}
+# the router's error code -> (HTTP status, OpenAI error type)
+_HTTP = {ErrorCode.INVALID_ARGUMENT: (400, "invalid_request_error"),
+         ErrorCode.UNAUTHENTICATED: (401, "authentication_error"),
+         ErrorCode.NOT_FOUND: (404, "not_found_error"),
+         ErrorCode.RESOURCE_EXHAUSTED: (429, "rate_limit_error"),
+         ErrorCode.CANCELLED: (499, "cancelled"),
+         ErrorCode.UNAVAILABLE: (503, "service_unavailable_error"),
+         ErrorCode.DEADLINE_EXCEEDED: (504, "timeout_error")}
 DONE = "data: [DONE]\n\n"
 
 
-def http_status(code: grpc.StatusCode) -> tuple[int, str]:
+def http_status(code: ErrorCode) -> tuple[int, str]:
     return _HTTP.get(code, (500, "server_error"))
 
 

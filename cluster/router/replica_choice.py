@@ -32,18 +32,12 @@ from typing import Any
 
 from ray.serve.request_router import MultiplexMixin, PendingRequest, ReplicaID, RequestRouter, RunningReplica
 
+from gptoss_cluster.cluster.contract import ChannelOpen, ReplicaLoad, ReplicaRequest
 from gptoss_cluster.workers.block_hash import prefix_hashes
 
-__all__ = ["AffinityPolicy", "PrefixAffinityRouter", "prefix_hashes", "request_cost"]
+__all__ = ["AffinityPolicy", "PrefixAffinityRouter", "prefix_hashes"]
 
 CHOSEN_TTL_S = 5.0  # how long a choice not yet routed counts on its replica
-
-
-def request_cost(request: Mapping[str, Any]) -> int:
-    """Tokens a request may occupy on its replica: prompt + max_tokens."""
-    prompt = request.get("prompt_token_ids") or ()
-    sampling = request.get("sampling") or {}
-    return len(prompt) + int(sampling.get("max_tokens") or 0)
 
 
 class AffinityPolicy:
@@ -185,11 +179,11 @@ class AffinityPolicy:
                     "affinity_overloaded": self.affinity_overloaded}
 
 
-def _request_of(pending_request: PendingRequest | None) -> Mapping[str, Any] | None:
+def _request_of(pending_request: PendingRequest | None) -> ReplicaRequest | None:
     if pending_request is None or not pending_request.args:
         return None
     request = pending_request.args[0]
-    return request if isinstance(request, Mapping) and "prompt_token_ids" in request else None
+    return request if isinstance(request, ReplicaRequest) else None
 
 
 def _target_of(pending_request: PendingRequest | None) -> str | None:
@@ -197,7 +191,7 @@ def _target_of(pending_request: PendingRequest | None) -> str | None:
     if pending_request is None or not pending_request.args:
         return None
     request = pending_request.args[0]
-    return request.get("target_replica") if isinstance(request, Mapping) else None
+    return request.target_replica if isinstance(request, ChannelOpen) else None
 
 
 class PrefixAffinityRouter(MultiplexMixin, RequestRouter):
@@ -213,14 +207,12 @@ class PrefixAffinityRouter(MultiplexMixin, RequestRouter):
         self.policy = AffinityPolicy(block_size=block_size, max_prefix_blocks=max_prefix_blocks,
                                      load_factor=load_factor, slack_tokens=slack_tokens)
 
-    def _prepare(self, pending_request: PendingRequest | None) -> tuple[list[bytes], int, list[str]]:
+    def _prepare(self, pending_request: PendingRequest | None) -> tuple[Sequence[bytes], int, Sequence[str]]:
         request = _request_of(pending_request)
         if request is None:
-            return [], 0, []
-        hashes = request.get("prefix_hashes")  # the router computes them once; else hash here
-        if hashes is None:
-            hashes = self.policy.hashes(request["prompt_token_ids"])
-        return list(hashes), request_cost(request), list(request.get("exclude_replicas") or ())
+            return (), 0, ()
+        hashes = request.prefix_hashes or self.policy.hashes(request.prompt_token_ids)  # the router hashes once
+        return hashes, request.cost, request.exclude_replicas
 
     async def choose_replicas(self, candidate_replicas: list[RunningReplica],
                               pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
@@ -228,9 +220,8 @@ class PrefixAffinityRouter(MultiplexMixin, RequestRouter):
         for replica in candidate_replicas:
             key = replica.replica_id.to_full_id_str()
             by_id[key] = replica
-            stats = replica.routing_stats or {}
-            if "outstanding_tokens" in stats:
-                self.policy.report(key, stats["outstanding_tokens"])
+            if replica.routing_stats:  # {} until the replica's first report
+                self.policy.report(key, ReplicaLoad.from_dict(replica.routing_stats).outstanding_tokens)
         target = _target_of(pending_request)
         if target is not None:  # nothing when it is gone: the channel's open timeout fails its requests
             return [[by_id[target]]] if target in by_id else []

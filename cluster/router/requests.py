@@ -1,31 +1,33 @@
 """gptoss.v1 requests -> what a replica runs, validated at the edge with messages that name the field.
 
-Every problem raises `RequestError(code, message)`; the server answers with that gRPC status and message. The checks
-need the model's facts (`vocab_size`, `context_length`), which the router learns from a replica, never from the model
-directory.
+Every problem raises `RouterError(INVALID_ARGUMENT, message)` (`cluster.router.errors.invalid`), whatever the
+transport. The checks need the model's facts (`ModelInfo`: vocab size, context length), which the router learns from
+a replica, never from the model directory. A validated request is a `Prepared`: the `ReplicaRequest` of
+`cluster.contract` it becomes, and what stays with the router (stop strings, min_tokens for them, the timeout).
 
 A chat's structured-output fields (response_format, tool_choice, max_reasoning_tokens, strict tools) become a
-`workers.engine.structured.Constraint` in its dict form (`constraint_from_chat`); the replica compiles it (xgrammar),
-which has the final word on what a grammar supports and answers INVALID_ARGUMENT otherwise.
+`workers.constraint.Constraint` (`constraint_from_chat`); the replica compiles it (xgrammar), which has the final word
+on what a grammar supports and answers INVALID_ARGUMENT otherwise.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import uuid
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-import grpc
-
+from gptoss_cluster.cluster.contract import ModelInfo, ReplicaRequest
+from gptoss_cluster.cluster.router.errors import invalid
 from gptoss_cluster.proto.gptoss.v1 import gptoss_pb2 as pb
 from gptoss_cluster.workers.constraint import BUILTIN_RECIPIENTS, Constraint
 from gptoss_cluster.workers.harmony import Tokenizer, get_tokenizer, render_chat
 from gptoss_cluster.workers.sampling import SamplingParams
 
-__all__ = ["Prepared", "RequestError", "Validator", "DEFAULT_SAMPLING", "constraint_from_chat"]
+__all__ = ["Prepared", "Validator", "DEFAULT_SAMPLING", "constraint_from_chat"]
 
 # Server defaults for fields a request leaves unset (before the deployment's `sampling_defaults`).
 DEFAULT_SAMPLING: dict[str, Any] = {"temperature": 1.0, "top_p": 1.0, "max_tokens": 256}
@@ -38,37 +40,30 @@ _TOOL_CHOICE_MODES = {pb.ToolChoice.MODE_AUTO: "auto", pb.ToolChoice.MODE_NONE: 
 MAX_REQUEST_ID = 128
 
 
-class RequestError(Exception):
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-
-
-def invalid(message: str) -> RequestError:
-    return RequestError(grpc.StatusCode.INVALID_ARGUMENT, message)
-
-
-@dataclass
+@dataclass(slots=True)
 class Prepared:
-    """A validated request, ready for a replica (`replica_request`) and for the router's streaming side."""
+    """A validated request: what the replica runs (`replica_request`) and what the router keeps (the stop strings,
+    which it applies to the text once `min_tokens` are out, and the request's own timeout)."""
 
     request_id: str
     prompt_token_ids: list[int]
-    sampling: dict[str, Any]  # SamplingParams fields for the engine (stop strings stay on the router)
+    sampling: SamplingParams  # without stop strings: those stay on the router
     stop: tuple[str, ...] = ()
-    min_tokens: int = 0
     priority: int = 0
     timeout_s: float | None = None
-    eos_token_ids: list[int] | None = None
-    is_chat: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)
-    constraint: dict[str, Any] | None = None  # structured.Constraint.to_dict(); None: unconstrained
+    eos_token_ids: tuple[int, ...] | None = None
+    constraint: Constraint | None = None
 
-    def replica_request(self, deadline: float | None) -> dict[str, Any]:
-        return {"request_id": self.request_id, "prompt_token_ids": self.prompt_token_ids, "sampling": self.sampling,
-                "priority": self.priority, "deadline": deadline, "eos_token_ids": self.eos_token_ids,
-                "constraint": self.constraint}
+    @property
+    def min_tokens(self) -> int:
+        return self.sampling.min_tokens
+
+    def replica_request(self, deadline: float | None, prefix_hashes: tuple[bytes, ...] = (),
+                        trace_context: dict[str, str] | None = None) -> ReplicaRequest:
+        """`deadline`: wall-clock seconds (time.time()), or None."""
+        return ReplicaRequest(self.request_id, self.prompt_token_ids, self.sampling, priority=self.priority,
+                              deadline=deadline, eos_token_ids=self.eos_token_ids, constraint=self.constraint,
+                              prefix_hashes=prefix_hashes, trace_context=trace_context)
 
 
 def _check_schema(where: str, schema: Any, depth: int = 0) -> None:
@@ -181,11 +176,11 @@ def _tool_choice(tc: pb.ToolChoice, tools: list[dict[str, Any]]) -> str:
     return mode
 
 
-def constraint_from_chat(req: pb.ChatRequest) -> dict[str, Any] | None:
-    """The request's decoding constraint (`structured.Constraint.to_dict()`), or None when it asks for none.
+def constraint_from_chat(req: pb.ChatRequest) -> Constraint | None:
+    """The request's decoding constraint, or None when it asks for none.
 
     Active only when the request sets response_format, tool_choice (a mode other than AUTO, or a name),
-    max_reasoning_tokens, or a strict function tool; otherwise the model runs unconstrained. Raises RequestError
+    max_reasoning_tokens, or a strict function tool; otherwise the model runs unconstrained. Raises RouterError
     (INVALID_ARGUMENT) naming the field. Grammar support itself is checked by the replica's compile."""
     tools = _tools(req)
     response_format = _response_format(req.response_format) if req.HasField("response_format") else None
@@ -197,25 +192,24 @@ def constraint_from_chat(req: pb.ChatRequest) -> dict[str, Any] | None:
     if response_format is None and choice == "auto" and budget is None and not strict:
         return None
     try:
-        constraint = Constraint.from_dict({"response_format": response_format, "tools": tools,
-                                           "tool_choice": choice, "max_reasoning_tokens": budget})
+        return Constraint.from_dict({"response_format": response_format, "tools": tools, "tool_choice": choice,
+                                     "max_reasoning_tokens": budget})
     except ValueError as exc:
         raise invalid(str(exc)) from None
-    return constraint.to_dict()
 
 
 class Validator:
     """Checks and converts requests; `model` holds the served model's facts (from a replica's model_info)."""
 
-    def __init__(self, model: Mapping[str, Any], *, sampling_defaults: Mapping[str, Any] | None = None,
+    def __init__(self, model: ModelInfo, *, sampling_defaults: Mapping[str, Any] | None = None,
                  default_reasoning_effort: str = "medium", tokenizer: Tokenizer | None = None) -> None:
-        self.model = dict(model)
-        self.vocab_size = int(model["vocab_size"])
-        self.context_length = int(model["context_length"])
-        self.eos_token_id = int(model.get("eos_token_id", 200002))
+        self.model = model
+        self.vocab_size = model.vocab_size
+        self.context_length = model.context_length
         self.defaults = {**DEFAULT_SAMPLING, **dict(sampling_defaults or {})}
         self.default_effort = default_reasoning_effort
         self.tok = tokenizer or get_tokenizer()
+        self.chat_stop_token_ids = tuple(self.tok.stop_token_ids_for_chat)  # harmony's <|return|>, <|call|>
 
     # ------------------------------------------------------------------------------------------------ pieces
     def request_id(self, value: str) -> str:
@@ -240,8 +234,9 @@ class Validator:
             raise invalid(f"{where}[{i}]: token id {t} is outside the vocabulary [0, {self.vocab_size})")
         return out
 
-    def sampling(self, s: pb.SamplingParams, prompt_len: int) -> tuple[dict[str, Any], tuple[str, ...]]:
-        """proto SamplingParams + defaults -> (engine sampling fields, stop strings); checks against the context."""
+    def sampling(self, s: pb.SamplingParams, prompt_len: int) -> tuple[SamplingParams, tuple[str, ...]]:
+        """proto SamplingParams + defaults -> (the engine's SamplingParams, without stop strings; the stop strings);
+        checks against the context."""
         if prompt_len >= self.context_length:
             raise invalid(f"the prompt has {prompt_len} tokens; the context holds {self.context_length} (prompt + "
                           "at least one generated token)")
@@ -265,11 +260,7 @@ class Validator:
             params = SamplingParams(**values, stop=stops, stop_token_ids=tuple(stop_ids), ignore_eos=s.ignore_eos)
         except (TypeError, ValueError) as exc:
             raise invalid(f"sampling.{exc}") from None
-        engine = {k: getattr(params, k) for k in ("temperature", "top_p", "top_k", "min_p", "max_tokens",
-                                                  "min_tokens", "seed", "presence_penalty", "frequency_penalty",
-                                                  "repetition_penalty", "logprobs", "ignore_eos")}
-        engine["stop_token_ids"] = list(params.stop_token_ids)
-        return engine, params.stop
+        return (dataclasses.replace(params, stop=()) if params.stop else params), params.stop
 
     # ------------------------------------------------------------------------------------------------ requests
     def generate(self, req: pb.GenerateRequest) -> Prepared:
@@ -285,16 +276,16 @@ class Validator:
                 raise invalid("token_ids.ids is empty")
             prompt = self.token_ids(req.token_ids.ids, "token_ids.ids")
         sampling, stops = self.sampling(req.sampling, len(prompt))
-        return Prepared(self.request_id(req.request_id), prompt, sampling, stops, int(sampling["min_tokens"]),
-                        req.priority, self.timeout(req.HasField("timeout_seconds"), req.timeout_seconds))
+        return Prepared(self.request_id(req.request_id), prompt, sampling, stops, req.priority,
+                        self.timeout(req.HasField("timeout_seconds"), req.timeout_seconds))
 
     def chat(self, req: pb.ChatRequest) -> Prepared:
         prompt = self.render(req.messages, req.reasoning_effort, req.tools, req.builtin_tools)
         constraint = constraint_from_chat(req)
         sampling, stops = self.sampling(req.sampling, len(prompt))
-        return Prepared(self.request_id(req.request_id), prompt, sampling, stops, int(sampling["min_tokens"]),
-                        req.priority, self.timeout(req.HasField("timeout_seconds"), req.timeout_seconds),
-                        eos_token_ids=self.tok.stop_token_ids_for_chat, constraint=constraint)
+        return Prepared(self.request_id(req.request_id), prompt, sampling, stops, req.priority,
+                        self.timeout(req.HasField("timeout_seconds"), req.timeout_seconds),
+                        eos_token_ids=self.chat_stop_token_ids, constraint=constraint)
 
     def tokenize(self, req: pb.TokenizeRequest) -> list[int]:
         which = req.WhichOneof("input")

@@ -4,7 +4,8 @@
         address = st.start([ScriptedReplica(tokens=[...])], RouterSettings(host="127.0.0.1", port=0))
         ...  # any gRPC client against `address`
 
-`ScriptedReplica` follows the replica streaming contract of `cluster.replica` (so `LocalBackend` can drive it):
+`ScriptedReplica` speaks the replica's side of `cluster.contract` as `cluster.replica.ReplicaCore` does (so
+`LocalBackend` can drive it):
 it replays a fixed token sequence (or a function of the request), one token per `step_s`, and records what it was
 asked for, so tests can force exact harmony sequences (tool calls, channels) and benchmarks can measure the
 router's own overhead. With `lockstep=True` every stream waits for the same step clock, as in an engine that batches
@@ -13,8 +14,8 @@ its own cadence. `first_token_s` makes each stream's first token fall due that l
 whatever the clock (a prefill of fixed length that is not aligned to steps), so that a benchmark sees the router's
 added latency itself rather than rounded to whole steps, while later tokens keep the lockstep cadence and its
 batched token channel. With `coalesce=True` tokens fall due on that schedule whether or not the consumer is reading, and
-each item carries every token due by the time it is sent, as `cluster.replica.ReplicaCore` does with the engine's
-queued outputs (a consumer that falls behind gets fewer, larger items); otherwise one token per item.
+each delta carries every token due by the time it is sent, as `cluster.replica.ReplicaCore` does with the engine's
+queued outputs (a consumer that falls behind gets fewer, larger deltas); otherwise one token per delta.
 `ScriptedReplicaImpl` wraps one as the body of a Serve deployment with ModelReplica's methods, so the whole Serve
 path (Router deployment, handle, request router) can run without a model.
 """
@@ -22,6 +23,7 @@ path (Router deployment, handle, request router) can run without a model.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import threading
 import time
@@ -29,7 +31,20 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from typing import Any
 
-from gptoss_cluster.cluster.replica import ReplicaMethods, TokenChannels
+from gptoss_cluster.cluster.contract import (
+    Accepted,
+    Delta,
+    ErrorCode,
+    ModelInfo,
+    ReplicaError,
+    ReplicaEvent,
+    ReplicaLoad,
+    ReplicaRequest,
+    ReplicaState,
+    ReplicaStats,
+    Usage,
+)
+from gptoss_cluster.cluster.token_channel import ReplicaEndpoints, TokenChannels
 from gptoss_cluster.workers.harmony import RETURN_ID
 
 __all__ = ["ScriptedReplica", "ScriptedReplicaImpl", "ServerThread"]
@@ -38,9 +53,10 @@ __all__ = ["ScriptedReplica", "ScriptedReplicaImpl", "ServerThread"]
 class ScriptedReplica:
     """A fake replica core: streams `tokens` (or `tokens(request)`) as engine deltas, `step_s` apart."""
 
-    def __init__(self, tokens: Sequence[int] | Callable[[dict[str, Any]], Sequence[int]] = (), *,
+    def __init__(self, tokens: Sequence[int] | Callable[[ReplicaRequest], Sequence[int]] = (), *,
                  step_s: float = 0.0, replica_id: str | None = None, vocab_size: int = 201088,
-                 context_length: int = 4096, max_ongoing_requests: int = 256, state: str = "RUNNING",
+                 context_length: int = 4096, max_ongoing_requests: int = 256,
+                 state: ReplicaState = ReplicaState.RUNNING,
                  kv_blocks: int = 256, block_size: int = 16, lockstep: bool = False,
                  coalesce: bool = False, first_token_s: float | None = None) -> None:
         self.tokens = tokens
@@ -56,7 +72,7 @@ class ScriptedReplica:
         self.state = state
         self.kv_blocks = kv_blocks
         self.block_size = block_size
-        self.started: list[dict[str, Any]] = []  # requests in the order they began streaming
+        self.started: list[ReplicaRequest] = []  # requests in the order they began streaming
         self.live: dict[str, int] = {}  # request id -> blocks it holds
         self.aborted: list[str] = []
         self.requests_total = 0
@@ -75,25 +91,25 @@ class ScriptedReplica:
             loop.call_at(now + self.step_s - now % self.step_s, _resolve, tick)
         await asyncio.shield(tick)  # one stream cancelled must not cancel the others' step
 
-    def _script(self, request: dict[str, Any]) -> list[int]:
+    def _script(self, request: ReplicaRequest) -> list[int]:
         tokens = self.tokens(request) if callable(self.tokens) else self.tokens
         return list(tokens)
 
-    async def generate(self, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
-        yield {"accepted": True, "replica_id": self.replica_id}
-        if self.state != "RUNNING":
-            yield {"error": {"code": "UNAVAILABLE", "message": f"replica is {self.state.lower()}"}}
+    async def generate(self, request: ReplicaRequest) -> AsyncIterator[ReplicaEvent]:
+        yield Accepted(self.replica_id)
+        if self.state is not ReplicaState.RUNNING:
+            yield ReplicaError(ErrorCode.UNAVAILABLE, f"replica is {self.state.value.lower()}")
             return
-        rid = str(request.get("request_id") or uuid.uuid4().hex)
-        sampling = request.get("sampling") or {}
-        max_tokens = int(sampling.get("max_tokens") or 16)
-        ignore_eos = bool(sampling.get("ignore_eos"))
-        eos = set(request.get("eos_token_ids") or (RETURN_ID,)) | set(sampling.get("stop_token_ids") or ())
+        rid = request.request_id
+        sampling = request.sampling
+        max_tokens = sampling.max_tokens
+        ignore_eos = sampling.ignore_eos
+        eos = set(request.eos_token_ids or (RETURN_ID,)) | set(sampling.stop_token_ids)
         script = self._script(request)
-        prompt = request.get("prompt_token_ids") or []
-        deadline = request.get("deadline")
+        prompt = request.prompt_token_ids
+        deadline = request.deadline
         self.requests_total += 1
-        self.started.append(dict(request))
+        self.started.append(request)
         self.live[rid] = -(-(len(prompt) + max_tokens) // self.block_size)
         done = False
         loop = asyncio.get_running_loop()
@@ -106,7 +122,7 @@ class ScriptedReplica:
             i = 0
             while i < max_tokens:
                 if deadline is not None and time.time() >= deadline:
-                    yield {"error": {"code": "DEADLINE_EXCEEDED", "message": "the deadline passed on the replica"}}
+                    yield ReplicaError(ErrorCode.DEADLINE_EXCEEDED, "the deadline passed on the replica")
                     done = True
                     return
                 n = 1
@@ -130,11 +146,8 @@ class ScriptedReplica:
                         break
                 i += len(tokens)
                 self.tokens_total += len(tokens)
-                yield {"token_ids": tokens, "logprobs": None,
-                       "finish_reason": ("stop" if stop else "length") if last else None,
-                       "stop_reason": tokens[-1] if stop else None,
-                       "usage": {"prompt_tokens": len(prompt), "completion_tokens": i,
-                                 "cached_prompt_tokens": 0} if last else None}
+                yield Delta(tokens, None, ("stop" if stop else "length") if last else None,
+                            tokens[-1] if stop else None, Usage(len(prompt), i, 0) if last else None)
                 if last:
                     done = True
                     return
@@ -143,22 +156,23 @@ class ScriptedReplica:
             if not done:
                 self.aborted.append(rid)
 
-    def abort(self, request_id: str) -> bool:
-        return self.live.pop(request_id, None) is not None
+    def load(self) -> ReplicaLoad:
+        return ReplicaLoad(state=self.state, outstanding_tokens=0, num_running=len(self.live), num_waiting=0,
+                           kv_usage=sum(self.live.values()) / self.kv_blocks)
 
-    def stats(self) -> dict[str, Any]:
+    def stats(self) -> ReplicaStats:
         used = sum(self.live.values())
-        return {"replica_id": self.replica_id, "state": self.state, "num_running": len(self.live), "num_waiting": 0,
-                "kv_usage": used / self.kv_blocks, "num_shards": 1, "kv_blocks_total": self.kv_blocks,
-                "kv_blocks_free": self.kv_blocks - used, "prefix_cache_hits": 0, "prefix_cache_queries": 0,
-                "max_ongoing_requests": self.max_ongoing_requests, "requests_total": self.requests_total,
-                "tokens_total": self.tokens_total, "outstanding_tokens": 0}
+        return ReplicaStats(replica_id=self.replica_id, state=self.state, num_shards=1,
+                            max_ongoing_requests=self.max_ongoing_requests, load=self.load(),
+                            kv_blocks_total=self.kv_blocks, kv_blocks_free=self.kv_blocks - used,
+                            prefix_cache_queries=0, prefix_cache_hits=0, requests_total=self.requests_total,
+                            tokens_total=self.tokens_total, health_error=None, pid=os.getpid())
 
-    def model_info(self) -> dict[str, Any]:
-        return {"model": "scripted", "num_layers": 1, "num_experts": 1, "experts_per_token": 1, "hidden_size": 1,
-                "vocab_size": self.vocab_size, "context_length": self.context_length, "sliding_window": 128,
-                "shards_per_replica": 1, "kv_block_size": self.block_size, "eos_token_id": RETURN_ID,
-                "max_ongoing_requests": self.max_ongoing_requests}
+    def model_info(self) -> ModelInfo:
+        return ModelInfo(model="scripted", num_layers=1, num_experts=1, experts_per_token=1, hidden_size=1,
+                         vocab_size=self.vocab_size, context_length=self.context_length, sliding_window=128,
+                         shards_per_replica=1, kv_block_size=self.block_size, eos_token_id=RETURN_ID,
+                         max_ongoing_requests=self.max_ongoing_requests)
 
     async def shutdown(self) -> None:
         return None
@@ -169,7 +183,7 @@ def _resolve(future: asyncio.Future[None]) -> None:
         future.set_result(None)
 
 
-class ScriptedReplicaImpl(ReplicaMethods):
+class ScriptedReplicaImpl(ReplicaEndpoints):
     """Body of a Serve deployment standing in for ModelReplica (same methods as `cluster.replica.ModelReplicaImpl`)
     around a `ScriptedReplica(**options)`: the Router deployment, its handle and the request router all run for
     real, only the engine is scripted."""
@@ -181,14 +195,14 @@ class ScriptedReplicaImpl(ReplicaMethods):
         self.core = ScriptedReplica(**{**options, "replica_id": replica_id})
         self.channels = TokenChannels(replica_id)
 
-    async def stats(self) -> dict[str, Any]:
-        return {**self.core.stats(), **self.channels.stats(), "pid": os.getpid()}
+    async def stats(self) -> ReplicaStats:
+        return dataclasses.replace(self.core.stats(), channels=self.channels.stats())
 
     async def check_health(self) -> None:
         return None
 
     async def record_routing_stats(self) -> dict[str, Any]:
-        return {"outstanding_tokens": 0, "state": self.core.state}
+        return self.core.load().to_dict()
 
 
 class ServerThread:
@@ -207,7 +221,8 @@ class ServerThread:
 
     def start(self, cores: Sequence[Any], settings: Any = None, metrics: Any = None, wait_ready: bool = True) -> str:
         from gptoss_cluster.cluster.router.backend import LocalBackend
-        from gptoss_cluster.cluster.router.server import GptossServer, RouterSettings
+        from gptoss_cluster.cluster.router.server import GptossServer
+        from gptoss_cluster.cluster.router.settings import RouterSettings
 
         settings = settings or RouterSettings(host="127.0.0.1", port=0)
 

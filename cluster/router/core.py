@@ -1,0 +1,341 @@
+"""The router's core, the same for every transport: replicas, validation, admission, dispatch, draining.
+
+`RouterCore(backend, settings, metrics)` holds what a call needs and nothing of how it arrived. The gRPC service
+(`cluster.router.grpc_service`) and the OpenAI HTTP app (`cluster.router.openai_http`) are thin translations on top
+of it: a gptoss.v1 request message in, its response messages out, `RouterError` (a transport-neutral code) for every
+failure.
+
+Per Generate / Chat call (`generate_events`, `chat_events`): validate and render (harmony) -> admission (a bounded
+priority queue; RESOURCE_EXHAUSTED with a retry hint when full) -> `dispatch.replica_deltas` (the backend's replica
+choice, one retry before the first token, the deadline, the stream interval) -> detokenize, stop strings, harmony
+channels (`streaming`) -> response messages. Deadlines (the caller's, and the request's `timeout_seconds`) travel to
+the replica, which aborts the request when they pass; the router enforces them too. A caller that goes away (closing
+the generator) cancels the replica's request, which frees its KV blocks.
+
+Replicas are polled every `health_interval_s` (`refresh`): readiness, the model's facts, admission capacity; each
+poll tells `on_ready` whether a replica is ready (the gRPC health service follows it). `drain()` refuses new calls
+(UNAVAILABLE) and waits, bounded, for the running ones.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from typing import Any
+
+from gptoss_cluster.cluster.contract import ErrorCode, ModelInfo, ReplicaState, ReplicaStats
+from gptoss_cluster.cluster.router.admission import Admission, DeadlineExceeded, QueueFull
+from gptoss_cluster.cluster.router.backend import Backend, BackendError
+from gptoss_cluster.cluster.router.dispatch import replica_deltas
+from gptoss_cluster.cluster.router.errors import RouterError
+from gptoss_cluster.cluster.router.requests import Prepared, Validator
+from gptoss_cluster.cluster.router.responses import FINISH, ChatLogprobs, chat_response, logprobs, usage
+from gptoss_cluster.cluster.router.settings import RouterSettings
+from gptoss_cluster.cluster.router.streaming import ChatDelta, ChatStream, TextStream, chat_finish_reason
+from gptoss_cluster.proto.gptoss.v1 import gptoss_pb2 as pb
+from gptoss_cluster.workers.block_hash import prefix_hashes
+
+__all__ = ["PREFIX_BLOCKS", "RouterCore"]
+
+logger = logging.getLogger("gptoss.router")
+
+PREFIX_BLOCKS = 32  # leading KV blocks hashed for replica affinity (512 tokens at block size 16)
+_CANCEL_SLACK_S = 0.005  # a call cancelled this close to its deadline was cancelled by the deadline
+_OK = "OK"  # the metrics' status of a call that succeeded
+
+
+class RouterCore:
+    """What every call goes through, over one `Backend`; see the module docstring."""
+
+    def __init__(self, backend: Backend, settings: RouterSettings | None = None, metrics: Any = None) -> None:
+        self.backend = backend
+        self.settings = settings or RouterSettings()
+        self.metrics = metrics
+        self.admission = Admission(self.settings.max_queued_requests, capacity=0)
+        self.draining = False
+        self.replicas: list[ReplicaStats] = []
+        self.ready_replicas = 0
+        self.model: ModelInfo | None = None  # the served model's facts (a replica's, under the served name)
+        self.on_ready: Callable[[bool], Awaitable[None]] | None = None  # told after every poll, unless draining
+        self._validator: Validator | None = None
+        self._inflight = 0  # calls running (any method): drain waits for them
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._poll_task: asyncio.Task[None] | None = None
+        self._polled = asyncio.Event()
+        if metrics is not None:
+            self.admission.on_change = self._record_queue
+
+    # ------------------------------------------------------------------------------------------------ lifecycle
+    def start(self) -> None:
+        """Start polling the replicas (inside the event loop)."""
+        if self._poll_task is None:
+            self._poll_task = asyncio.get_running_loop().create_task(self._poll_loop())
+
+    async def stop(self) -> None:
+        if self._poll_task is not None:
+            self._poll_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._poll_task
+            self._poll_task = None
+
+    async def wait_ready(self, timeout_s: float = 60.0) -> bool:
+        """Wait until a replica is ready and the model's facts are known."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.ready_replicas and self._validator is not None:
+                return True
+            self._polled.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._polled.wait(), max(0.01, deadline - time.monotonic()))
+        return False
+
+    async def drain(self, timeout_s: float | None = None) -> bool:
+        """Refuse new calls and wait for the running ones; True if all finished within the timeout."""
+        self.draining = True
+        timeout_s = self.settings.drain_timeout_s if timeout_s is None else timeout_s
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout_s)
+            return True
+        except TimeoutError:
+            return False
+
+    @property
+    def inflight(self) -> int:
+        return self._inflight
+
+    # ------------------------------------------------------------------------------------------------ replicas
+    async def _poll_loop(self) -> None:
+        while True:
+            try:
+                await self.refresh()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                logger.exception("replica poll failed")
+            self._polled.set()
+            await asyncio.sleep(self.settings.health_interval_s)
+
+    async def refresh(self) -> None:
+        """Poll the replicas: readiness, the model's facts, admission capacity, replica metrics."""
+        stats = await self.backend.replica_stats()
+        ready = [r for r in stats if r.state is ReplicaState.RUNNING]
+        self.replicas = stats
+        if ready and self._validator is None:
+            try:
+                self._set_model(await self.backend.model_info())
+            except BackendError as exc:
+                logger.warning("model info unavailable yet: %s", exc)
+        self.ready_replicas = len(ready) if self._validator is not None else 0
+        per = self.settings.max_inflight_per_replica
+        self.admission.set_capacity(sum(per or r.max_ongoing_requests for r in ready) if self.ready_replicas else 0)
+        if not self.draining and self.on_ready is not None:
+            await self.on_ready(bool(self.ready_replicas))
+        if self.metrics is not None:
+            counts: dict[str, int] = {}
+            for r in stats:
+                counts[r.state.value.lower()] = counts.get(r.state.value.lower(), 0) + 1
+            self.metrics.set_replica_states(counts)
+
+    def _set_model(self, info: ModelInfo) -> None:
+        if self.settings.served_model_name:
+            info = dataclasses.replace(info, model=self.settings.served_model_name)
+        self.model = info
+        self._validator = Validator(info, sampling_defaults=self.settings.sampling_defaults,
+                                    default_reasoning_effort=self.settings.default_reasoning_effort)
+
+    def _record_queue(self, admission: Admission) -> None:
+        self.metrics.set_router_queue(router=self.settings.router_name, queued=admission.queued,
+                                      capacity=admission.max_queued)
+
+    def validator(self) -> Validator:
+        if self._validator is None:
+            raise RouterError(ErrorCode.UNAVAILABLE, "no model replica is ready yet")
+        return self._validator
+
+    @property
+    def model_name(self) -> str:
+        return self.model.model if self.model is not None else self.settings.served_model_name
+
+    # ------------------------------------------------------------------------------------------------ calls
+    def _enter(self) -> None:
+        if self.draining:
+            raise RouterError(ErrorCode.UNAVAILABLE, "the server is draining; retry on another router")
+        self._inflight += 1
+        self._idle.clear()
+
+    def _exit(self) -> None:
+        self._inflight -= 1
+        if not self._inflight:
+            self._idle.set()
+
+    @contextlib.contextmanager
+    def call(self) -> Iterator[None]:
+        """A call that is neither Generate nor Chat (Tokenize, GetModelInfo): refused while draining, counted."""
+        self._enter()
+        try:
+            yield
+        finally:
+            self._exit()
+
+    def _observed(self, method: str, protocol: str, deadline: float | None) -> _Call:
+        timer = _NULL_TIMER if self.metrics is None else self.metrics.request_timer(method, protocol)
+        return _Call(self, timer, deadline)
+
+    async def tokenize(self, request: pb.TokenizeRequest) -> list[int]:
+        with self.call():
+            return self.validator().tokenize(request)
+
+    async def list_replicas(self) -> list[ReplicaStats]:
+        """Every replica's statistics, asked now (answered while draining too: operators watch a drain with it)."""
+        return sorted(await self.backend.replica_stats(), key=lambda r: r.replica_id)
+
+    async def generate_events(self, request: pb.GenerateRequest, *, timeout: float | None = None,
+                              protocol: str = "grpc") -> AsyncIterator[pb.GenerateResponse]:
+        """The body of Generate: GenerateResponse deltas, the last one with finish_reason and usage. `timeout`:
+        seconds the caller grants (with the request's own timeout_seconds, the smaller wins). Raises RouterError;
+        closing it early cancels the request on its replica."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._observed("Generate", protocol, deadline) as call:
+            prep = self.validator().generate(request)
+            call.prompt_tokens = len(prep.prompt_token_ids)
+            text = TextStream(prep.stop, prep.min_tokens)
+            # per token: locals instead of attribute lookups, and no empty logprobs list for every message
+            feed, count, request_id, response = text.feed, call.timer.tokens, prep.request_id, pb.GenerateResponse
+            async with contextlib.aclosing(self.replica_stream(prep, _left(deadline), call.timer)) as deltas:
+                async for delta in deltas:
+                    finish = delta.finish_reason
+                    drop_last = finish == "stop" and isinstance(delta.stop_reason, int)
+                    kept, piece = feed(delta.token_ids, drop_last=drop_last)
+                    count(len(kept))
+                    if text.stopped:
+                        finish = "stop"
+                    if finish:
+                        piece += text.finish()
+                        yield response(
+                            request_id=request_id, token_ids=kept, text=piece,
+                            logprobs=logprobs(delta.logprobs, len(kept)), finish_reason=FINISH[finish],
+                            usage=usage(len(prep.prompt_token_ids), text.num_tokens, delta.usage))
+                        return
+                    if kept or piece:
+                        if delta.logprobs:
+                            yield response(request_id=request_id, token_ids=kept, text=piece,
+                                           logprobs=logprobs(delta.logprobs, len(kept)))
+                        else:
+                            yield response(request_id=request_id, token_ids=kept, text=piece)
+
+    async def chat_events(self, request: pb.ChatRequest, *, timeout: float | None = None, protocol: str = "grpc"
+                          ) -> AsyncIterator[pb.ChatResponse]:
+        """The body of Chat: ChatResponse deltas (with the logprobs of their token_ids when the request asked for
+        sampling.logprobs), the last one with finish_reason and usage. Arguments and errors as `generate_events`."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._observed("Chat", protocol, deadline) as call:
+            prep = self.validator().chat(request)
+            call.prompt_tokens = len(prep.prompt_token_ids)
+            chat = ChatStream(stops=prep.stop, min_tokens=prep.min_tokens)
+            chat_logprobs = ChatLogprobs()
+            finish, replica_usage, pieces = None, None, []
+            async with contextlib.aclosing(self.replica_stream(prep, _left(deadline), call.timer)) as deltas:
+                async for delta in deltas:
+                    before = chat.num_tokens
+                    pieces = chat.feed(delta.token_ids)
+                    call.timer.tokens(chat.num_tokens - before)
+                    chat_logprobs.push(delta.logprobs, chat.num_tokens - before)
+                    if chat.stopped:
+                        finish = "stop"
+                    elif delta.finish_reason:
+                        finish = chat_finish_reason(delta.finish_reason, delta.stop_reason)
+                    replica_usage = delta.usage or replica_usage
+                    if finish:
+                        pieces += chat.finish()
+                        break
+                    for piece in pieces:
+                        yield chat_response(prep.request_id, piece, chat_logprobs)
+            last = pieces.pop() if pieces else ChatDelta(None)
+            for piece in pieces:
+                yield chat_response(prep.request_id, piece, chat_logprobs)
+            final = chat_response(prep.request_id, last, chat_logprobs)
+            final.finish_reason = FINISH[finish or "stop"]
+            final.usage.CopyFrom(usage(len(prep.prompt_token_ids), chat.num_tokens, replica_usage,
+                                       chat.reasoning_tokens))
+            yield final
+
+    async def replica_stream(self, prep: Prepared, timeout: float | None, timer: Any) -> AsyncIterator[Any]:
+        """Admission, then the request's deltas from a replica (`dispatch.replica_deltas`). `timeout`: the caller's
+        seconds left (None: no bound but the request's own). Closing this generator cancels the request on its
+        replica."""
+        if prep.timeout_s is not None and (timeout is None or prep.timeout_s < timeout):
+            timeout = prep.timeout_s
+        deadline = None if timeout is None else time.monotonic() + timeout
+        wall_deadline = None if timeout is None else time.time() + timeout
+        if not self.ready_replicas:
+            raise RouterError(ErrorCode.UNAVAILABLE, "no model replica is ready")
+        try:
+            await self.admission.acquire(prep.priority, deadline)
+        except QueueFull as exc:
+            raise RouterError(ErrorCode.RESOURCE_EXHAUSTED, str(exc), retry_after_ms=exc.retry_after_ms) from None
+        except DeadlineExceeded as exc:
+            raise RouterError(ErrorCode.DEADLINE_EXCEEDED, str(exc)) from None
+        try:
+            timer.dispatched()
+            assert self.model is not None  # ready replicas imply a validator, hence the model
+            hashes = tuple(prefix_hashes(prep.prompt_token_ids, self.model.kv_block_size, PREFIX_BLOCKS))
+            request = prep.replica_request(wall_deadline, hashes)
+            async with contextlib.aclosing(replica_deltas(self.backend, request, deadline=deadline,
+                                                          timeout_s=timeout,
+                                                          stream_interval=self.settings.stream_interval)) as deltas:
+                async for delta in deltas:
+                    yield delta
+        finally:
+            self.admission.release()
+
+
+def _left(deadline: float | None) -> float | None:
+    return None if deadline is None else deadline - time.monotonic()
+
+
+class _Call:
+    """One Generate / Chat call, whatever its transport, as a context manager: counts it in flight (drain) and
+    records its metrics with the status it ended with (a caller that went away: CANCELLED, or DEADLINE_EXCEEDED when
+    that was its deadline). A class rather than a generator-based context manager: it runs on every call."""
+
+    __slots__ = ("core", "timer", "prompt_tokens", "deadline")
+
+    def __init__(self, core: RouterCore, timer: Any, deadline: float | None) -> None:
+        self.core = core
+        self.timer = timer
+        self.prompt_tokens = 0
+        self.deadline = deadline
+
+    def __enter__(self) -> _Call:
+        try:
+            self.core._enter()
+        except RouterError as exc:
+            self.timer.finish(exc.code, prompt_tokens=self.prompt_tokens)
+            raise
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
+        self.core._exit()
+        code: Any = _OK
+        if isinstance(exc, RouterError):
+            code = exc.code
+        elif isinstance(exc, (asyncio.CancelledError, GeneratorExit)):
+            late = self.deadline is not None and time.monotonic() >= self.deadline - _CANCEL_SLACK_S
+            code = ErrorCode.DEADLINE_EXCEEDED if late else ErrorCode.CANCELLED
+        self.timer.finish(code, prompt_tokens=self.prompt_tokens)
+
+
+class _NullTimer:
+    generated = 0
+
+    def dispatched(self) -> None: ...
+    def tokens(self, n: int = 1) -> None: ...
+    def finish(self, *_: Any, **__: Any) -> None: ...
+
+
+_NULL_TIMER = _NullTimer()  # stateless: one for every call made without metrics

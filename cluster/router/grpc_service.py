@@ -1,0 +1,211 @@
+"""gptoss.v1 over gRPC: a grpc.aio server translating calls into the router core and its errors into statuses.
+
+`GrpcService(core, token)` serves Inference (Generate, Chat, Tokenize, GetModelInfo) and Admin (ListReplicas) over
+`cluster.router.core.RouterCore`, plus grpc.health.v1 and reflection. A `RouterError` aborts the call with the status
+of the same name (RESOURCE_EXHAUSTED with the `grpc-retry-pushback-ms` trailer); nothing else is decided here.
+
+Health: service "" is SERVING while the server runs; "gptoss.v1.Inference" follows the core's readiness (SERVING
+while a replica is ready) until `enter_graceful_shutdown` turns both NOT_SERVING for good (draining). Auth: with a
+token, every RPC but grpc.health.v1 needs `authorization: Bearer <token>` (UNAUTHENTICATED otherwise).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hmac
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from gptoss_cluster.cluster.contract import ReplicaStats
+from gptoss_cluster.cluster.router.core import RouterCore
+from gptoss_cluster.cluster.router.errors import RouterError
+from gptoss_cluster.cluster.router.settings import RouterSettings
+from gptoss_cluster.proto.gptoss.v1 import gptoss_pb2 as pb
+from gptoss_cluster.proto.gptoss.v1 import gptoss_pb2_grpc as pb_grpc
+
+__all__ = ["ADMIN_SERVICE", "INFERENCE_SERVICE", "PUSHBACK_TRAILER", "GrpcService"]
+
+INFERENCE_SERVICE = pb.DESCRIPTOR.services_by_name["Inference"].full_name
+ADMIN_SERVICE = pb.DESCRIPTOR.services_by_name["Admin"].full_name
+PUSHBACK_TRAILER = "grpc-retry-pushback-ms"
+_HEALTH_PREFIX = f"/{health.SERVICE_NAME}/"
+
+
+class GrpcService:
+    """The grpc.aio server of one router (bound by `start`)."""
+
+    def __init__(self, core: RouterCore, token: str | None) -> None:
+        self.core = core
+        self.token = token
+        self.health = health.aio.HealthServicer()
+        self.server: grpc.aio.Server | None = None
+        self.port: int | None = None
+
+    async def start(self, settings: RouterSettings) -> int:
+        """Bind `settings.host:port` (TLS with both files set) and serve; returns the bound port."""
+        s = settings
+        options = [
+            ("grpc.max_receive_message_length", s.max_message_bytes),
+            ("grpc.max_send_message_length", s.max_message_bytes),
+            ("grpc.keepalive_time_ms", int(s.keepalive_time_s * 1000)),
+            ("grpc.keepalive_timeout_ms", int(s.keepalive_timeout_s * 1000)),
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.min_ping_interval_without_data_ms", 5000),
+            ("grpc.http2.max_pings_without_data", 0),
+            ("grpc.so_reuseport", 0),  # a taken port is an error, not a second server sharing it
+        ]
+        interceptors = [BearerAuthInterceptor(self.token)] if self.token else []
+        server = grpc.aio.server(interceptors=interceptors, options=options)
+        pb_grpc.add_InferenceServicer_to_server(_Inference(self.core), server)
+        pb_grpc.add_AdminServicer_to_server(_Admin(self.core), server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection(
+            (INFERENCE_SERVICE, ADMIN_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+        address = f"{s.host}:{s.port}"
+        if s.tls_cert_file or s.tls_key_file:
+            if not (s.tls_cert_file and s.tls_key_file):
+                raise ValueError("TLS needs both tls_cert_file and tls_key_file")
+            with open(s.tls_key_file, "rb") as f:
+                key = f.read()
+            with open(s.tls_cert_file, "rb") as f:
+                cert = f.read()
+            port = server.add_secure_port(address, grpc.ssl_server_credentials([(key, cert)]))
+        else:
+            port = server.add_insecure_port(address)
+        if not port:
+            raise OSError(f"cannot bind the gRPC server to {address}")
+        await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
+        await self.health.set(INFERENCE_SERVICE, health_pb2.HealthCheckResponse.NOT_SERVING)
+        await server.start()
+        self.server, self.port = server, port
+        return port
+
+    async def set_ready(self, ready: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING
+        await self.health.set(INFERENCE_SERVICE, status)
+
+    async def enter_graceful_shutdown(self) -> None:
+        await self.health.enter_graceful_shutdown()
+
+    async def stop(self, grace_s: float = 1.0) -> None:
+        if self.server is not None:
+            await self.server.stop(grace_s)
+            self.server = None
+
+
+# ================================================================================================ auth
+class BearerAuthInterceptor(grpc.aio.ServerInterceptor):
+    """Requires `authorization: Bearer <token>` on every RPC but grpc.health.v1."""
+
+    def __init__(self, token: str) -> None:
+        self._expected = f"Bearer {token}".encode()
+
+    async def intercept_service(self, continuation: Any, details: grpc.HandlerCallDetails) -> Any:
+        if details.method.startswith(_HEALTH_PREFIX):
+            return await continuation(details)
+        given = ""
+        for key, value in details.invocation_metadata or ():
+            if key == "authorization":
+                given = value if isinstance(value, str) else value.decode(errors="replace")
+                break
+        if given and hmac.compare_digest(given.encode(), self._expected):
+            return await continuation(details)
+        handler = await continuation(details)
+        if handler is None:
+            return None
+        message = "missing bearer token (metadata 'authorization: Bearer <token>')" if not given else \
+            "invalid bearer token"
+        return _deny(handler, message)
+
+
+def _deny(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHandler:
+    async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+
+    async def streaming(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+        yield  # pragma: no cover
+
+    kw = {"request_deserializer": handler.request_deserializer, "response_serializer": handler.response_serializer}
+    if handler.request_streaming and handler.response_streaming:
+        return grpc.stream_stream_rpc_method_handler(streaming, **kw)
+    if handler.request_streaming:
+        return grpc.stream_unary_rpc_method_handler(unary, **kw)
+    if handler.response_streaming:
+        return grpc.unary_stream_rpc_method_handler(streaming, **kw)
+    return grpc.unary_unary_rpc_method_handler(unary, **kw)
+
+
+# ================================================================================================ the servicers
+async def _abort(context: grpc.aio.ServicerContext, exc: RouterError) -> None:
+    trailers = () if exc.retry_after_ms is None else ((PUSHBACK_TRAILER, str(exc.retry_after_ms)),)
+    await context.abort(grpc.StatusCode[exc.code.name], exc.message, trailing_metadata=trailers)
+
+
+class _Inference(pb_grpc.InferenceServicer):
+    def __init__(self, core: RouterCore) -> None:
+        self.core = core
+
+    async def Generate(self, request: pb.GenerateRequest,  # noqa: N802
+                       context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateResponse]:
+        try:
+            # aclosing: a client that cancels while a response is being written still cancels the replica now
+            async with contextlib.aclosing(self.core.generate_events(request, timeout=context.time_remaining())) as rs:
+                async for response in rs:
+                    yield response
+        except RouterError as exc:
+            await _abort(context, exc)
+
+    async def Chat(self, request: pb.ChatRequest,  # noqa: N802
+                   context: grpc.aio.ServicerContext) -> AsyncIterator[pb.ChatResponse]:
+        try:
+            async with contextlib.aclosing(self.core.chat_events(request, timeout=context.time_remaining())) as rs:
+                async for response in rs:
+                    yield response
+        except RouterError as exc:
+            await _abort(context, exc)
+
+    async def Tokenize(self, request: pb.TokenizeRequest,  # noqa: N802
+                       context: grpc.aio.ServicerContext) -> pb.TokenizeResponse:
+        try:
+            return pb.TokenizeResponse(token_ids=await self.core.tokenize(request))
+        except RouterError as exc:
+            await _abort(context, exc)
+            raise AssertionError("unreachable") from None
+
+    async def GetModelInfo(self, request: pb.GetModelInfoRequest,  # noqa: N802
+                           context: grpc.aio.ServicerContext) -> pb.ModelInfo:
+        try:
+            with self.core.call():
+                m = self.core.validator().model
+                return pb.ModelInfo(
+                    model=m.model, num_layers=m.num_layers, num_experts=m.num_experts,
+                    experts_per_token=m.experts_per_token, hidden_size=m.hidden_size, vocab_size=m.vocab_size,
+                    context_length=m.context_length, sliding_window=m.sliding_window,
+                    shards_per_replica=m.shards_per_replica, num_replicas=self.core.ready_replicas,
+                    kv_block_size=m.kv_block_size)
+        except RouterError as exc:
+            await _abort(context, exc)
+            raise AssertionError("unreachable") from None
+
+
+class _Admin(pb_grpc.AdminServicer):
+    def __init__(self, core: RouterCore) -> None:
+        self.core = core
+
+    async def ListReplicas(self, request: pb.ListReplicasRequest,  # noqa: N802
+                           context: grpc.aio.ServicerContext) -> pb.ListReplicasResponse:
+        return pb.ListReplicasResponse(replicas=[_replica_info(r) for r in await self.core.list_replicas()])
+
+
+def _replica_info(r: ReplicaStats) -> pb.ReplicaInfo:
+    return pb.ReplicaInfo(
+        replica_id=r.replica_id, state=r.state.value, running_requests=r.load.num_running,
+        waiting_requests=r.load.num_waiting, kv_usage_ratio=r.load.kv_usage, num_shards=r.num_shards,
+        kv_blocks_total=r.kv_blocks_total, kv_blocks_free=r.kv_blocks_free, prefix_cache_hits=r.prefix_cache_hits,
+        prefix_cache_queries=r.prefix_cache_queries, requests_total=r.requests_total,
+        generated_tokens=r.tokens_total, outstanding_tokens=r.load.outstanding_tokens)
