@@ -83,6 +83,7 @@ from gptoss_cluster.cluster.bench import (  # noqa: E402
     table_header,
     workload,
 )
+from gptoss_cluster.cluster.router.policies import ROUTING_POLICIES  # noqa: E402
 
 DEFAULT_CHECKPOINT = Path(os.environ.get("TMPDIR", "/tmp")) / "gptoss-bench" / "tiny-hf"
 APP = "gptoss-bench"
@@ -206,10 +207,11 @@ def _floor_server(cores: list[Any], stream_interval: int = 1) -> Any:
 
 
 def _server_process(conn: Any, engine: str, model: str, replicas: int, scripted: dict[str, Any], num_blocks: int,
-                    stream_interval: int = 1) -> None:
+                    stream_interval: int = 1, routing_policy: str = "prefix_affinity") -> None:
     os.environ.setdefault("GPTOSS_NO_PROGRESS", "1")
     from gptoss_cluster.cluster.metrics import Metrics
     from gptoss_cluster.cluster.router.backend import LocalBackend
+    from gptoss_cluster.cluster.router.policies import make_policy
     from gptoss_cluster.cluster.router.server import GptossServer
     from gptoss_cluster.cluster.router.settings import RouterSettings
 
@@ -228,9 +230,9 @@ def _server_process(conn: Any, engine: str, model: str, replicas: int, scripted:
             cores = [first] + [ReplicaCore(settings, replica_id=f"bench#r{i}", model_config=first.model_config,
                                            executor=LocalExecutor(first.executor.model, True))
                                for i in range(1, replicas)]
-        server = GptossServer(LocalBackend(cores), RouterSettings(host="127.0.0.1", port=0, max_queued_requests=4096,
-                                                                  health_interval_s=0.5,
-                                                                  stream_interval=stream_interval), Metrics())
+        settings = RouterSettings(host="127.0.0.1", port=0, max_queued_requests=4096, health_interval_s=0.5,
+                                  stream_interval=stream_interval)
+        server = GptossServer(LocalBackend(cores, make_policy(routing_policy)), settings, Metrics())
         port = await server.start()
         await server.wait_ready(60)
         floor = _floor_server(cores, stream_interval)
@@ -258,11 +260,12 @@ class LocalTarget:
     """A router + replica(s) in a child process; `direct` runs a level inside that process."""
 
     def __init__(self, engine: str, model: str, replicas: int, scripted: dict[str, Any], num_blocks: int,
-                 stream_interval: int = 1) -> None:
+                 stream_interval: int = 1, routing_policy: str = "prefix_affinity") -> None:
         ctx = mp.get_context("spawn")
         self.conn, child = ctx.Pipe()
         self.proc = ctx.Process(target=_server_process, daemon=True,
-                                args=(child, engine, model, replicas, scripted, num_blocks, stream_interval))
+                                args=(child, engine, model, replicas, scripted, num_blocks, stream_interval,
+                                      routing_policy))
         self.proc.start()
         if not self.conn.poll(600):
             raise TimeoutError("the server process did not start")
@@ -357,7 +360,7 @@ class ServeTarget(RayTarget):
     def __init__(self, engine: str, model: str, replicas: int, scripted: dict[str, Any], num_blocks: int,
                  env: dict[str, str] | None = None, stream_interval: int = 1,
                  router_env: dict[str, str] | None = None, access_log: bool = False,
-                 transport: str = "grpc") -> None:
+                 transport: str = "grpc", routing_policy: str = "prefix_affinity") -> None:
         from ray import serve
 
         from gptoss_cluster.workers.engine.ray_executor import connect_ray
@@ -370,7 +373,7 @@ class ServeTarget(RayTarget):
 
             from gptoss_cluster.cluster.app import DEPLOYMENT_LOGGING, REPLICA_SERVE_ENV, ROUTER_SERVE_ENV
             from gptoss_cluster.cluster.router.deployment import RouterImpl
-            from gptoss_cluster.cluster.router.replica_choice import PrefixAffinityRouter
+            from gptoss_cluster.cluster.router.serve_routing import PolicyRequestRouter
             from gptoss_cluster.cluster.router.settings import RouterSettings
             from gptoss_cluster.cluster.router.testing import ScriptedReplicaImpl
 
@@ -378,8 +381,8 @@ class ServeTarget(RayTarget):
             replica = serve.deployment(
                 name="ModelReplica", num_replicas=replicas, max_ongoing_requests=1024,
                 ray_actor_options={"num_cpus": 0.5, "runtime_env": {"env_vars": {**REPLICA_SERVE_ENV, **(env or {})}}},
-                request_router_config=RequestRouterConfig(request_router_class=PrefixAffinityRouter,
-                                                          request_router_kwargs={"block_size": 16}),
+                request_router_config=RequestRouterConfig(request_router_class=PolicyRequestRouter,
+                                                          request_router_kwargs={"policy": routing_policy}),
                 logging_config=logging,
             )(ScriptedReplicaImpl)
             router = serve.deployment(name="Router", num_replicas=1, max_ongoing_requests=1000,
@@ -392,7 +395,8 @@ class ServeTarget(RayTarget):
         else:
             from gptoss_cluster.cluster.app import build_application
 
-            app = build_application(_tiny_config(model, replicas, port, num_blocks, stream_interval, transport))
+            app = build_application(_tiny_config(model, replicas, port, num_blocks, stream_interval, transport,
+                                                 routing_policy))
         serve.run(app, name=APP, route_prefix=None)
         super().__init__(f"127.0.0.1:{port}", None, transport)
         self.handle = serve.get_deployment_handle("ModelReplica", app_name=APP)
@@ -415,12 +419,13 @@ class ServeTarget(RayTarget):
 
 
 def _tiny_config(model: str, replicas: int, port: int, num_blocks: int, stream_interval: int = 1,
-                 transport: str = "grpc") -> Any:
+                 transport: str = "grpc", routing_policy: str = "prefix_affinity") -> Any:
     from gptoss_cluster.cluster.app import parse_args
 
     config = parse_args({"model": model, "num_replicas": replicas, "dtype": "float32", "grpc_port": port,
                          "metrics_port": 0, "max_ongoing_requests": 1024, "max_queued_requests": 4096,
                          "stream_interval": stream_interval, "replica_transport": transport,
+                         "routing_policy": routing_policy,
                          "engine": {"num_blocks": num_blocks, "max_num_seqs": 256}})
     config.grpc_host = "127.0.0.1"
     return config
@@ -610,6 +615,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--replica-transport", choices=["grpc", "ray"], default="grpc",
                    help="--serve / --ray-app: how the router's and the direct path's Serve calls reach the replicas "
                         "(RouterSettings.replica_transport; default grpc)")
+    p.add_argument("--routing-policy", choices=ROUTING_POLICIES, default="prefix_affinity",
+                   help="which replica serves a request, with --replicas > 1 (cluster.router.policies; default "
+                        "prefix_affinity)")
     p.add_argument("--input-len", type=int, default=64)
     p.add_argument("--output-len", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
@@ -664,7 +672,8 @@ def main(argv: list[str] | None = None) -> int:
                  f"{', coalescing' if args.coalesce else ''}"
                  f"{f', first token {args.first_token_ms:g} ms after arrival' if args.first_token_ms else ''})"
                  if args.engine == "scripted" else " (float32, CPU)")
-              + (f"; router stream_interval {args.stream_interval}" if args.stream_interval != 1 else ""))
+              + (f"; router stream_interval {args.stream_interval}" if args.stream_interval != 1 else "")
+              + (f"; routing policy {args.routing_policy}" if args.replicas > 1 else ""))
     server_cpus: set[int] | None = None
     if args.client_cpus is not None:
         server_cpus = os.sched_getaffinity(0) - args.client_cpus
@@ -679,12 +688,14 @@ def main(argv: list[str] | None = None) -> int:
         env = dict(kv.split("=", 1) for kv in args.serve_env)
         router_env = dict(kv.split("=", 1) for kv in args.router_env)
         target = ServeTarget(args.engine, model or "", args.replicas, scripted, args.num_blocks, env,
-                             args.stream_interval, router_env, args.access_log, args.replica_transport)
+                             args.stream_interval, router_env, args.access_log, args.replica_transport,
+                             args.routing_policy)
         what = (f"local Ray Serve: Router deployment + {engine} as ModelReplica deployment(s), "
                 f"{args.replica_transport} transport"
                 + (f"; deployments' env {env}" if env else "") + (f"; Router's env {router_env}" if router_env else ""))
     else:
-        target = LocalTarget(args.engine, model or "", args.replicas, scripted, args.num_blocks, args.stream_interval)
+        target = LocalTarget(args.engine, model or "", args.replicas, scripted, args.num_blocks, args.stream_interval,
+                             args.routing_policy)
         what = f"local router (LocalBackend, one process) + {engine}"
     if args.client_cpus is not None and server_cpus is not None:
         pin_process(args.client_cpus)

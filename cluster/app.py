@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from gptoss_cluster.cluster.contract import REPLICA_TRANSPORTS
+from gptoss_cluster.cluster.router.policies import ROUTING_POLICIES
 
 APP_NAME = "gptoss"
 IMPORT_PATH = "gptoss_cluster.cluster.app:build_app"
@@ -104,6 +105,7 @@ class AppConfig:
     max_queued_requests: int = 1024
     stream_interval: int = 1  # tokens per streamed delta after the first (RouterSettings.stream_interval)
     replica_transport: str = "grpc"  # router -> replica calls: Serve's gRPC transport or Ray actor tasks ("ray")
+    routing_policy: str = "prefix_affinity"  # which replica serves a request (cluster.router.policies)
     grpc_port: int = 50051
     http_port: int = 8000  # the Routers' OpenAI-compatible HTTP server; 0: off
     metrics_port: int = 9400
@@ -151,7 +153,8 @@ class AppConfig:
             out["num_replicas"] = self.replicas
         out.update(max_ongoing_requests=self.max_ongoing_requests, router_replicas=self.router_replicas,
                    max_queued_requests=self.max_queued_requests, stream_interval=self.stream_interval,
-                   replica_transport=self.replica_transport, grpc_port=self.grpc_port, http_port=self.http_port,
+                   replica_transport=self.replica_transport, routing_policy=self.routing_policy,
+                   grpc_port=self.grpc_port, http_port=self.http_port,
                    metrics_port=self.metrics_port, auth_token_env=self.auth_token_env)
         if self.engine:
             out["engine"] = dict(self.engine)
@@ -163,7 +166,7 @@ class AppConfig:
 
 _SCHEMA_KEYS = ("model", "served_model_name", "shards_per_replica", "device", "dtype", "num_replicas",
                 "autoscaling_config", "max_ongoing_requests", "router_replicas", "max_queued_requests",
-                "stream_interval", "replica_transport", "grpc_port",
+                "stream_interval", "replica_transport", "routing_policy", "grpc_port",
                 "http_port", "metrics_port", "auth_token_env", "engine", "sampling_defaults",
                 "default_reasoning_effort")
 
@@ -225,6 +228,8 @@ def validate(c: AppConfig) -> AppConfig:
             fail(key, f"must be an integer >= {low}{' and <= 65535' if key.endswith('port') else ''}, got {value!r}")
     if c.replica_transport not in REPLICA_TRANSPORTS:
         fail("replica_transport", f"must be one of {REPLICA_TRANSPORTS}, got {c.replica_transport!r}")
+    if c.routing_policy not in ROUTING_POLICIES:
+        fail("routing_policy", f"must be one of {ROUTING_POLICIES}, got {c.routing_policy!r}")
     if c.http_port and c.http_port == c.grpc_port:
         fail("http_port", f"must differ from grpc_port ({c.grpc_port}); 0 turns the HTTP server off")
     if not isinstance(c.auth_token_env, str):
@@ -345,12 +350,11 @@ def build_application(config: AppConfig) -> Any:
 
     from gptoss_cluster.cluster.replica import ModelReplicaImpl
     from gptoss_cluster.cluster.router.deployment import RouterImpl
-    from gptoss_cluster.cluster.router.replica_choice import PrefixAffinityRouter
+    from gptoss_cluster.cluster.router.serve_routing import PolicyRequestRouter
 
     validate(config)
     device = _resolve_device(config)
     bundles, _ = placement(config, device)
-    block = int(config.engine.get("block_size", 16))
     scaling: dict[str, Any] = ({"autoscaling_config": dict(config.autoscaling_config)}
                                if config.autoscaling_config is not None else {"num_replicas": config.replicas})
     model_replica = serve.deployment(
@@ -365,8 +369,8 @@ def build_application(config: AppConfig) -> Any:
         graceful_shutdown_timeout_s=config.graceful_shutdown_timeout_s,
         logging_config=DEPLOYMENT_LOGGING,
         request_router_config=RequestRouterConfig(
-            request_router_class=PrefixAffinityRouter,
-            request_router_kwargs={"block_size": block},
+            request_router_class=PolicyRequestRouter,
+            request_router_kwargs={"policy": config.routing_policy},
             request_routing_stats_period_s=config.routing_stats_period_s,
             request_routing_stats_timeout_s=max(5.0, 5 * config.routing_stats_period_s),
         ),

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from gptoss_cluster.cluster.contract import REPLICA_TRANSPORTS
+from gptoss_cluster.cluster.router.policies import ROUTING_POLICIES
 
 PROG = "gptoss-cluster"
 
@@ -156,6 +157,9 @@ def _register_serve(sub: Any) -> None:
     p.add_argument("--replica-transport", choices=REPLICA_TRANSPORTS, default="grpc",
                    help="how the routers' calls reach the replicas: Serve's gRPC transport or Ray actor tasks "
                         "(default grpc)")
+    p.add_argument("--routing-policy", choices=ROUTING_POLICIES, default="prefix_affinity",
+                   help="which replica serves a request: prefix_affinity (the replica whose prefix cache holds the "
+                        "prompt's start, within a load bound), power_of_two or round_robin (default prefix_affinity)")
     p.add_argument("--max-ongoing-requests", type=_positive_int, default=256,
                    help="requests in flight per replica (default 256)")
     p.add_argument("--num-blocks", type=_positive_int, default=None, help="KV-cache blocks per replica")
@@ -186,7 +190,8 @@ def _serve_config(args: argparse.Namespace) -> Any:
         device=args.device, dtype=args.dtype or ("float32" if args.model is None else "bfloat16"),
         num_replicas=args.replicas, max_ongoing_requests=args.max_ongoing_requests,
         max_queued_requests=args.max_queued_requests, stream_interval=args.stream_interval,
-        replica_transport=args.replica_transport, grpc_port=args.grpc_port, http_port=args.http_port,
+        replica_transport=args.replica_transport, routing_policy=args.routing_policy, grpc_port=args.grpc_port,
+        http_port=args.http_port,
         metrics_port=args.metrics_port,
         engine=engine, grpc_host=args.host, metrics_host=args.host,
         auth_token_file=str(args.auth_token_file.absolute()) if args.auth_token_file else None,

@@ -87,6 +87,8 @@ def test_build_app_arguments_follow_the_chart_schema(tmp_path):
         ({"model": "/m", "default_reasoning_effort": "max"}, "default_reasoning_effort"),
         ({"model": "/m", "stream_interval": 0}, "stream_interval: must be an integer >= 1"),
         ({"model": "/m", "replica_transport": "zmq"}, "replica_transport: must be one of ('grpc', 'ray')"),
+        ({"model": "/m", "routing_policy": "random"},
+         "routing_policy: must be one of ('prefix_affinity', 'power_of_two', 'round_robin')"),
         ({"model": "/m", "dtype": "float16"}, "dtype: must be one of ('bfloat16', 'float32')"),
     ]:
         with pytest.raises(AppConfigError) as info:
@@ -119,6 +121,14 @@ def test_build_application_deployment_options():
     entry = {d["name"]: d for d in app_config(config)["deployments"]}
     assert entry["Router"]["ray_actor_options"] == router.ray_actor_options
     assert entry["ModelReplica"]["ray_actor_options"] == replica.ray_actor_options
+    # the ModelReplica's Serve request router runs the routing policy named in the arguments
+    from gptoss_cluster.cluster.router.serve_routing import PolicyRequestRouter
+
+    for name in ("prefix_affinity", "round_robin"):
+        bound = build_application(parse_args({"model": "/m", "device": "cpu", "routing_policy": name}))
+        options = bound._bound_deployment.init_args[0]._bound_deployment._deployment_config.request_router_config
+        assert options.get_request_router_class() is PolicyRequestRouter
+        assert options.request_router_kwargs == {"policy": name}
 
 
 def test_cli_bad_arguments_exit_2_with_one_line(capsys):
@@ -127,7 +137,7 @@ def test_cli_bad_arguments_exit_2_with_one_line(capsys):
     for argv in (["chat", "--address", "nowhere", "hi"], ["chat", "hi"], ["serve", "--replicas", "0"],
                  ["serve", "--model", "/no/such/dir"], ["serve", "--grpc-port", "99999"],
                  ["scale", "--replicas", "-1"], ["serve", "--stream-interval", "0"],
-                 ["serve", "--replica-transport", "zmq"],
+                 ["serve", "--replica-transport", "zmq"], ["serve", "--routing-policy", "random"],
                  ["bench", "--concurrency", "1"], ["bench", "--address", "h:1", "--concurrency", "0,4"],
                  ["bench", "--address", "h:1", "--request-rate", "-1"], ["generate", "--prompt", "x"],
                  ["generate", "--address", "127.0.0.1:1"], ["generate", "--address", "h:1", "--token-ids", "1,x"]):

@@ -256,6 +256,7 @@ def test_serve_args_follow_the_values_and_the_args_schema(rendered: dict, values
         router_settings(parse_args(args))["stream_interval"]
     assert args["replica_transport"] == v["serve"]["router"]["replicaTransport"] == \
         router_settings(parse_args(args))["replica_transport"]
+    assert args["routing_policy"] == v["serve"]["router"]["routingPolicy"] == parse_args(args).routing_policy
 
 
 def test_grpc_host_renders_into_the_applications_environment(helm: str) -> None:
@@ -473,3 +474,24 @@ def test_replica_transport_renders_into_the_router_settings(helm: str) -> None:
         (application,) = serve_config(rayservice)["applications"]
         assert application["args"]["replica_transport"] == expected
         assert router_settings(parse_args(application["args"]))["replica_transport"] == expected
+
+
+def test_routing_policy_renders_into_the_application_arguments(helm: str) -> None:
+    """serve.router.routingPolicy names the ModelReplica's routing policy (default prefix_affinity); the chart's
+    schema refuses a name cluster.router.policies does not know."""
+    from gptoss_cluster.cluster.app import parse_args
+    from gptoss_cluster.cluster.router.policies import ROUTING_POLICIES
+
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    enum = schema["properties"]["serve"]["properties"]["router"]["properties"]["routingPolicy"]["enum"]
+    args_schema = json.loads((CHART / "files" / "serve-args.schema.json").read_text())
+    assert tuple(enum) == tuple(args_schema["properties"]["routing_policy"]["enum"]) == ROUTING_POLICIES
+    for sets, expected in (((), "prefix_affinity"), (("--set", "serve.router.routingPolicy=power_of_two"),
+                                                     "power_of_two")):
+        (rayservice,) = by_kind(template(helm, *sets), "RayService")
+        (application,) = serve_config(rayservice)["applications"]
+        assert application["args"]["routing_policy"] == expected
+        assert parse_args(application["args"]).routing_policy == expected
+    result = run_helm(helm, "template", "demo", str(CHART), "--set", "serve.router.routingPolicy=random",
+                      check=False)
+    assert result.returncode != 0 and "routingPolicy" in result.stderr

@@ -153,7 +153,7 @@ def scripted_app():
     from ray import serve
     from ray.serve.config import RequestRouterConfig
 
-    from gptoss_cluster.cluster.router.replica_choice import PrefixAffinityRouter
+    from gptoss_cluster.cluster.router.serve_routing import PolicyRequestRouter
     from gptoss_cluster.cluster.router.testing import ScriptedReplicaImpl
     from gptoss_cluster.workers.engine.ray_executor import connect_ray
 
@@ -164,8 +164,8 @@ def scripted_app():
     replica = serve.deployment(
         name="ModelReplica", num_replicas=2, max_ongoing_requests=64,
         ray_actor_options={"num_cpus": 0.5, "runtime_env": {"env_vars": REPLICA_SERVE_ENV}},
-        request_router_config=RequestRouterConfig(request_router_class=PrefixAffinityRouter,
-                                                  request_router_kwargs={"block_size": 16}),
+        request_router_config=RequestRouterConfig(request_router_class=PolicyRequestRouter,
+                                                  request_router_kwargs={"policy": "prefix_affinity"}),
     )(ScriptedReplicaImpl)
     serve.run(replica.bind({"step_s": STEP_S, "lockstep": True}), name="channel-test", route_prefix=None)
     try:

@@ -26,7 +26,7 @@ from gptoss_cluster.cluster.contract import (
     ReplicaState,
     ReplicaStats,
 )
-from gptoss_cluster.cluster.router.replica_choice import AffinityPolicy
+from gptoss_cluster.cluster.router.policies import PrefixAffinity, RouteRequest, RoutingPolicy
 
 __all__ = ["Backend", "BackendError", "LocalBackend"]
 
@@ -53,26 +53,22 @@ class Backend(abc.ABC):
 
 
 class LocalBackend(Backend):
-    """Replica cores in this process (no Ray)."""
+    """Replica cores in this process (no Ray), chosen by `policy` (default: prefix affinity bounded by load)."""
 
-    def __init__(self, cores: Sequence[Any], policy: AffinityPolicy | None = None) -> None:
+    def __init__(self, cores: Sequence[Any], policy: RoutingPolicy | None = None) -> None:
         self.cores = list(cores)
-        block = self.cores[0].model_info().kv_block_size if self.cores else 16
-        self.policy = policy or AffinityPolicy(block_size=block)
+        self.policy = policy or PrefixAffinity()
         self.failing: set[str] = set()  # replica ids whose next stream fails (tests of the retry path)
         self._keys = itertools.count()  # the policy's key of each routed request (unique in this backend)
 
-    def _choose(self, request: ReplicaRequest) -> Any:
+    async def stream(self, request: ReplicaRequest) -> AsyncIterator[ReplicaEvent]:
         by_id = {c.replica_id: c for c in self.cores if c.state is ReplicaState.RUNNING}
         if not by_id:
             raise BackendError("no replica is running")
-        ranks = self.policy.rank(by_id, request.prefix_hashes, request.exclude_replicas)
-        return by_id[ranks[0][0]]
-
-    async def stream(self, request: ReplicaRequest) -> AsyncIterator[ReplicaEvent]:
-        core = self._choose(request)
-        key = f"local-{next(self._keys)}"
-        self.policy.routed(key, core.replica_id, request.prefix_hashes, request.cost)
+        route = RouteRequest(f"local-{next(self._keys)}", request.prefix_hashes, request.cost,
+                             request.exclude_replicas)
+        core = by_id[self.policy.rank(by_id, route)[0][0]]
+        self.policy.on_routed(route, core.replica_id)
         try:
             if core.replica_id in self.failing:
                 self.failing.discard(core.replica_id)
@@ -85,7 +81,7 @@ class LocalBackend(Backend):
             finally:
                 await events.aclose()
         finally:
-            self.policy.completed(key)
+            self.policy.on_completed(route.key)
 
     async def replica_stats(self) -> list[ReplicaStats]:
         return [c.stats() for c in self.cores]

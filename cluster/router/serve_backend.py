@@ -58,13 +58,13 @@ def _is_infrastructure_error(exc: BaseException) -> bool:
 class ServeBackend(Backend):
     """ModelReplica replicas through a Serve deployment handle, tokens over the multiplexed channel.
 
-    Per request, `submit` (routed by the deployment's request router) answers `Accepted` and stays open until the
-    request ends; its deltas arrive on this router's channel to that replica (`cluster.token_channel.TokenChannels`),
-    one Serve item per engine step for all of this router's requests there. A channel task per replica reads it and
-    puts each delta into its request's queue; it opens with the first request accepted by the replica and ends when
-    the replica closes it idle. A request's own call failing (replica died) or its replica's channel failing ends
-    the request with `BackendError` (the router retries before the first token); closing the stream early cancels
-    the request's call, which aborts it on the replica.
+    Per request, `submit` (routed by the deployment's request router, `cluster.router.serve_routing`) answers
+    `Accepted` and stays open until the request ends; its deltas arrive on this router's channel to that replica
+    (`cluster.token_channel.TokenChannels`), one Serve item per engine step for all of this router's requests there.
+    A channel task per replica reads it and puts each delta into its request's queue; it opens with the first request
+    accepted by the replica and ends when the replica closes it idle. A request's own call failing (replica died) or
+    its replica's channel failing ends the request with `BackendError` (the router retries before the first token);
+    closing the stream early cancels the request's call, which aborts it on the replica.
 
     `transport`: "grpc" sends `submit` and `channel` over the gRPC server every Serve replica runs for calls between
     deployments (the handle option `_by_reference=False`: arguments and items pickled into one gRPC message each);

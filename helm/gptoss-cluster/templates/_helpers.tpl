@@ -139,6 +139,7 @@ true
       "max_queued_requests" (int $s.router.maxQueuedRequests)
       "stream_interval" (int $s.router.streamInterval)
       "replica_transport" $s.router.replicaTransport
+      "routing_policy" $s.router.routingPolicy
       "grpc_port" (int $s.grpcPort)
       "http_port" (int $s.openaiPort)
       "metrics_port" 0
