@@ -143,6 +143,34 @@ def test_generate_text_greedy_is_deterministic_and_stop_strings_cut(client):
     assert out[-1].finish_reason == pb.FINISH_REASON_STOP
 
 
+
+def test_router_and_offline_engine_stop_at_the_same_place(tiny, client):
+    """Stop strings have one implementation (workers.stop_strings): the router applies it to a served request, the
+    offline engine (which holds a tokenizer) to its own; with the same stop strings and min_tokens both texts end at
+    the same character, and a stop string that appears before min_tokens tokens does not count in either."""
+    from gptoss_cluster.workers.engine import Engine, EngineConfig
+
+    tok = get_tokenizer()
+    prompt = tok.encode("The capital of France is")
+    free, ids = _collect(client.generate(prompt, max_tokens=24, temperature=0, ignore_eos=True))
+    text = tok.decode(ids)
+    engine = Engine.from_model(tiny["cores"][0].executor.model, EngineConfig(num_blocks=64, max_model_len=CONTEXT),
+                               tokenizer=tok)
+    early = tok.decode(ids[:2])[-2:]  # a stop string inside the first two tokens' text
+    late = text[len(text) // 2:len(text) // 2 + 3]
+    assert text.count(early) == 1
+    for stop, min_tokens in ((late, 0), (early, 0), (early, 6)):
+        served, _ = _collect(client.generate(prompt, max_tokens=24, temperature=0, ignore_eos=True, stop=[stop],
+                                             min_tokens=min_tokens))
+        offline = engine.generate([(prompt, SamplingParams(max_tokens=24, temperature=0, ignore_eos=True,
+                                                           stop=(stop,), min_tokens=min_tokens))])[0]
+        assert "".join(r.text for r in served) == offline.text, (stop, min_tokens)
+        stopped = offline.finish_reason == "stop"
+        assert (served[-1].finish_reason == pb.FINISH_REASON_STOP) == stopped
+        assert stopped == (min_tokens == 0) and offline.stop_reason == (stop if stopped else None)
+    assert len(offline.text) > text.index(early)  # min_tokens let the early occurrence pass (no later one)
+
+
 def test_generate_logprobs_and_seed(client):
     out, ids = _collect(client.generate([1, 2, 3], max_tokens=5, ignore_eos=True, logprobs=3, seed=7,
                                         temperature=0.8))

@@ -1,9 +1,11 @@
 """Turning a replica's token stream into what clients see: text with stop strings, and harmony chat deltas.
 
-The engine works on token ids only; the router owns everything textual:
+The replica's engine works on token ids only (stop tokens, max_tokens, `min_tokens` masking); the router owns
+everything textual:
 
-- `TextStream` (Generate): incremental detokenization that never splits a UTF-8 character, and stop strings (held
-  back while they might still be forming; the text ends before the first one, once `min_tokens` are out).
+- `TextStream` (Generate): incremental detokenization that never splits a UTF-8 character, and stop strings
+  (`workers.stop_strings.StopStrings`, the same rules as the offline engine's: held back while they might still be
+  forming; the text ends before the first one, once `min_tokens` are out).
 - `ChatStream` (Chat): feeds tokens through `workers.harmony.HarmonyStreamParser` and emits `ChatDelta`s tagged with
   their channel (analysis / commentary / final); a message with a recipient (`functions.NAME` on commentary, or a
   built-in tool such as `browser.search` / `python` on analysis) becomes a tool call: its first delta carries the
@@ -29,46 +31,9 @@ from gptoss_cluster.workers.harmony import (
     Tokenizer,
     get_tokenizer,
 )
+from gptoss_cluster.workers.stop_strings import StopStrings
 
-__all__ = ["ChatDelta", "ChatStream", "StopMatcher", "TextStream", "chat_finish_reason"]
-
-
-class StopMatcher:
-    """Finds the first stop string in streamed text, holding back a tail that could still become one."""
-
-    def __init__(self, stops: Sequence[str], include_stop: bool = False) -> None:
-        self.stops = tuple(s for s in stops if s) if stops else ()
-        self.include_stop = include_stop
-        self._hold = max((len(s) for s in self.stops), default=1) - 1 if self.stops else 0
-        self._buffer = ""
-        self.matched: str | None = None
-
-    def push(self, text: str, active: bool = True) -> str:
-        """Add text; returns what is safe to emit. After a match (`matched` set) everything else is dropped."""
-        if self.matched is not None:
-            return ""
-        if not self.stops:
-            return text
-        self._buffer += text
-        if active:
-            hit: tuple[int, str] | None = None
-            for stop in self.stops:
-                at = self._buffer.find(stop)
-                if at >= 0 and (hit is None or at < hit[0]):
-                    hit = (at, stop)
-            if hit is not None:
-                at, stop = hit
-                self.matched = stop
-                out = self._buffer[:at + (len(stop) if self.include_stop else 0)]
-                self._buffer = ""
-                return out
-        cut = max(0, len(self._buffer) - self._hold)
-        out, self._buffer = self._buffer[:cut], self._buffer[cut:]
-        return out
-
-    def flush(self) -> str:
-        out, self._buffer = self._buffer, ""
-        return "" if self.matched is not None else out
+__all__ = ["ChatDelta", "ChatStream", "TextStream", "chat_finish_reason"]
 
 
 class TextStream:
@@ -76,8 +41,7 @@ class TextStream:
 
     def __init__(self, stops: Sequence[str] = (), min_tokens: int = 0, tokenizer: Tokenizer | None = None) -> None:
         self._detok = IncrementalDetokenizer(tokenizer or get_tokenizer())
-        self._stop = StopMatcher(stops)
-        self._min_tokens = min_tokens
+        self._stop = StopStrings(stops, min_tokens=min_tokens)
         self.num_tokens = 0
 
     @property
@@ -102,13 +66,13 @@ class TextStream:
             self.num_tokens += 1
             if drop_last and i == len(token_ids) - 1:
                 break
-            text.append(self._stop.push(self._detok.add(token), active=self.num_tokens >= self._min_tokens))
+            text.append(self._stop.push(self._detok.add(token), self.num_tokens))
         return kept, "".join(text)
 
     def finish(self) -> str:
         if self._stop.matched is not None:
             return ""
-        return self._stop.push(self._detok.flush(), active=True) + self._stop.flush()
+        return self._stop.push(self._detok.flush(), self.num_tokens) + self._stop.flush()
 
 
 @dataclass
@@ -137,8 +101,7 @@ class ChatStream:
         self._tok = tokenizer or get_tokenizer()
         self._parser: HarmonyStreamParser | None = HarmonyStreamParser(self._tok)
         self._raw: IncrementalDetokenizer | None = None  # set once the output left harmony's grammar
-        self._stop = StopMatcher(stops)
-        self._min_tokens = min_tokens
+        self._stop = StopStrings(stops, min_tokens=min_tokens)
         self._pending: list[int] = []  # token ids not yet attached to an emitted delta
         self._calls: dict[int, int] = {}  # message index -> tool-call index
         # reasoning tokens are the analysis bodies (between <|message|> and <|end|>), as max_reasoning_tokens counts
@@ -189,7 +152,7 @@ class ChatStream:
             for event in self._parser.finish():
                 deltas.extend(self._event(event))
         if self._raw is not None and self._stop.matched is None:
-            text = self._stop.push(self._raw.flush(), active=True) + self._stop.flush()
+            text = self._stop.push(self._raw.flush(), self.num_tokens) + self._stop.flush()
             if text:
                 deltas.append(ChatDelta(None, text))
         if self._pending and not deltas:
@@ -210,7 +173,7 @@ class ChatStream:
 
     def _raw_text(self, tokens: list[int]) -> list[ChatDelta]:
         assert self._raw is not None
-        text = self._stop.push(self._raw.add(tokens), active=self.num_tokens >= self._min_tokens)
+        text = self._stop.push(self._raw.add(tokens), self.num_tokens)
         return [ChatDelta(None, text)] if text else []
 
     def _event(self, event: Any) -> list[ChatDelta]:
@@ -225,7 +188,7 @@ class ChatStream:
             return []
         if event.is_tool_call:
             return [self._call_delta(index, event.channel, event.recipient, event.delta)]
-        text = self._stop.push(event.delta, active=self.num_tokens >= self._min_tokens)
+        text = self._stop.push(event.delta, self.num_tokens)
         return [ChatDelta(event.channel, text)] if text else []
 
     def _call_delta(self, index: int, channel: str | None, recipient: str, arguments: str) -> ChatDelta:

@@ -180,6 +180,7 @@ class Engine:
         self._loop_task: asyncio.Task[None] | None = None
         self._wakeup: asyncio.Event | None = None
         self._detokenizers: dict[Request, Any] = {}
+        self._stop_strings: dict[Request, Any] = {}  # workers.stop_strings.StopStrings of requests with stop strings
         self._idle_step = False
         self._structured: StructuredDecoding | None = None  # built on the first constrained request
         self._structured_lock = threading.Lock()
@@ -310,8 +311,13 @@ class Engine:
                 self._streams[request] = RequestStream(self, request.request_id, loop)
             if self.tokenizer is not None:
                 from gptoss_cluster.workers.harmony import IncrementalDetokenizer
+                from gptoss_cluster.workers.stop_strings import StopStrings
 
                 self._detokenizers[request] = IncrementalDetokenizer(self.tokenizer)
+                params = request.params
+                if params.stop:  # the router's rules (it applies them to served requests): one implementation
+                    self._stop_strings[request] = StopStrings(params.stop, min_tokens=params.min_tokens,
+                                                              include_stop=params.include_stop_str_in_output)
 
     def abort(self, request_id: str) -> bool:
         """End a request now (finish reason "aborted") and free its blocks; False if no such live request."""
@@ -469,39 +475,41 @@ class Engine:
         params = request.params
         n_out = request.num_output_tokens
         detok = self._detokenizers.get(request)
+        stops = self._stop_strings.get(request)
         constrained_end = request.constraint is not None and request.constraint.done
         if token in request.stop_token_ids and (n_out > params.min_tokens or constrained_end):
             request.stop_reason = token
-            if detok is not None:
-                request.text += detok.flush()
+            self._end_text(request, detok, stops)
             return RequestStatus.FINISHED_STOPPED
         if detok is not None:
-            before = len(request.text)
-            request.text += detok.add(token)
-            if params.stop and n_out >= params.min_tokens:
-                longest = max(len(s) for s in params.stop)
-                search_from = max(0, before - longest + 1)
-                hit = None
-                for stop in params.stop:
-                    at = request.text.find(stop, search_from)
-                    if at >= 0 and (hit is None or at < hit[0]):
-                        hit = (at, stop)
-                if hit is not None:
-                    at, stop = hit
-                    request.text = request.text[:at + (len(stop) if params.include_stop_str_in_output else 0)]
-                    request.stop_reason = stop
+            piece = detok.add(token)
+            if stops is None:
+                request.text += piece
+            else:  # the text grows by what can no longer be part of a stop string
+                request.text += stops.push(piece, n_out)
+                if stops.matched is not None:
+                    request.stop_reason = stops.matched
                     return RequestStatus.FINISHED_STOPPED
         if n_out >= params.max_tokens or request.num_tokens >= self.max_model_len:
-            if detok is not None:
-                request.text += detok.flush()
+            self._end_text(request, detok, stops)
             return RequestStatus.FINISHED_LENGTH
         return None
+
+    @staticmethod
+    def _end_text(request: Request, detok: Any, stops: Any) -> None:
+        """The rest of the text of a request that ends now."""
+        if detok is not None:
+            tail = detok.flush()
+            request.text += tail if stops is None else stops.push(tail, request.num_output_tokens) + stops.flush()
 
     def _finish(self, request: Request, status: RequestStatus) -> None:
         self.scheduler.finish(request, status)
         if self.requests.get(request.request_id) is request:
             del self.requests[request.request_id]
         self._detokenizers.pop(request, None)
+        stops = self._stop_strings.pop(request, None)
+        if stops is not None:  # what it held back goes out with the last delta (an abort, say)
+            request.text += stops.flush()
         if status is RequestStatus.FINISHED_ABORTED:
             self._timers.aborted += 1
         else:
@@ -510,10 +518,7 @@ class Engine:
     def _delta(self, request: Request, new_tokens: list[int], logprob: TokenLogprob | None,
                finished: bool) -> RequestOutput:
         params = request.params
-        if finished or not params.stop:
-            text_end = len(request.text)
-        else:  # hold back what could still become a stop string
-            text_end = max(request.num_sent_text, len(request.text) - max(len(s) for s in params.stop) + 1)
+        text_end = len(request.text)  # stop strings hold back what could still become one (_check_stop)
         text = request.text[request.num_sent_text:text_end]
         request.num_sent_text = text_end
         request.num_sent_tokens += len(new_tokens)
