@@ -194,20 +194,21 @@ class ChannelStats:
 # ================================================================================================ replica state
 @dataclass(frozen=True, slots=True)
 class ModelInfo:
-    """The served model's facts, from a replica (the router validates requests against them)."""
+    """The served model's facts, from a replica: first what the router checks requests against and hashes prompts
+    with, then the rest of what GetModelInfo shows."""
 
     model: str
+    vocab_size: int
+    context_length: int
+    kv_block_size: int
+    eos_token_id: int
+    max_ongoing_requests: int
     num_layers: int
     num_experts: int
     experts_per_token: int
     hidden_size: int
-    vocab_size: int
-    context_length: int
     sliding_window: int
     shards_per_replica: int
-    kv_block_size: int
-    eos_token_id: int
-    max_ongoing_requests: int
 
 
 @dataclass(frozen=True, slots=True)

@@ -77,11 +77,11 @@ class RouterCore:
             self._poll_task = asyncio.get_running_loop().create_task(self._poll_loop())
 
     async def stop(self) -> None:
-        if self._poll_task is not None:
-            self._poll_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._poll_task
-            self._poll_task = None
+        """Stop polling."""
+        task, self._poll_task = self._poll_task, None
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
 
     async def wait_ready(self, timeout_s: float = 60.0) -> bool:
         """Wait until a replica is ready and the model's facts are known."""
@@ -97,12 +97,9 @@ class RouterCore:
     async def drain(self, timeout_s: float | None = None) -> bool:
         """Refuse new calls and wait for the running ones; True if all finished within the timeout."""
         self.draining = True
-        timeout_s = self.settings.drain_timeout_s if timeout_s is None else timeout_s
-        try:
-            await asyncio.wait_for(self._idle.wait(), timeout_s)
-            return True
-        except TimeoutError:
-            return False
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._idle.wait(), self.settings.drain_timeout_s if timeout_s is None else timeout_s)
+        return self._idle.is_set()
 
     @property
     def inflight(self) -> int:

@@ -141,45 +141,47 @@ def _deny(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHandler
 
 
 # ================================================================================================ the servicers
-async def _abort(context: grpc.aio.ServicerContext, exc: RouterError) -> None:
-    trailers = () if exc.retry_after_ms is None else ((PUSHBACK_TRAILER, str(exc.retry_after_ms)),)
-    await context.abort(grpc.StatusCode[exc.code.name], exc.message, trailing_metadata=trailers)
+@contextlib.asynccontextmanager
+async def _answering(context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
+    """A RouterError inside aborts the call with the status of the same name (RESOURCE_EXHAUSTED: with the
+    pushback trailer)."""
+    try:
+        yield
+    except RouterError as exc:
+        trailers = () if exc.retry_after_ms is None else ((PUSHBACK_TRAILER, str(exc.retry_after_ms)),)
+        await context.abort(grpc.StatusCode[exc.code.name], exc.message, trailing_metadata=trailers)
+
+
+def _streaming(body: str) -> Any:
+    """A streaming RPC whose responses are those of the core's `body` method (`generate_events`, `chat_events`),
+    under the call's deadline. aclosing: a client that cancels while a response is being written still cancels the
+    replica's request at once."""
+
+    async def handler(self: _Inference, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        events = getattr(self.core, body)(request, timeout=context.time_remaining())
+        async with _answering(context), contextlib.aclosing(events):
+            async for response in events:
+                yield response
+
+    return handler
 
 
 class _Inference(pb_grpc.InferenceServicer):
     def __init__(self, core: RouterCore) -> None:
         self.core = core
 
-    async def Generate(self, request: pb.GenerateRequest,  # noqa: N802
-                       context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateResponse]:
-        try:
-            # aclosing: a client that cancels while a response is being written still cancels the replica now
-            async with contextlib.aclosing(self.core.generate_events(request, timeout=context.time_remaining())) as rs:
-                async for response in rs:
-                    yield response
-        except RouterError as exc:
-            await _abort(context, exc)
-
-    async def Chat(self, request: pb.ChatRequest,  # noqa: N802
-                   context: grpc.aio.ServicerContext) -> AsyncIterator[pb.ChatResponse]:
-        try:
-            async with contextlib.aclosing(self.core.chat_events(request, timeout=context.time_remaining())) as rs:
-                async for response in rs:
-                    yield response
-        except RouterError as exc:
-            await _abort(context, exc)
+    Generate = _streaming("generate_events")  # noqa: N815
+    Chat = _streaming("chat_events")  # noqa: N815
 
     async def Tokenize(self, request: pb.TokenizeRequest,  # noqa: N802
                        context: grpc.aio.ServicerContext) -> pb.TokenizeResponse:
-        try:
+        async with _answering(context):
             return pb.TokenizeResponse(token_ids=await self.core.tokenize(request))
-        except RouterError as exc:
-            await _abort(context, exc)
-            raise AssertionError("unreachable") from None
+        raise AssertionError("unreachable: the call was aborted")
 
     async def GetModelInfo(self, request: pb.GetModelInfoRequest,  # noqa: N802
                            context: grpc.aio.ServicerContext) -> pb.ModelInfo:
-        try:
+        async with _answering(context):
             with self.core.call():
                 m = self.core.validator().model
                 return pb.ModelInfo(
@@ -188,9 +190,7 @@ class _Inference(pb_grpc.InferenceServicer):
                     context_length=m.context_length, sliding_window=m.sliding_window,
                     shards_per_replica=m.shards_per_replica, num_replicas=self.core.ready_replicas,
                     kv_block_size=m.kv_block_size)
-        except RouterError as exc:
-            await _abort(context, exc)
-            raise AssertionError("unreachable") from None
+        raise AssertionError("unreachable: the call was aborted")
 
 
 class _Admin(pb_grpc.AdminServicer):

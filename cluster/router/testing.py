@@ -37,7 +37,6 @@ from gptoss_cluster.cluster.contract import (
     ErrorCode,
     ModelInfo,
     ReplicaError,
-    ReplicaEvent,
     ReplicaLoad,
     ReplicaRequest,
     ReplicaState,
@@ -95,7 +94,7 @@ class ScriptedReplica:
         tokens = self.tokens(request) if callable(self.tokens) else self.tokens
         return list(tokens)
 
-    async def generate(self, request: ReplicaRequest) -> AsyncIterator[ReplicaEvent]:
+    async def generate(self, request: ReplicaRequest) -> AsyncIterator[Accepted | Delta | ReplicaError]:
         yield Accepted(self.replica_id)
         if self.state is not ReplicaState.RUNNING:
             yield ReplicaError(ErrorCode.UNAVAILABLE, f"replica is {self.state.value.lower()}")
