@@ -308,7 +308,82 @@ def test_the_device_sampler_never_reads_a_device_tensor_back():
     out = sample(logits, batch.to("meta"), bitmask.to("meta"))
     assert out.token_ids.device.type == "meta" and out.token_ids.shape == (len(reqs),)
     assert out.logprobs.shape == (3,) and out.top_ids.shape == out.top_logprobs.shape == (3, 5)
+    from gptoss_cluster.workers.engine.sampler import sample_vocab_parallel
+
+    parts: dict = {}
+    for rank in (1, 0):  # the vocab-parallel path too (its batch stays on the host; the logits do not)
+        local = torch.empty(len(reqs), vocab // 2, device="meta")
+        out = sample_vocab_parallel(local, batch, bitmask if rank == 0 else None, rank * vocab // 2,
+                                    _GatherToRoot(parts, rank), is_root=rank == 0)
+    assert out.token_ids.device.type == "meta" and out.top_ids.shape == (3, 5)
     with pytest.raises((RuntimeError, NotImplementedError)):  # the harness does catch a read-back
         torch.empty(3, device="meta").tolist()
     with pytest.raises((RuntimeError, NotImplementedError)):
         logits[logits[:, 0] > 0]
+
+
+class _GatherToRoot:
+    """The gather-to-rank-0 collective of G ranks run one after another in one process: ranks 1..G-1 run first and
+    leave each call's part in `parts[rank]`; rank 0's k-th call concatenates every rank's k-th part in rank order
+    (what TorchDistributedCollective(gather_dst=0) returns there)."""
+
+    def __init__(self, parts: dict, rank: int) -> None:
+        self.parts, self.rank, self.calls = parts, rank, 0
+        parts.setdefault(rank, [])
+
+    def all_gather(self, tensor, dim):
+        self.calls += 1
+        if self.rank:
+            self.parts[self.rank].append(tensor.clone())
+            return torch.empty(0)
+        others = [self.parts[r][self.calls - 1] for r in sorted(self.parts) if r]
+        return torch.cat([tensor, *others], dim=dim)
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_vocab_parallel_sampling_equals_sampling_the_gathered_rows(world_size):
+    """sample_vocab_parallel over G slices: exactly `sample` on the whole rows (greedy rows reduced slice by slice,
+    ties to the first maximum across slices; drawn, logprob and constrained rows gathered)."""
+    from gptoss_cluster.workers.engine.sampler import sample_vocab_parallel
+
+    vocab = 256 * world_size
+    g = torch.Generator().manual_seed(world_size)
+    reqs = [request(params, output=(3, 3, vocab - 2, 17), rid=str(i), eos=eos + (vocab - 1,))
+            for i, (params, eos, _) in enumerate(MIXED)]
+    reqs += [request(SamplingParams(temperature=0, repetition_penalty=1.5, frequency_penalty=1.0), rid="p"),
+             request(SamplingParams(temperature=0, min_tokens=9), rid="m", eos=(0, vocab - 1)),
+             request(SamplingParams(temperature=0), rid="tie")]
+    reqs[len(MIXED) - 1].constraint = object()
+    logits = torch.randn(len(reqs), vocab, generator=g) * 3
+    logits[-1, 5] = logits[-1, vocab - 3] = 50.0  # a tie across slices: the first one wins, as argmax
+    logits[-2, vocab - 1] = 60.0  # the banned stop token would win
+    constrained = [len(MIXED) - 1]
+    allowed = torch.randint(-2 ** 31, 2 ** 31 - 1, (1, vocab // 32), generator=g, dtype=torch.int64)
+    bitmask = TokenBitmask(allowed.to(torch.int32), torch.tensor(constrained))
+    batch = build_sampling_batch(reqs, torch.Generator().manual_seed(1), vocab)
+    assert set(batch.argmax_rows.tolist()) == {0, 6, len(reqs) - 3, len(reqs) - 2, len(reqs) - 1}
+    want = sample(logits.clone(), batch, bitmask)
+    width = vocab // world_size
+    parts: dict = {}
+    for rank in [*range(1, world_size), 0]:
+        local = logits[:, rank * width:(rank + 1) * width].clone()
+        got = sample_vocab_parallel(local, batch, bitmask if rank == 0 else None, rank * width,
+                                    _GatherToRoot(parts, rank), is_root=rank == 0)
+        assert (got is None) == (rank != 0)
+    assert torch.equal(got.token_ids, want.token_ids)
+    assert got.token_ids[-1] == 5 and got.token_ids[-2] != vocab - 1
+    for name in ("logprobs", "top_ids", "top_logprobs"):
+        assert torch.equal(getattr(got, name), getattr(want, name)), name
+
+
+def test_select_keeps_rows_and_renumbers_their_inputs():
+    reqs = [request(params, output=(4, 5), rid=str(i), eos=eos) for i, (params, eos, _) in enumerate(MIXED)]
+    batch = build_sampling_batch(reqs, torch.Generator().manual_seed(0), V)
+    rows = torch.tensor([i for i in range(len(reqs)) if i not in batch.argmax_rows.tolist()])
+    sub = batch.select(rows)
+    g = torch.Generator().manual_seed(2)
+    logits = torch.randn(len(reqs), V, generator=g)
+    whole = sample(logits.clone(), batch)  # the same draws: the batch carries them
+    part = sample(logits[rows].clone(), sub)
+    assert torch.equal(part.token_ids, whole.token_ids[rows])
+    assert torch.equal(part.logprobs, whole.logprobs) and torch.equal(part.top_ids, whole.top_ids)

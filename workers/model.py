@@ -219,12 +219,13 @@ class GptOssModel(nn.Module):
 
     @torch.inference_mode()
     def forward(self, token_ids: torch.Tensor, positions: torch.Tensor, kv: KVStore,
-                logits_at: torch.Tensor) -> torch.Tensor:
+                logits_at: torch.Tensor, gather_logits: bool = True) -> torch.Tensor:
         """Flat tokens [T] at `positions` [T] -> float32 logits [len(logits_at), vocab] at rows `logits_at`.
 
         `kv` stores each layer's new keys and values and runs attention over what it holds: one contiguous sequence
         (KVCache) or the engine's paged batch of many. Only sampled rows need the unembedding, the largest matmul of
-        a small model.
+        a small model. `gather_logits=False`: this rank's vocabulary slice [len(logits_at), vocab / G] instead of the
+        gathered rows (a vocab-parallel sampler takes it from there).
         """
         cos, sin = rope_cos_sin(positions, self.inv_freq, self.rope_scaling, self.dtype)
         x = self.embed(token_ids)
@@ -233,7 +234,7 @@ class GptOssModel(nn.Module):
             x = self.mlp[layer](self, layer, x)
         h = self.kernels.rms_norm(x[logits_at], self.norm_weight, self.config.rms_norm_eps)
         logits = nn.functional.linear(h, self.unembedding).float()
-        return self.collective.all_gather(logits, dim=-1)
+        return self.collective.all_gather(logits, dim=-1) if gather_logits else logits
 
     # ------------------------------------------------------------------------------------------------ loading
     @classmethod

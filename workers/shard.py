@@ -3,8 +3,9 @@
 Rank r of G holds query/KV heads [r·H/G, (r+1)·H/G), experts [r·E/G, (r+1)·E/G) and a vocab slice, read straight
 from the checkpoint (`GptOssModel.from_checkpoint` reads only these slices), and KV pools over the same block ids as
 every other rank but for its own KV heads only. Per step every rank runs the forward on the same plan; the partial
-results meet in torch.distributed collectives; the logits slices are gathered to rank 0, which samples them on its
-device (`workers.engine.sampler`) and alone returns the `SampledTokens`: O(rows) bytes, not the [rows, vocab] logits.
+results meet in torch.distributed collectives. Sampling happens where the logits are (`workers.engine.sampler`):
+rows that need the whole distribution are gathered to rank 0 and sampled on its device, plain greedy rows are
+reduced vocab-parallel; rank 0 alone returns the `SampledTokens`: O(rows) bytes, not the [rows, vocab] logits.
 
 A plain class: `workers.engine.ray_executor` applies `ray.remote` to it, so this module imports without Ray. The call
 order is `node_info` -> `free_port` (rank 0) -> `init_process_group` (all ranks together) -> `load` ->
@@ -155,18 +156,15 @@ class ShardWorker:
         return sum(t.numel() * t.element_size() for t in executor.key_pools + executor.value_pools)
 
     def execute(self, plan: StepPlan | bytes, bitmask: TokenBitmask | bytes | None = None) -> bytes | None:
-        """One forward on every rank; rank 0 samples the gathered logits and returns the encoded `SampledTokens`
-        (token ids, and logprobs for rows that asked), the others None (their logits rows are not filled)."""
+        """One step on every rank: the forward, then sampling (rows that need the whole distribution gathered to
+        rank 0, plain greedy rows reduced vocab-parallel); rank 0 returns the encoded `SampledTokens` (token ids, and
+        logprobs for rows that asked), the others None. `bitmask`: rank 0's only."""
         if isinstance(plan, bytes):
             plan = decode_plan(plan)
         if isinstance(bitmask, bytes):
             bitmask = decode(bitmask)
-        executor = self._require()
-        if self.rank != 0:
-            executor.run_forward(plan)
-            return None
-        sampled: SampledTokens = executor.execute(plan, bitmask)
-        return encode(sampled)
+        sampled: SampledTokens | None = self._require().run_step(plan, bitmask)
+        return None if sampled is None else encode(sampled.to_host())
 
     def forward_logits(self, plan: StepPlan | bytes) -> np.ndarray | None:
         """One forward on every rank, no sampling; rank 0 returns the float32 logits rows as a numpy array (Ray ships

@@ -5,12 +5,12 @@
 of it: a gptoss.v1 request message in, its response messages out, `RouterError` (a transport-neutral code) for every
 failure.
 
-Per Generate / Chat call (`generate_events`, `chat_events`): validate and render (harmony) -> admission (a bounded
-priority queue; RESOURCE_EXHAUSTED with a retry hint when full) -> `dispatch.replica_deltas` (the backend's replica
-choice, one retry before the first token, the deadline, the stream interval) -> detokenize, stop strings, harmony
-channels (`streaming`) -> response messages. Deadlines (the caller's, and the request's `timeout_seconds`) travel to
-the replica, which aborts the request when they pass; the router enforces them too. A caller that goes away (closing
-the generator) cancels the replica's request, which frees its KV blocks.
+Per Generate / Chat call (`generate_events`, `chat_events`): validate and render (harmony) ->
+`dispatch.replica_deltas` (admission: a bounded priority queue, RESOURCE_EXHAUSTED with a retry hint when full; the
+backend's replica choice, one retry before the first token, the deadline, the stream interval) -> detokenize, stop
+strings, harmony channels (`streaming`) -> response messages. Deadlines (the caller's, and the request's
+`timeout_seconds`) travel to the replica, which aborts the request when they pass; the router enforces them too. A
+caller that goes away (closing the generator) cancels the replica's request, which frees its KV blocks.
 
 Replicas are polled every `health_interval_s` (`refresh`): readiness, the model's facts, admission capacity; each
 poll tells `on_ready` whether a replica is ready (the gRPC health service follows it). `drain()` refuses new calls
@@ -27,8 +27,8 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
-from gptoss_cluster.cluster.contract import ErrorCode, ModelInfo, ReplicaState, ReplicaStats
-from gptoss_cluster.cluster.router.admission import Admission, DeadlineExceeded, QueueFull
+from gptoss_cluster.cluster.contract import Delta, ErrorCode, ModelInfo, ReplicaState, ReplicaStats
+from gptoss_cluster.cluster.router.admission import Admission
 from gptoss_cluster.cluster.router.backend import Backend, BackendError
 from gptoss_cluster.cluster.router.dispatch import replica_deltas
 from gptoss_cluster.cluster.router.errors import RouterError
@@ -261,34 +261,18 @@ class RouterCore:
                                        chat.reasoning_tokens))
             yield final
 
-    async def replica_stream(self, prep: Prepared, timeout: float | None, timer: Any) -> AsyncIterator[Any]:
-        """Admission, then the request's deltas from a replica (`dispatch.replica_deltas`). `timeout`: the caller's
-        seconds left (None: no bound but the request's own). Closing this generator cancels the request on its
-        replica."""
+    def replica_stream(self, prep: Prepared, timeout: float | None, timer: Any) -> AsyncIterator[Delta]:
+        """The request's deltas from a replica, after admission (`dispatch.replica_deltas`). `timeout`: the caller's
+        seconds left (None: no bound but the request's own). Closing the iterator cancels the request on its
+        replica. A plain method returning the dispatch generator: one generator hop less per delta."""
         if prep.timeout_s is not None and (timeout is None or prep.timeout_s < timeout):
             timeout = prep.timeout_s
-        deadline = None if timeout is None else time.monotonic() + timeout
-        wall_deadline = None if timeout is None else time.time() + timeout
-        if not self.ready_replicas:
+        if not self.ready_replicas or self.model is None:
             raise RouterError(ErrorCode.UNAVAILABLE, "no model replica is ready")
-        try:
-            await self.admission.acquire(prep.priority, deadline)
-        except QueueFull as exc:
-            raise RouterError(ErrorCode.RESOURCE_EXHAUSTED, str(exc), retry_after_ms=exc.retry_after_ms) from None
-        except DeadlineExceeded as exc:
-            raise RouterError(ErrorCode.DEADLINE_EXCEEDED, str(exc)) from None
-        try:
-            timer.dispatched()
-            assert self.model is not None  # ready replicas imply a validator, hence the model
-            hashes = tuple(prefix_hashes(prep.prompt_token_ids, self.model.kv_block_size, PREFIX_BLOCKS))
-            request = prep.replica_request(wall_deadline, hashes)
-            async with contextlib.aclosing(replica_deltas(self.backend, request, deadline=deadline,
-                                                          timeout_s=timeout,
-                                                          stream_interval=self.settings.stream_interval)) as deltas:
-                async for delta in deltas:
-                    yield delta
-        finally:
-            self.admission.release()
+        hashes = tuple(prefix_hashes(prep.prompt_token_ids, self.model.kv_block_size, PREFIX_BLOCKS))
+        request = prep.replica_request(None if timeout is None else time.time() + timeout, hashes)
+        return replica_deltas(self.backend, request, self.admission, timeout_s=timeout,
+                              stream_interval=self.settings.stream_interval, on_dispatch=timer.dispatched)
 
 
 def _left(deadline: float | None) -> float | None:

@@ -6,13 +6,15 @@ the KV pools and the device-side sampler. The contract, the same for every execu
     execute(plan, bitmask=None) -> SampledTokens   # plan.sampling: how to pick each row's token (SamplingBatch)
     forward_logits(plan) -> logits                 # an explicit, separate call: the rows' float32 logits
 
-`execute` runs the forward, then samples where the logits are (`workers.engine.sampler.sample`: penalties,
-min_tokens, token bitmasks, greedy / temperature / top-k / top-p / min-p, logprobs), and returns O(rows): token ids
-and only the logprobs the rows asked for. `bitmask` (constrained rows' TokenBitmask, or a Future of it) is read only
-after the forward, so the engine fills it in a helper thread meanwhile. `LocalExecutor` runs one in-process
-`GptOssModel` (the offline LLM, a one-shard replica and the CPU tests); `RayExecutor` sends the same plan to G
-ShardWorkers, each holding its heads / experts / vocab slice, and rank 0 samples after the vocabulary gather. Both
-are plain dataclasses at the boundary, so the call can later return a future (asynchronous scheduling).
+`execute` runs the forward, then samples where the logits are (`workers.engine.sampler`: penalties, min_tokens,
+token bitmasks, greedy / temperature / top-k / top-p / min-p, logprobs), and returns O(rows): token ids and only the
+logprobs the rows asked for. `bitmask` (constrained rows' TokenBitmask, or a Future of it) is awaited only when
+needed: `LocalExecutor` reads it after the forward (the engine fills it in a helper thread meanwhile), `RayExecutor`
+before it sends the step (it travels with the plan). `LocalExecutor` runs one in-process `GptOssModel` (the offline
+LLM, a one-shard replica, the CPU tests, and each rank of a sharded one); `RayExecutor` sends the same plan to G
+ShardWorkers, each holding its heads / experts / vocab slice: rows that need the whole distribution are gathered to
+rank 0 and sampled there, plain greedy rows are reduced vocab-parallel (`sampler.sample_vocab_parallel`). Plan and
+result are plain dataclasses at the boundary, so the call can later return a future (asynchronous scheduling).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from __future__ import annotations
 import abc
 import os
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -31,7 +33,13 @@ from gptoss_cluster.workers.engine.experts import (
     with_dequantized_experts,
 )
 from gptoss_cluster.workers.engine.kv_cache import KVCacheLayout, PagedKVStore, allocate_kv_pools
-from gptoss_cluster.workers.engine.sampler import SampledTokens, SamplingBatch, TokenBitmask, sample
+from gptoss_cluster.workers.engine.sampler import (
+    SampledTokens,
+    SamplingBatch,
+    TokenBitmask,
+    sample,
+    sample_vocab_parallel,
+)
 from gptoss_cluster.workers.model import GptOssModel
 
 
@@ -161,12 +169,25 @@ class LocalExecutor(Executor):
                                                              self.model.dtype, self.device)
 
     def execute(self, plan: StepPlan, bitmask: BitmaskSource = None) -> SampledTokens:
-        return self.run_step(plan, bitmask).to_host()  # the step's one wait for the device
+        sampled = self.run_step(plan, bitmask)
+        if sampled is None:
+            raise RuntimeError(f"shard rank {self.model.shard.rank} does not sample; rank 0 returns the tokens")
+        return sampled.to_host()  # the step's one wait for the device
 
-    def run_step(self, plan: StepPlan, bitmask: BitmaskSource = None) -> SampledTokens:
-        """Forward and sampling, everything queued on the device; nothing in here reads a device tensor back."""
-        plan = plan.to(self.device)
-        return sample_step(self._forward(plan), plan, bitmask)
+    def run_step(self, plan: StepPlan, bitmask: BitmaskSource = None) -> SampledTokens | None:
+        """Forward and sampling, everything queued on the device; nothing in here reads a device tensor back.
+        A shard of a model split G > 1 ways samples vocab-parallel with its peers (every rank calls this with the
+        same plan; `bitmask` matters on rank 0 only): rank 0 gets the SampledTokens, the others None."""
+        shard = self.model.shard
+        if shard.world_size == 1:
+            plan = plan.to(self.device)
+            return sample_step(self._forward(plan), plan, bitmask)
+        batch = plan.sampling_batch()  # stays on the host: the split into gathered and argmax rows reads it
+        local = self._forward(replace(plan, sampling=None).to(self.device), gather_logits=False)
+        if isinstance(bitmask, Future):
+            bitmask = bitmask.result()
+        return sample_vocab_parallel(local, batch, bitmask, self.model.vocab_start, self.model.collective,
+                                     is_root=shard.rank == 0)
 
     def forward_logits(self, plan: StepPlan) -> torch.Tensor:
         return self.run_forward(plan).cpu()
@@ -175,11 +196,13 @@ class LocalExecutor(Executor):
         """The forward alone, queued on the device: logits [S, V] there (a shard other than rank 0 runs only this)."""
         return self._forward(plan.to(self.device))
 
-    def _forward(self, plan: StepPlan) -> torch.Tensor:
+    def _forward(self, plan: StepPlan, gather_logits: bool = True) -> torch.Tensor:
         if self.layout is None:
             raise RuntimeError("initialize_cache must run before execute")
         store = PagedKVStore(self.layout, self.key_pools, self.value_pools, plan.slot_mappings, plan.block_tables,
                              plan.query_start_loc, plan.seq_lens)
+        if not gather_logits:
+            return self.model(plan.token_ids, plan.positions, store, plan.logits_indices, gather_logits=False)
         return self.model(plan.token_ids, plan.positions, store, plan.logits_indices)
 
     def expert_counts(self) -> torch.Tensor | None:

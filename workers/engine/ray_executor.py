@@ -13,10 +13,11 @@ node), after checking that the cluster has the devices at all, and removes it on
 
 Start-up: rank 0 reports its node IP and a free port on it, every rank joins the torch.distributed group there (NCCL
 on CUDA, gloo otherwise) and reads only its slices of the checkpoint. Per step the plan (with its SamplingBatch) is
-pickled once (about a kilobyte, numpy arrays) and sent to every rank in one round of calls; rank 0 samples after the
-vocabulary gather and alone returns the `SampledTokens` (token ids, logprobs only for rows that asked: O(rows)
-bytes), the other ranks None. A step with constrained rows waits for their token bitmasks before it is sent (they
-travel with the plan). `forward_logits` is the separate call that returns rank 0's float32 logits rows instead.
+pickled once (about a kilobyte, numpy arrays) and sent to every rank in one round of calls; the ranks sample
+together (rows that need the whole distribution gathered to rank 0, plain greedy rows vocab-parallel) and rank 0
+alone returns the `SampledTokens` (token ids, logprobs only for rows that asked: O(rows) bytes), the others None.
+A step with constrained rows waits for their token bitmasks before it is sent (they travel with the plan, to rank 0).
+`forward_logits` is the separate call that returns rank 0's float32 logits rows instead.
 
 Failure: any shard that dies, raises, or overruns `step_timeout_s` turns the step into a `ShardFailure` naming the
 shard; the whole group is torn down at once (every actor killed: survivors may sit in a collective waiting for the

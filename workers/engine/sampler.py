@@ -2,15 +2,22 @@
 O(rows)); the executor turns one step's logits into tokens where the logits are (`sample`, device tensors only);
 what comes back is `SampledTokens`, O(rows).
 
-Where sampling runs. A replica of G shards holds the unembedding vocab-parallel: rank r computes logits for its
-V/G slice of the vocabulary, the slices are gathered to rank 0, and rank 0 samples on its own device; only the
-sampled ids (and the logprobs a request asked for) cross the process boundary. The alternative, sampling
-vocab-parallel on every rank (local max / top-k / partial softmax sums, then small all-gathers), would save the
-gather of [rows, V] float32 to rank 0 (206 MB at batch 256, under a millisecond over NVLink) but costs 3-4 more
-latency-bound collectives per step and sums the softmax and the inverse-CDF in a different order, so a seeded row
-would no longer draw exactly the token the single-device sampler draws; penalties, bitmasks and logprobs would all
-need slice-wise variants. Sampling once, after the gather, keeps one sampler for every G with the same float math as
-G = 1 (the same tokens for the same logits), and the gather is cheap next to a 10-30 ms decode step.
+Where sampling runs. A replica of G shards holds the unembedding vocab-parallel: rank r computes the logits of its
+V/G slice of the vocabulary. Two ways to sample them: gather the slices to one rank and sample there, or sample
+vocab-parallel (each rank reduces its slice: max / top-k / partial softmax sums, then small all-gathers). This
+module does both, by row:
+- rows that need the whole distribution (temperature > 0, logprobs, a token bitmask) are gathered to rank 0 and
+  sampled there by `sample`, the same float math as on one device. A vocab-parallel draw would sum the softmax and
+  the inverse-CDF's cumulative mass in another order (per slice, then across ranks), so a seeded row would no longer
+  draw exactly the token one device draws from the same logits, and top-p needs a global sort order (a candidate
+  all-gather and a second pass whenever the candidates fall short); the gather of [rows, V] float32 is about half
+  a millisecond at batch 256 over NVLink, next to a 10-30 ms decode step;
+- plain greedy rows (`SamplingBatch.argmax_rows`: no logprobs, no bitmask) are reduced vocab-parallel: penalties and
+  min_tokens masks are elementwise, so each rank applies those of its slice, takes its first maximum, and rank 0
+  picks the largest of the G candidates, lowest rank on ties: exactly the argmax of the gathered row, for [rows, 2]
+  floats per rank instead of [rows, V/G] (what a gather costs where the link is slow: 50 ms at batch 64 over
+  loopback gloo on the 2-core CI box, benchmarks/RESULTS.md).
+Either way only the sampled ids (and the logprobs a row asked for) leave rank 0 for the engine.
 
 What each side does:
 - `build_sampling_batch` (engine, host): per-row temperature / top-k / top-p / min-p, which rows are greedy, the
@@ -96,10 +103,42 @@ class SamplingBatch:
     banned_tokens: torch.Tensor | None = None  # [K3] int64
     logprob_rows: torch.Tensor | None = None  # [L] int64: rows that asked for logprobs
     max_logprobs: int = 0  # top logprobs of the row that asked for the most
+    # [A] int64: greedy rows with neither logprobs nor a token bitmask: their token is the argmax of their penalized
+    # logits, which a vocab-parallel executor takes slice by slice without gathering the rows (None: no such rows)
+    argmax_rows: torch.Tensor | None = None
 
     @property
     def all_greedy(self) -> bool:
         return self.random_rows.shape[0] == 0
+
+    def select(self, rows: torch.Tensor) -> SamplingBatch:
+        """The batch of `rows` only (host tensors; sorted row ids that include every random row), renumbered."""
+        position = torch.full((self.num_rows,), -1, dtype=torch.long)
+        position[rows] = torch.arange(rows.shape[0])
+
+        def kept(ids: torch.Tensor) -> torch.Tensor:
+            new = position[ids]
+            return new[new >= 0]
+
+        random_rows = position[self.random_rows]
+        assert bool((random_rows >= 0).all()), "select() keeps every random row"
+        penalties = self.penalties
+        if penalties is not None:
+            p = penalties
+            rep, add = position[p.repetition_rows] >= 0, position[p.additive_rows] >= 0
+            penalties = Penalties(position[p.repetition_rows[rep]], p.repetition_tokens[rep],
+                                  p.repetition_factors[rep], position[p.additive_rows[add]], p.additive_tokens[add],
+                                  p.additive_amounts[add])
+        banned_rows, banned_tokens = self.banned_rows, self.banned_tokens
+        if banned_rows is not None:
+            keep = position[banned_rows] >= 0
+            banned_rows, banned_tokens = position[banned_rows[keep]], banned_tokens[keep]
+            if not banned_rows.shape[0]:
+                banned_rows = banned_tokens = None
+        return replace(self, num_rows=int(rows.shape[0]), greedy_rows=kept(self.greedy_rows), random_rows=random_rows,
+                       penalties=penalties, banned_rows=banned_rows, banned_tokens=banned_tokens,
+                       logprob_rows=None if self.logprob_rows is None else kept(self.logprob_rows),
+                       argmax_rows=None if self.argmax_rows is None else kept(self.argmax_rows))
 
     def to(self, device: torch.device | str) -> SamplingBatch:
         return self if torch.device(device).type == "cpu" else map_tensors(self, to_device(device))
@@ -109,7 +148,7 @@ class SamplingBatch:
         """Argmax for every row, nothing else (benchmarks, plans built without requests)."""
         empty = torch.zeros(0, dtype=torch.long)
         return cls(num_rows, torch.arange(num_rows), empty, torch.zeros(0), empty, 0, empty, torch.zeros(0), None,
-                   torch.zeros(0, dtype=torch.float64))
+                   torch.zeros(0, dtype=torch.float64), argmax_rows=torch.arange(num_rows))
 
     @classmethod
     def from_params(cls, params: Sequence[SamplingParams], generators: Sequence[torch.Generator | None],
@@ -144,6 +183,7 @@ class SamplingBatch:
             min_p=(torch.tensor([p.min_p for p in rand_params], dtype=torch.float32)
                    if any(p.min_p > 0 for p in rand_params) else None),
             uniforms=uniforms,
+            argmax_rows=torch.tensor(greedy, dtype=torch.long),
         )
 
 
@@ -195,6 +235,8 @@ def build_sampling_batch(requests: Sequence[Request], generator: torch.Generator
     if logprob_rows:
         batch.logprob_rows = torch.tensor(logprob_rows, dtype=torch.long)
         batch.max_logprobs = max(params[i].logprobs for i in logprob_rows)
+    batch.argmax_rows = torch.tensor([i for i, r in enumerate(requests) if r.params.temperature == 0
+                                      and r.params.logprobs is None and r.constraint is None], dtype=torch.long)
     return batch
 
 
@@ -262,6 +304,75 @@ def sample(logits: torch.Tensor, batch: SamplingBatch, bitmask: TokenBitmask | N
         return SampledTokens(tokens, chosen)
     top_values, top_ids = raw_logprobs.topk(batch.max_logprobs, dim=-1)
     return SampledTokens(tokens, chosen, top_ids, top_values)
+
+
+@torch.inference_mode()
+def sample_vocab_parallel(local: torch.Tensor, batch: SamplingBatch, bitmask: TokenBitmask | None, vocab_start: int,
+                          collective: Any, is_root: bool) -> SampledTokens | None:
+    """One step's sampling on rank r of G from its vocabulary slice: local [S, V/G] float32 (columns from
+    `vocab_start`; modified in place). Every rank calls it with the same host `batch` (and the same collectives, in
+    the same order); the root (rank 0, which gathers) returns SampledTokens on its device, the others None.
+
+    Rows that need the whole distribution (drawn rows, logprobs, token bitmasks: `bitmask` is the root's only) are
+    gathered to the root and sampled there by `sample`, exactly as on one device. Plain greedy rows
+    (`batch.argmax_rows`) are not gathered: each rank applies their penalties and min_tokens masks to its own slice
+    and takes its slice's first maximum; the root picks the largest of the G candidates, the lowest rank on ties:
+    the first maximum of the whole row, the token `argmax_rows` gives on the gathered row. What crosses between
+    ranks for them is [rows, 2] per rank instead of [rows, V/G]. Row counts are host-known: nothing waits for the
+    device here."""
+    device = local.device
+    num_rows, width = local.shape
+    argmax = batch.argmax_rows if batch.argmax_rows is not None else torch.zeros(0, dtype=torch.long)
+    needs_full = torch.ones(num_rows, dtype=torch.bool)
+    needs_full[argmax] = False
+    full_rows = torch.arange(num_rows)[needs_full]  # host tensors throughout: the batch arrived on the host
+    gathered = candidates = None
+    if full_rows.shape[0]:
+        gathered = collective.all_gather(local[full_rows.to(device)], dim=-1)  # [F, V] on the root
+    if argmax.shape[0]:
+        _apply_to_slice(local, batch, vocab_start, vocab_start + width)
+        rows = local[argmax.to(device)]  # [A, V/G]
+        index = argmax_rows(rows).to(device)
+        value = rows.gather(1, index[:, None])[:, 0]
+        # a token id below 2^24 is exact in float32: one [A, 2] gather carries (value, id) pairs
+        pairs = torch.stack([value, (index + vocab_start).to(value.dtype)], dim=-1)
+        candidates = collective.all_gather(pairs, dim=-1)  # [A, 2G] on the root
+    if not is_root:
+        return None
+    tokens = torch.empty(num_rows, dtype=torch.long, device=device)
+    out = SampledTokens(tokens)
+    if candidates is not None:
+        candidates = candidates.view(argmax.shape[0], -1, 2)  # [A, G, (value, id)]
+        best = candidates[:, :, 0].argmax(dim=-1)  # the first maximum: the lowest rank's on ties
+        tokens[argmax.to(device)] = candidates[:, :, 1].gather(1, best[:, None])[:, 0].long()
+    if gathered is not None:
+        sub_mask = None
+        if bitmask is not None:
+            position = torch.full((num_rows,), -1, dtype=torch.long)
+            position[full_rows] = torch.arange(full_rows.shape[0])
+            sub_mask = TokenBitmask(bitmask.bitmask, position[bitmask.rows]).to(device)
+        part = sample(gathered, batch.select(full_rows).to(device), sub_mask)
+        tokens[full_rows.to(device)] = part.token_ids
+        out = SampledTokens(tokens, part.logprobs, part.top_ids, part.top_logprobs)
+    return out
+
+
+def _apply_to_slice(local: torch.Tensor, batch: SamplingBatch, start: int, stop: int) -> None:
+    """The batch's penalties and min_tokens masks that fall in vocabulary columns [start, stop), on `local` (host
+    filtering of the (row, token) pairs, then the same elementwise updates as on the whole row)."""
+    device = local.device
+    p = batch.penalties
+    if p is not None:
+        rep = (p.repetition_tokens >= start) & (p.repetition_tokens < stop)
+        add = (p.additive_tokens >= start) & (p.additive_tokens < stop)
+        sliced = Penalties(p.repetition_rows[rep], p.repetition_tokens[rep] - start, p.repetition_factors[rep],
+                           p.additive_rows[add], p.additive_tokens[add] - start, p.additive_amounts[add])
+        apply_penalties(local, map_tensors(sliced, to_device(device)))
+    if batch.banned_rows is not None:
+        inside = (batch.banned_tokens >= start) & (batch.banned_tokens < stop)
+        if bool(inside.any()):
+            local[batch.banned_rows[inside].to(device), (batch.banned_tokens[inside] - start).to(device)] = \
+                float("-inf")
 
 
 def apply_penalties(logits: torch.Tensor, penalties: Penalties) -> None:
