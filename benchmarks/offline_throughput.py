@@ -2,11 +2,19 @@
 batching, same checkpoint, same workload, interleaved runs, each run in its own process (for its peak RSS).
 
 Workload: N requests (default 64) of random prompt ids, prompt and output lengths drawn uniformly from 16..256
-(fixed seed), exact output lengths (EOS ignored), greedy, float32, all submitted at once.
+(fixed seed), exact output lengths (EOS ignored), greedy (or `--sampling top-p`: temperature 1, top_p 0.9, request i
+seeded with i), float32, all submitted at once.
 
     .venv/bin/python benchmarks/offline_throughput.py                      # writes the tiny checkpoint if missing
     .venv/bin/python benchmarks/offline_throughput.py --reps 3 --modes engine,hf-cb --profile
     .venv/bin/python benchmarks/offline_throughput.py --modes engine --num-blocks 0   # the engine's own KV sizing
+    .venv/bin/python benchmarks/offline_throughput.py --modes engine,engine-ray1,engine-ray2 \
+        --trees before=/tmp/before,after=.                                 # the engine behind Ray, two checkouts
+
+Modes `engine-ray1` / `engine-ray2` run the same engine with its model split over 1 or 2 ShardWorker actors
+(RayExecutor, gloo, a local Ray started by the run). `--trees NAME=PATH,...` runs every mode from each checkout in
+turn (interleaved: each repeat runs every tree and mode once), so a change is measured against the code before it
+in one run.
 
 Prints one line per run (throughput, peak RSS, the engine's KV blocks), then medians, ratios, the engine's step-time
 breakdown (scheduling + batch layout, model forward, sampling, output processing) and the fraction of the unembedding
@@ -27,11 +35,12 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(os.environ.get("GPTOSS_TREE") or Path(__file__).resolve().parents[1])  # the checkout under test
 sys.path.insert(0, str(ROOT))
 
 DEFAULT_CHECKPOINT = Path(os.environ.get("TMPDIR", "/tmp")) / "gptoss-bench" / "tiny-hf"
-MODES = ("engine", "hf-static", "hf-cb")
+MODES = ("engine", "hf-static", "hf-cb", "engine-ray1", "engine-ray2")
+RAY_SHARDS = {"engine-ray1": 1, "engine-ray2": 2}
 DEFAULT_BLOCKS = 4096
 
 
@@ -78,12 +87,23 @@ def run_engine(args, requests) -> dict:
 
     config = EngineConfig(block_size=16, num_blocks=args.num_blocks or None, max_num_seqs=args.num_requests,
                           max_num_batched_tokens=args.max_batched_tokens, enable_prefix_caching=True)
-    engine = Engine.from_checkpoint(args.checkpoint, dtype=torch.float32, config=config, progress=False)
+    if args.worker in RAY_SHARDS:
+        from gptoss_cluster.workers.engine.ray_executor import RayExecutor
+
+        executor = RayExecutor(args.checkpoint, RAY_SHARDS[args.worker], torch.float32, "cpu",
+                               torch_threads=args.threads or None)
+        engine = Engine(executor, executor.model_config, config)
+    else:
+        engine = Engine.from_checkpoint(args.checkpoint, dtype=torch.float32, config=config, progress=False)
     # warm-up: one short request (first-call allocations, thread pools)
     engine.generate([([1, 2, 3, 4], SamplingParams(temperature=0, max_tokens=2, ignore_eos=True))])
     engine.kv.reset_prefix_cache()
     before = engine.stats()
-    batch = [(ids, SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)) for ids, n in requests]
+    if args.sampling == "top-p":
+        batch = [(ids, SamplingParams(temperature=1.0, top_p=0.9, seed=i, max_tokens=n, ignore_eos=True))
+                 for i, (ids, n) in enumerate(requests)]
+    else:
+        batch = [(ids, SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)) for ids, n in requests]
     profiler = None
     if args.profile:
         import cProfile
@@ -96,6 +116,8 @@ def run_engine(args, requests) -> dict:
     if profiler is not None:
         profiler.disable()
     stats = engine.stats()
+    if args.worker in RAY_SHARDS:
+        engine.executor.shutdown()
     assert [len(r.token_ids) for r in results] == [n for _, n in requests], "output lengths differ"
     out = {
         "output_tokens": sum(n for _, n in requests),
@@ -210,7 +232,8 @@ def worker(args) -> None:
 
     vocab = ModelConfig.from_json(Path(args.checkpoint) / "config.json").vocab_size
     requests = workload(args.num_requests, args.min_len, args.max_len, args.seed, min(vocab, 200000))
-    result = {"engine": run_engine, "hf-static": run_hf_static, "hf-cb": run_hf_cb}[args.worker](args, requests)
+    run = {"hf-static": run_hf_static, "hf-cb": run_hf_cb}.get(args.worker, run_engine)
+    result = run(args, requests)
     result["mode"] = args.worker
     result["tok_s"] = result["output_tokens"] / result["seconds"]
     result["tok_per_cpu_s"] = result["output_tokens"] / result["cpu_seconds"]
@@ -237,6 +260,8 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="cProfile the engine run(s)")
     parser.add_argument("--profile-lines", type=int, default=25)
     parser.add_argument("--json", help="also write every run's figures to this file")
+    parser.add_argument("--sampling", choices=("greedy", "top-p"), default="greedy")
+    parser.add_argument("--trees", default="", help="NAME=PATH,...: run every mode from each of these checkouts")
     parser.add_argument("--worker", choices=MODES, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -258,32 +283,41 @@ def main() -> None:
                    str(args.min_len), "--max-len", str(args.max_len), "--seed", str(args.seed), "--hf-batch",
                    str(args.hf_batch), "--num-blocks", str(args.num_blocks), "--max-batched-tokens",
                    str(args.max_batched_tokens), "--threads", str(args.threads),
-                   "--profile-lines", str(args.profile_lines)]
+                   "--profile-lines", str(args.profile_lines), "--sampling", args.sampling]
     # Every mode runs with the same allocator settings: glibc would otherwise mmap / munmap (and page-fault) each
     # step's ~50 MB logits tensor afresh; keeping such blocks in the heap is the usual CPU-inference tuning.
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(1 << 30), MALLOC_TRIM_THRESHOLD_=str(1 << 31))
+    trees = dict(item.split("=", 1) for item in args.trees.split(",") if item) or {"": str(ROOT)}
+    labels = []
     for rep in range(args.reps):
-        for mode in modes:  # interleaved: machine speed drifts between runs
-            cmd = [sys.executable, __file__, "--worker", mode, *passthrough]
-            if args.profile and mode == "engine" and rep == 0:
-                cmd.append("--profile")
-            proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
-            line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
-            if proc.returncode or line is None:
-                print(f"[{mode} run {rep}] failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}", flush=True)
-                continue
-            result = json.loads(line[len("RESULT "):])
-            result["rep"] = rep
-            runs.append(result)
-            blocks = f"  {result['kv_blocks']} KV blocks" if "kv_blocks" in result else ""
-            print(f"[rep {rep}] {mode:9s} {result['tok_s']:8.1f} output tok/s  {result['seconds']:7.1f} s  "
-                  f"{result['tok_per_cpu_s']:7.1f} tok/CPU-s  peak RSS {result['peak_rss_mib']:7.0f} MiB{blocks}",
-                  flush=True)
-            if "profile" in result:
-                print(result.pop("profile"), flush=True)
+        for tree, path in trees.items():
+            path = str(Path(path).resolve())
+            # Ray's workers import from the working directory first: the run starts in the checkout it measures.
+            tree_env = dict(env, GPTOSS_TREE=path, PYTHONPATH=path) if tree else env
+            for mode in modes:  # interleaved: machine speed drifts between runs
+                label = f"{mode}@{tree}" if tree else mode
+                cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", mode, *passthrough]
+                if args.profile and mode == "engine" and rep == 0:
+                    cmd.append("--profile")
+                proc = subprocess.run(cmd, capture_output=True, text=True, cwd=path, env=tree_env)
+                line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
+                if proc.returncode or line is None:
+                    print(f"[{label} run {rep}] failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}", flush=True)
+                    continue
+                result = json.loads(line[len("RESULT "):])
+                result["rep"], result["mode"], result["sampling"] = rep, label, args.sampling
+                runs.append(result)
+                if label not in labels:
+                    labels.append(label)
+                blocks = f"  {result['kv_blocks']} KV blocks" if "kv_blocks" in result else ""
+                print(f"[rep {rep}] {label:9s} {result['tok_s']:8.1f} output tok/s  {result['seconds']:7.1f} s  "
+                      f"{result['tok_per_cpu_s']:7.1f} tok/CPU-s  peak RSS {result['peak_rss_mib']:7.0f} MiB{blocks}",
+                      flush=True)
+                if "profile" in result:
+                    print(result.pop("profile"), flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(runs, indent=2))
-    report(runs, modes)
+    report(runs, labels)
 
 
 def report(runs: list[dict], modes: list[str]) -> None:
@@ -296,6 +330,14 @@ def report(runs: list[dict], modes: list[str]) -> None:
         if med(mode, "tok_s") is not None:
             print(f"  {mode:9s} {med(mode, 'tok_s'):8.1f} output tok/s  {med(mode, 'tok_per_cpu_s'):7.1f} tok/CPU-s  "
                   f"peak RSS {med(mode, 'peak_rss_mib'):7.0f} MiB")
+    for label in modes:  # the engine behind Ray against the same engine in process: same checkout, same repeat
+        mode, _, tree = label.partition("@")
+        base = f"engine@{tree}" if tree else "engine"
+        pairs = [r["tok_s"] / b["tok_s"] for r in runs if r["mode"] == label
+                 for b in runs if b["mode"] == base and b["rep"] == r["rep"]]
+        if mode in RAY_SHARDS and pairs:
+            print(f"  {label} / {base}: {statistics.median(pairs):.2f}x (per rep "
+                  f"{', '.join(f'{p:.2f}x' for p in pairs)})")
     engine = med("engine", "tok_s")
     hf = [m for m in ("hf-static", "hf-cb") if med(m, "tok_s") is not None]
     if engine is not None and hf:

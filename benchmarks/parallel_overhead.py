@@ -14,6 +14,17 @@ Per configuration the script also times the collectives on the shards themselves
 of the [B, hidden] activations (the model runs 2 per layer + 1 for the embedding) and the gather of the
 [B, vocab/G] logits slices to rank 0, and reports the per-step collective estimate = (2L + 1) x all_reduce +
 gather.
+
+A decode step here is what the engine waits for: the executor's call, and where the executor returns logits (the
+code before issue 13) the engine's greedy argmax over them on the host. Two more figures (issue 13):
+- bytes returned per step across the Ray boundary: the pickled size of what rank 0's ShardWorker.execute returns
+  at each batch (`--bytes-batch`), greedy and with 5 top logprobs on every row;
+- the engine's host time per decode step with a zero-cost executor (`--host-batch`, full vocabulary): everything
+  outside the executor call (scheduling, batch layout, sampling on the host or building the SamplingBatch, output
+  processing), greedy and seeded top-p.
+
+Run it against another checkout (the code before a change) with GPTOSS_TREE=/path/to/tree PYTHONPATH=/path/to/tree:
+the figures are measured through the interfaces both contracts share.
 """
 
 from __future__ import annotations
@@ -26,7 +37,7 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(os.environ.get("GPTOSS_TREE") or Path(__file__).resolve().parents[1])
 sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
@@ -72,6 +83,119 @@ def plans(layout, batch: int, context: int, vocab: int, seed: int = 0):
     return prefill, decode, batch * per_seq
 
 
+def samples_on_executor() -> bool:
+    """Whether the tree under test has the issue-13 contract (executors return SampledTokens, not logits)."""
+    from gptoss_cluster.workers.engine import sampler
+
+    return hasattr(sampler, "SampledTokens")
+
+
+def decode_step(executor, plan):
+    """One decode step as the engine waits for it: the executor's call, plus the host's greedy argmax where the
+    executor returns logits."""
+    if samples_on_executor():
+        return lambda: executor.execute(plan)
+    from gptoss_cluster.workers.engine.sampler import argmax_rows
+
+    return lambda: argmax_rows(executor.execute(plan))
+
+
+def with_logprobs(plan, top: int):
+    """`plan` with every row asking for its sampled token's logprob and `top` more (the new contract only)."""
+    import dataclasses
+
+    from gptoss_cluster.workers.engine.sampler import SamplingBatch
+
+    batch = SamplingBatch.greedy(plan.num_sampled)
+    batch.logprob_rows, batch.max_logprobs = torch.arange(plan.num_sampled), top
+    return dataclasses.replace(plan, sampling=batch)
+
+
+def returned_bytes(executor, plan) -> int:
+    """Pickled size (protocol 5) of what rank 0's ShardWorker.execute returns for `plan`: what crosses the Ray
+    boundary per step (every rank runs the step, as RayExecutor.execute does)."""
+    import pickle
+
+    import ray
+
+    from gptoss_cluster.workers.shard import encode_plan
+
+    payload = encode_plan(plan)
+    out = ray.get([w.execute.remote(payload) for w in executor.workers])[0]
+    return len(pickle.dumps(out, protocol=5))
+
+
+def host_time_per_step(vocab: int, batch: int, sampling: str, steps: int, warmup: int = 3) -> dict[str, float]:
+    """The engine's own time per decode step (everything but the executor call) with an executor that costs nothing:
+    it returns a precomputed result every step (token ids under the new contract; under the old, logits [B, vocab],
+    trained-model-like: a head of 64 tokens holding 99.8 % of the mass over noise, copied into a fresh tensor as a
+    real executor's output is fresh memory, the copy counted as the executor's time). `batch` requests of 16 prompt
+    tokens, all decoding, greedy or seeded top-p (temperature 1, top_p 0.9), no tokenizer (a replica's engine
+    detokenizes nothing)."""
+    from gptoss_cluster.workers.config import ModelConfig
+    from gptoss_cluster.workers.engine import Engine, EngineConfig, Executor
+    from gptoss_cluster.workers.sampling import SamplingParams
+
+    new = samples_on_executor()
+
+    class ZeroCost(Executor):
+        def __init__(self) -> None:
+            self.results: dict[int, object] = {}
+
+        def kv_block_bytes(self, layout):
+            return 1
+
+        def available_kv_memory(self):
+            return 1 << 40
+
+        def initialize_cache(self, layout, num_blocks):
+            pass
+
+        def forward_logits(self, plan):
+            rows = plan.logits_indices.shape[0]
+            gen = torch.Generator().manual_seed(rows)
+            logits = torch.randn(rows, vocab, generator=gen)
+            logits[:, :64] += 15.0
+            return logits
+
+        def execute(self, plan, bitmask=None):
+            rows = plan.logits_indices.shape[0]
+            if rows not in self.results:
+                if new:
+                    from gptoss_cluster.workers.engine import SampledTokens
+
+                    self.results[rows] = SampledTokens(torch.randint(0, vocab - 1, (rows,)))
+                else:
+                    self.results[rows] = self.forward_logits(plan)
+            return self.results[rows] if new else self.results[rows].clone()
+
+    config = ModelConfig.preset("tiny", vocab_size=vocab)
+    engine_config = EngineConfig(block_size=16, num_blocks=batch * 16, max_num_seqs=batch,
+                                 max_num_batched_tokens=max(8192, 16 * batch))
+    engine = Engine(ZeroCost(), config, engine_config)
+    for i in range(batch):
+        params = (SamplingParams(temperature=0, max_tokens=warmup + steps + 4, ignore_eos=True) if sampling == "greedy"
+                  else SamplingParams(temperature=1.0, top_p=0.9, seed=i, max_tokens=warmup + steps + 4,
+                                      ignore_eos=True))
+        engine.submit([(7 * i + j) % (vocab - 1) for j in range(16)], params)
+    engine.step()  # every prompt at once
+    for _ in range(warmup):
+        engine.step()
+    walls, parts = [], []
+    for _ in range(steps):
+        before = engine.stats()
+        start = time.perf_counter()
+        engine.step()
+        wall = time.perf_counter() - start
+        after = engine.stats()
+        assert after.last_step_tokens == batch, "not a pure decode step"
+        walls.append(wall - (after.time_execute_s - before.time_execute_s))
+        parts.append({k: getattr(after, k) - getattr(before, k) for k in ("time_schedule_s", "time_sample_s",
+                                                                          "time_output_s")})
+    return {"host_s": statistics.median(walls),
+            **{k: statistics.median(p[k] for p in parts) for k in parts[0]}}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT)
@@ -84,6 +208,11 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--threads", type=int, default=1, help="torch threads per shard (and for `local`)")
     parser.add_argument("--results", type=Path, help="write the figures into this RESULTS.md section")
+    parser.add_argument("--bytes-batch", default="64", help="batches at which to measure the bytes rank 0 returns")
+    parser.add_argument("--host-batch", default="64,256",
+                        help="batches at which to time the engine's host work per decode step (zero-cost executor)")
+    parser.add_argument("--host-steps", type=int, default=10)
+    parser.add_argument("--json", type=Path, help="also write every figure to this file")
     args = parser.parse_args()
 
     import ray
@@ -112,7 +241,8 @@ def main() -> None:
     connect_ray(num_cpus=max(8, sum(shard_counts) + 1), num_gpus=torch.cuda.device_count() or None)
 
     layout = KVCacheLayout.from_model_config(config, 16)
-    num_blocks = max(plans(layout, b, args.context, config.vocab_size)[2] for b in batches)
+    bytes_batches = [int(b) for b in args.bytes_batch.split(",") if b]
+    num_blocks = max(plans(layout, b, args.context, config.vocab_size)[2] for b in batches + bytes_batches)
     executors = {"local": make_executor(args.checkpoint, 1, args.dtype, args.device)}
     for g in shard_counts:
         executors[f"ray G={g}"] = RayExecutor(args.checkpoint, g, args.dtype, args.device,
@@ -121,9 +251,30 @@ def main() -> None:
         executor.initialize_cache(layout, num_blocks)
 
     rows = []
+    new = samples_on_executor()
+    print(f"tree {ROOT} ({'sampling on the executor' if new else 'logits back to the engine'})", flush=True)
+    extra: dict[str, list] = {"bytes": [], "host": []}
     try:
+        ray_executors = {name: e for name, e in executors.items() if isinstance(e, RayExecutor)}
+        for batch in bytes_batches:
+            _, decode, _ = plans(layout, batch, args.context, config.vocab_size)
+            for name, executor in ray_executors.items():
+                sizes = {"greedy": returned_bytes(executor, decode)}
+                if new:
+                    sizes["logprobs 5"] = returned_bytes(executor, with_logprobs(decode, 5))
+                for what, size in sizes.items():
+                    extra["bytes"].append({"batch": batch, "configuration": name, "sampling": what, "bytes": size})
+                    print(f"B={batch:<3} {name:<9} returned per step ({what}): {size:,} bytes", flush=True)
+        for batch in [int(b) for b in args.host_batch.split(",") if b]:
+            for sampling in ("greedy", "top-p"):
+                host = host_time_per_step(config.vocab_size, batch, sampling, args.host_steps)
+                extra["host"].append({"batch": batch, "sampling": sampling, **host})
+                print(f"B={batch:<3} zero-cost executor, {sampling:<6}: engine host time per decode step "
+                      f"{host['host_s'] * 1e3:7.2f} ms (schedule {host['time_schedule_s'] * 1e3:.2f}, sample "
+                      f"{host['time_sample_s'] * 1e3:.2f}, output {host['time_output_s'] * 1e3:.2f})", flush=True)
         for batch in batches:
             prefill, decode, _ = plans(layout, batch, args.context, config.vocab_size)
+            steps = {name: decode_step(executor, decode) for name, executor in executors.items()}
             for executor in executors.values():
                 executor.execute(prefill)
                 executor.execute(decode)
@@ -133,9 +284,10 @@ def main() -> None:
                 order = names[rep % len(names):] + names[:rep % len(names)]
                 for name in order:
                     executor, times = executors[name], []
+                    step = steps[name]
                     for _ in range(args.steps):
                         start = time.perf_counter()
-                        executor.execute(decode)
+                        step()
                         times.append(time.perf_counter() - start)
                     per_rep[name].append(statistics.median(times))
             local = statistics.median(per_rep["local"])
@@ -169,6 +321,13 @@ def main() -> None:
         table.append(f"| {batch} | {name} | {step * 1e3:.2f} | {lo * 1e3:.2f}..{hi * 1e3:.2f} | {ratio:.2f} | "
                      f"{ar * 1e6:.0f} | {ga * 1e6:.0f} | {per_step * 1e3:.2f} |")
     print("\n" + header + "\n\n" + "\n".join(table))
+    if args.json:
+        import json
+
+        steps = [dict(zip(("batch", "configuration", "step_s", "min_s", "max_s", "vs_local"), r[:6], strict=True))
+                 for r in rows]
+        args.json.write_text(json.dumps({"tree": str(ROOT), "samples_on_executor": new, "load": load,
+                                         "steps": steps, **extra}, indent=2))
     if args.results:
         write_section(args.results, header, table, args)
 
