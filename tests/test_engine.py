@@ -481,19 +481,30 @@ def test_mixed_batch_gives_the_tokens_and_logprobs_of_the_previous_engine(model)
     assert new[2].token_ids[:6].count(stop) == 0 and new[3].logprobs and len(new[3].logprobs[0].top) == 5
 
 
-def test_a_step_reads_nothing_back_from_the_device_until_its_tokens():
+@pytest.mark.parametrize("kernels_name", ["triton", "stand-ins"])
+def test_a_step_reads_nothing_back_from_the_device_until_its_tokens(kernels_name):
     """LocalExecutor.run_step (forward with expert counting, then the sampler) on a model on the meta device: any
-    read-back (.cpu(), .item(), .tolist(), a boolean mask, bincount's data-sized output) raises there. The paged
-    attention and MoE kernels are stand-ins: the torch references read the data on purpose (they are the CPU path);
-    the Triton kernels that run on GPUs do not."""
+    read-back (.cpu(), .item(), .tolist(), a boolean mask, bincount's data-sized output) raises there. With the
+    Triton kernels (what runs on GPUs) their host wrappers run and the launches are recorded, not run; with
+    stand-ins for paged attention and the MoE (the torch references read the data on purpose: they are the CPU
+    path), without triton."""
+    import contextlib
     import dataclasses
 
     from gptoss_cluster.kernels.dispatch import TORCH_KERNELS
     from gptoss_cluster.workers.engine import KVCacheLayout
 
     config = ModelConfig.preset("tiny", num_hidden_layers=2, vocab_size=512, eos_token_id=511, pad_token_id=510)
-    kernels = dataclasses.replace(TORCH_KERNELS, paged_attention=lambda q, *args: torch.empty_like(q),
-                                  moe_experts=lambda x, weights, *args: x * weights.sum(-1, keepdim=True))
+    recording = contextlib.nullcontext([])
+    if kernels_name == "triton":
+        pytest.importorskip("triton")
+        from gptoss_cluster.kernels import dispatch
+        from gptoss_cluster.kernels.triton import record_launches
+
+        kernels, recording = dispatch.TRITON_KERNELS, record_launches()
+    else:
+        kernels = dataclasses.replace(TORCH_KERNELS, paged_attention=lambda q, *args: torch.empty_like(q),
+                                      moe_experts=lambda x, weights, *args: x * weights.sum(-1, keepdim=True))
     with torch.device("meta"):
         meta_model = GptOssModel(config, torch.float32, kernels=kernels)
     executor = LocalExecutor(meta_model, count_expert_tokens=True, dequantize_experts=False)
@@ -513,7 +524,9 @@ def test_a_step_reads_nothing_back_from_the_device_until_its_tokens():
                                                          **GREEDY))])
     executor.initialize_cache(KVCacheLayout.from_model_config(config, 16), 32)
     assert len(capture.plans) >= 4
-    for plan in capture.plans:
-        out = executor.run_step(plan)
-        assert out.token_ids.device.type == "meta" and out.token_ids.shape == (plan.num_sampled,)
+    with recording as launches:
+        for plan in capture.plans:
+            out = executor.run_step(plan)
+            assert out.token_ids.device.type == "meta" and out.token_ids.shape == (plan.num_sampled,)
     assert executor.model.expert_counts.device.type == "meta"
+    assert (len(launches) > 0) == (kernels_name == "triton")
