@@ -16,6 +16,7 @@ from gptoss_cluster.workers.engine.request import (
     Request,
     RequestOutput,
     RequestStatus,
+    RequestTimes,
     TokenLogprob,
     Usage,
 )
@@ -25,6 +26,6 @@ from gptoss_cluster.workers.engine.scheduler import Scheduler, SchedulerOutput
 __all__ = [
     "Engine", "EngineConfig", "EngineStats", "Executor", "FinishReason", "GenerationResult", "KVCacheLayout",
     "KVCacheManager", "LocalExecutor", "PagedKVStore", "Request", "RequestOutput", "RequestStatus", "RequestStream",
-    "SampledTokens", "SamplingBatch", "Scheduler", "SchedulerOutput", "StepPlan", "TokenBitmask", "TokenLogprob",
-    "Usage",
+    "RequestTimes", "SampledTokens", "SamplingBatch", "Scheduler", "SchedulerOutput", "StepPlan", "TokenBitmask",
+    "TokenLogprob", "Usage",
 ]

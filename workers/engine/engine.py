@@ -531,6 +531,7 @@ class Engine:
             finish_reason=request.finish_reason if finished else None,
             stop_reason=request.stop_reason if finished else None,
             usage=request.usage(),
+            times=request.times() if finished else None,
         )
 
     def _emit(self, request: Request, output: RequestOutput) -> None:

@@ -58,6 +58,19 @@ class Usage:
     cached_prompt_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
 
 
+@dataclass(frozen=True, slots=True)
+class RequestTimes:
+    """When a request went through the engine (time.monotonic() seconds): it arrived, was first scheduled (its
+    prefill began), gave its first token, finished; and how often it was preempted. The replica's spans (engine.queue,
+    engine.prefill, engine.decode) are these intervals. None: it never got that far (an abort)."""
+
+    arrival: float
+    first_scheduled: float | None
+    first_token: float | None
+    finished: float | None
+    preemptions: int = 0
+
+
 @dataclass
 class RequestOutput:
     """One streamed delta of a request: what is new since the previous delta (the last one has `finished`)."""
@@ -70,6 +83,7 @@ class RequestOutput:
     finish_reason: str | None = None
     stop_reason: int | str | None = None  # the stop token id or stop string that ended it
     usage: Usage | None = None
+    times: RequestTimes | None = None  # on the last output only
 
 
 @dataclass
@@ -112,7 +126,9 @@ class Request:
         self.text = ""  # detokenized output so far (cut at a stop string)
         self.num_sent_tokens = 0
         self.num_sent_text = 0
+        self.first_scheduled_time: float | None = None  # set by the scheduler when it first admits it
         self.first_token_time: float | None = None
+        self.finished_time: float | None = None
         self.constraint: Any = None  # a structured.ConstraintState when the completion is constrained
 
     # ------------------------------------------------------------------------------------------------ views
@@ -138,6 +154,10 @@ class Request:
 
     def usage(self) -> Usage:
         return Usage(self.num_prompt_tokens, self.num_output_tokens, self.num_cached_tokens)
+
+    def times(self) -> RequestTimes:
+        return RequestTimes(self.arrival_time, self.first_scheduled_time, self.first_token_time, self.finished_time,
+                            self.num_preemptions)
 
     def sort_key(self, use_priority: bool) -> tuple[float, float]:
         """Scheduling order: earlier is served first and preempted last."""

@@ -12,6 +12,7 @@ Requests that could never run (longer than the context, or more blocks than the 
 from __future__ import annotations
 
 import bisect
+import time
 from dataclasses import dataclass, field
 
 from gptoss_cluster.workers.engine.config import EngineConfig
@@ -136,6 +137,8 @@ class Scheduler:
             self.kv.record_prefix_query(request.num_tokens, hit_tokens)
             if fresh_prompt:
                 request.num_cached_tokens = hit_tokens
+            if request.first_scheduled_time is None:
+                request.first_scheduled_time = time.monotonic()
             request.num_computed_tokens = hit_tokens
             request.status = RequestStatus.RUNNING
             self.running.append(request)
@@ -163,4 +166,5 @@ class Scheduler:
             self.waiting.pop(at)
             self._waiting_keys.pop(at)
         request.status = status
+        request.finished_time = time.monotonic()
         self.kv.free(request)
