@@ -7,6 +7,8 @@
 CPU shares, TLS files); `build_app` takes those from the environment (`GPTOSS_GRPC_HOST`, `GPTOSS_HTTP_HOST`,
 `GPTOSS_METRICS_HOST`, `GPTOSS_AUTH_TOKEN_FILE`, `GPTOSS_TLS_CERT_FILE`, `GPTOSS_TLS_KEY_FILE`; set them in the
 application's `runtime_env.env_vars`), and `build_application(config)` takes them directly (the CLI, tests).
+Tracing (`cluster.tracing`) follows the standard OTEL_* variables: those of the process that builds the application
+go into both deployments' runtime_env (`tracing_env`).
 
 Replica count lives in the Serve config (`deployments: [{name: ModelReplica, num_replicas: N}]`, or
 `autoscaling_config`), so scaling is a light config update that Serve applies without touching running replicas:
@@ -327,14 +329,26 @@ def router_settings(config: AppConfig) -> dict[str, Any]:
     ).to_dict()
 
 
+def tracing_env(environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The OTEL_* variables of this process (default: os.environ), which configure the deployments' tracing
+    (cluster.tracing: spans over OTLP/gRPC when an endpoint is set). Both deployments get them in their runtime_env,
+    so that `gptoss-cluster serve` or a Python driver with OTEL_* set in its shell traces, also against a remote
+    RAY_ADDRESS (the endpoint must then be reachable from the cluster's nodes). On Kubernetes the chart sets them on
+    the Ray pods instead (values `tracing`)."""
+    env = os.environ if environ is None else environ
+    return {key: value for key, value in env.items() if key.startswith("OTEL_")}
+
+
 def replica_actor_options(config: AppConfig, device: str) -> dict[str, Any]:
-    """The ModelReplica deployment's Ray actor options: its share of placement bundle 0, and Serve's flags."""
-    return {**placement(config, device)[1], "runtime_env": {"env_vars": dict(REPLICA_SERVE_ENV)}}
+    """The ModelReplica deployment's Ray actor options: its share of placement bundle 0, Serve's flags and this
+    process's OTEL_* variables (`tracing_env`)."""
+    return {**placement(config, device)[1], "runtime_env": {"env_vars": {**tracing_env(), **REPLICA_SERVE_ENV}}}
 
 
 def router_actor_options(config: AppConfig) -> dict[str, Any]:
-    """The Router deployment's Ray actor options (Serve merges these env vars with the application's)."""
-    return {"num_cpus": config.router_cpus, "runtime_env": {"env_vars": dict(ROUTER_SERVE_ENV)}}
+    """The Router deployment's Ray actor options (Serve merges these env vars with the application's): its CPUs,
+    Serve's flags and this process's OTEL_* variables (`tracing_env`)."""
+    return {"num_cpus": config.router_cpus, "runtime_env": {"env_vars": {**tracing_env(), **ROUTER_SERVE_ENV}}}
 
 
 def replica_max_ongoing(config: AppConfig) -> int:
@@ -740,4 +754,4 @@ class LocalCluster:
 __all__ = ["APP_NAME", "AppConfig", "AppConfigError", "DashboardClient", "DashboardError", "LocalCluster",
            "MODEL_REPLICA", "ROUTER", "app_config", "build_app", "build_application", "default_model_dir",
            "ensure_tiny_checkpoint", "parse_args", "placement", "ray_auth_token", "scale", "serve_config", "to_yaml",
-           "validate"]
+           "tracing_env", "validate"]

@@ -10,6 +10,17 @@ finish reason and usage) or a `ReplicaError`; `stats()`, `load()` and `model_inf
 `ReplicaLoad` and `ModelInfo`. The caller going away (asyncio.CancelledError / GeneratorExit in the generator) or the
 deadline passing aborts the engine request at once, which returns its KV blocks to the pool.
 
+With a tracer that is on (`cluster.tracing`, configured by the OTEL_* variables), each request is recorded when it
+ends as spans, children of the router's (its W3C context travels in `ReplicaRequest.trace_context`):
+
+    gptoss.replica.request   arrival on the replica -> its end (kind server); event first_token
+      engine.queue           waiting in the engine's scheduler until first scheduled
+      engine.prefill         first scheduled -> first token
+      engine.decode          first token -> finished
+
+with the model, prompt / output / cached tokens, finish reason, replica and preemptions as attributes, and the
+replica's error status when it failed. The engine's times come with its last output (`RequestTimes`).
+
 A router does not read these events per request through Serve: `cluster.token_channel.TokenChannels` sends a
 request's `Accepted` as the answer to its own call (`submit`) and everything after it on the router's multiplexed
 token channel (`channel`), one Serve item per engine step for all of the router's requests on this replica.
@@ -26,7 +37,7 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,6 +57,7 @@ from gptoss_cluster.cluster.contract import (
     from_dict,
 )
 from gptoss_cluster.cluster.token_channel import ReplicaEndpoints, TokenChannels
+from gptoss_cluster.cluster.tracing import Attr, Tracer, wall_ns
 
 logger = logging.getLogger("gptoss.replica")
 
@@ -130,13 +142,15 @@ class ReplicaCore:
     """An engine plus the serving logic around it; see the module docstring for the streaming contract."""
 
     def __init__(self, settings: ReplicaSettings, *, replica_id: str | None = None, metrics: Any = None,
-                 executor: Any = None, model_config: Any = None, placement_group: Any = None) -> None:
+                 executor: Any = None, model_config: Any = None, placement_group: Any = None,
+                 tracer: Tracer | None = None) -> None:
         from gptoss_cluster.workers.engine import Engine, EngineConfig
 
         self.settings = settings
         self.replica_id = replica_id or f"local#{uuid.uuid4().hex[:8]}"
         self.label = _short(self.replica_id)
         self.metrics = metrics
+        self.tracer = tracer if tracer is not None and tracer.enabled else None  # None: no spans, nothing to do
         self.state = ReplicaState.STARTING
         self.started_at = time.time()
         self.executor = executor if executor is not None else build_executor(settings, placement_group)
@@ -213,8 +227,66 @@ class ReplicaCore:
             raise RuntimeError(self.health_error)
 
     # ------------------------------------------------------------------------------------------------ requests
-    async def generate(self, request: ReplicaRequest) -> AsyncIterator[ReplicaEvent]:
-        """Stream one request's events (see the module docstring)."""
+    def generate(self, request: ReplicaRequest) -> AsyncIterator[ReplicaEvent]:
+        """Stream one request's events (see the module docstring), recorded as spans when tracing."""
+        if self.tracer is None:
+            return self._generate(request, None)
+        return self._traced(request, self.tracer)
+
+    async def _traced(self, request: ReplicaRequest, tracer: Tracer) -> AsyncIterator[ReplicaEvent]:
+        """`_generate`'s events, passed on; its spans recorded once it ends (however it ends)."""
+        arrived_ns = time.time_ns()
+        last: list[Any] = []  # the engine's last output (with its times), when it finished
+        error: ReplicaError | None = None
+        events = self._generate(request, last.append)
+        try:
+            async for event in events:
+                if isinstance(event, ReplicaError):
+                    error = event
+                yield event
+        finally:
+            await events.aclose()
+            if error is None and not last:  # the caller went away first
+                error = ReplicaError(ErrorCode.CANCELLED, "the caller cancelled the request")
+            try:
+                self._record_spans(tracer, request, arrived_ns, last[0] if last else None, error)
+            except Exception:  # tracing must never fail a request
+                logger.exception("recording the spans of request %s failed", request.request_id)
+
+    def _record_spans(self, tracer: Tracer, request: ReplicaRequest, arrived_ns: int, out: Any,
+                      error: ReplicaError | None) -> None:
+        """The request's spans (see the module docstring), after the fact, with the engine's times."""
+        end_ns = time.time_ns()
+        usage, times = (out.usage, out.times) if out is not None else (None, None)
+        span = tracer.start("gptoss.replica.request", request.trace_context, {
+            Attr.MODEL: self.served_name, Attr.RESPONSE_ID: request.request_id, Attr.REPLICA: self.replica_id,
+            Attr.INPUT_TOKENS: len(request.prompt_token_ids), Attr.MAX_TOKENS: request.sampling.max_tokens,
+        }, start_time_ns=arrived_ns, kind="server")
+        if not span.recording:  # not sampled (the router's decision, carried in the context)
+            return
+        if out is not None:
+            span.set_many({Attr.FINISH_REASONS: [out.finish_reason],
+                           Attr.OUTPUT_TOKENS: None if usage is None else usage.completion_tokens,
+                           Attr.CACHED_INPUT_TOKENS: None if usage is None else usage.cached_prompt_tokens})
+        if error is not None:
+            span.set(Attr.ERROR_TYPE, error.code.name)
+            span.error(f"{error.code.name}: {error.message}")
+        if times is not None:
+            offset = time.time_ns() - time.monotonic_ns()
+            marks = [None if t is None else wall_ns(t, offset)
+                     for t in (times.arrival, times.first_scheduled, times.first_token, times.finished)]
+            for name, start, end in (("engine.queue", marks[0], marks[1]), ("engine.prefill", marks[1], marks[2]),
+                                     ("engine.decode", marks[2], marks[3])):
+                if start is not None and end is not None:
+                    tracer.start(name, span, start_time_ns=start).end(end)
+            if marks[2] is not None:
+                span.event("first_token", time_ns=marks[2])
+            span.set(Attr.PREEMPTIONS, times.preemptions)
+        span.end(end_ns)
+
+    async def _generate(self, request: ReplicaRequest,
+                        on_finished: Callable[[Any], None] | None) -> AsyncIterator[ReplicaEvent]:
+        """The events of `generate`; `on_finished` is given the engine's last output when the request finishes."""
         yield Accepted(self.replica_id)
         if self.state is not ReplicaState.RUNNING:
             yield ReplicaError(ErrorCode.UNAVAILABLE, f"replica {self.label} is {self.state.value.lower()}")
@@ -277,6 +349,8 @@ class ReplicaCore:
                     self._outstanding[request_id] = max(0, self._outstanding[request_id] - n)
                 if outs[-1].finished:
                     finished = True
+                    if on_finished is not None:
+                        on_finished(outs[-1])
                 yield delta
                 if finished:
                     return
@@ -320,11 +394,14 @@ class ReplicaCore:
             requests_total=self.requests_total, tokens_total=self.tokens_total, health_error=self.health_error,
             pid=os.getpid())
 
+    @property
+    def served_name(self) -> str:
+        return self.settings.served_model_name or os.path.basename(os.path.normpath(self.settings.model))
+
     def model_info(self) -> ModelInfo:
         c = self.model_config
-        name = self.settings.served_model_name or os.path.basename(os.path.normpath(self.settings.model))
         return ModelInfo(
-            model=name, num_layers=c.num_hidden_layers, num_experts=c.num_experts,
+            model=self.served_name, num_layers=c.num_hidden_layers, num_experts=c.num_experts,
             experts_per_token=c.experts_per_token, hidden_size=c.hidden_size, vocab_size=c.vocab_size,
             context_length=self.engine.max_model_len, sliding_window=c.sliding_window,
             shards_per_replica=self.settings.shards_per_replica, kv_block_size=self.engine.layout.block_size,
@@ -349,9 +426,12 @@ class ModelReplicaImpl(ReplicaEndpoints):
             self.metrics_server = start_metrics_server(self.settings.metrics_port, self.settings.metrics_host,
                                                        metrics=self.metrics, exist_ok=True)
         placement_group = ray.util.get_current_placement_group()
+        # spans over OTLP when this process's OTEL_* variables configure an endpoint (cluster.app copies them into
+        # the deployment's runtime_env); off and free otherwise
+        self.tracer = Tracer.from_env("replica")
         # Loading weights is long and blocking: keep the replica's event loop free meanwhile.
         self.core = await asyncio.to_thread(ReplicaCore, self.settings, replica_id=replica_id, metrics=self.metrics,
-                                            placement_group=placement_group)
+                                            placement_group=placement_group, tracer=self.tracer)
         self.core.start_background()
         self.channels = TokenChannels(replica_id)
         logger.info("replica %s ready: %s on %s x%d", replica_id, self.settings.model, self.settings.device,
@@ -376,3 +456,5 @@ class ModelReplicaImpl(ReplicaEndpoints):
             await core.shutdown()
         if getattr(self, "metrics_server", None) is not None:
             self.metrics_server.close()
+        if getattr(self, "tracer", None) is not None:
+            self.tracer.shutdown()  # exports the spans still batched

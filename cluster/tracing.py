@@ -22,11 +22,31 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["TRACE_HEADERS", "Span", "Tracer", "TracingConfig", "TracingConfigError", "trace_context_of"]
+__all__ = ["NO_SPAN", "TRACE_HEADERS", "Attr", "Span", "Tracer", "TracingConfig", "TracingConfigError",
+           "trace_context_of", "wall_ns"]
 
 # The W3C trace context, as gRPC metadata keys and HTTP header names (lower case, as both carry them).
 TRACE_HEADERS = ("traceparent", "tracestate")
 SUPPORTED_PROTOCOLS = ("grpc",)
+
+
+class Attr:
+    """The span attributes people filter on, named once for the router and the replica: OpenTelemetry's GenAI
+    conventions where one exists, `gptoss.*` for the rest."""
+
+    MODEL = "gen_ai.request.model"
+    OPERATION = "gen_ai.operation.name"  # "chat" | "text_completion"
+    RESPONSE_ID = "gen_ai.response.id"  # the request id the answer carries
+    MAX_TOKENS = "gen_ai.request.max_tokens"
+    INPUT_TOKENS = "gen_ai.usage.input_tokens"
+    OUTPUT_TOKENS = "gen_ai.usage.output_tokens"
+    CACHED_INPUT_TOKENS = "gen_ai.usage.cache_read.input_tokens"  # prompt tokens served by the prefix cache
+    REASONING_TOKENS = "gen_ai.usage.reasoning.output_tokens"
+    FINISH_REASONS = "gen_ai.response.finish_reasons"  # a list, as the convention has it
+    ERROR_TYPE = "error.type"  # the gRPC status name of a failed call
+    PROTOCOL = "gptoss.protocol"  # "grpc" | "http": how the call reached the router
+    REPLICA = "gptoss.replica"  # the ModelReplica that served it
+    PREEMPTIONS = "gptoss.preemptions"  # times the engine preempted it (its KV freed, recomputed later)
 
 
 class TracingConfigError(ValueError):
@@ -179,6 +199,12 @@ class Tracer:
         if self._provider is not None:
             self._provider.shutdown()
             self._provider = self._tracer = None
+
+
+def wall_ns(monotonic_s: float, offset_ns: int) -> int:
+    """A time.monotonic() reading as wall-clock nanoseconds (span timestamps), with `offset_ns` =
+    time.time_ns() - time.monotonic_ns() read once for a batch of conversions."""
+    return int(monotonic_s * 1e9) + offset_ns
 
 
 def trace_context_of(headers: Mapping[str, str] | Any) -> dict[str, str]:

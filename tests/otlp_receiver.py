@@ -11,6 +11,7 @@ from typing import Any
 
 import grpc
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+from opentelemetry.proto.trace.v1 import trace_pb2
 
 
 @dataclass
@@ -24,6 +25,10 @@ class ReceivedSpan:
     start_ns: int
     end_ns: int
     attributes: dict[str, Any] = field(default_factory=dict)
+    kind: str = ""  # "SPAN_KIND_SERVER", ...
+    events: dict[str, int] = field(default_factory=dict)  # name -> time (ns)
+    status: str = ""  # "STATUS_CODE_UNSET" | "STATUS_CODE_OK" | "STATUS_CODE_ERROR"
+    status_message: str = ""
 
 
 def _value(any_value: Any) -> Any:
@@ -48,7 +53,11 @@ class _TraceService(trace_service_pb2_grpc.TraceServiceServicer):
                         name=span.name, trace_id=span.trace_id.hex(), span_id=span.span_id.hex(),
                         parent_span_id=span.parent_span_id.hex(), start_ns=span.start_time_unix_nano,
                         end_ns=span.end_time_unix_nano,
-                        attributes={a.key: _value(a.value) for a in span.attributes}))
+                        attributes={a.key: _value(a.value) for a in span.attributes},
+                        kind=trace_pb2.Span.SpanKind.Name(span.kind),
+                        events={e.name: e.time_unix_nano for e in span.events},
+                        status=trace_pb2.Status.StatusCode.Name(span.status.code),
+                        status_message=span.status.message))
         with self.receiver.lock:
             self.receiver.spans += spans
         return trace_service_pb2.ExportTraceServiceResponse()

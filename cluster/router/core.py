@@ -10,7 +10,9 @@ Per Generate / Chat call (`generate_events`, `chat_events`): validate and render
 backend's replica choice, one retry before the first token, the deadline, the stream interval) -> detokenize, stop
 strings, harmony channels (`streaming`) -> response messages. Deadlines (the caller's, and the request's
 `timeout_seconds`) travel to the replica, which aborts the request when they pass; the router enforces them too. A
-caller that goes away (closing the generator) cancels the replica's request, which frees its KV blocks.
+caller that goes away (closing the generator) cancels the replica's request, which frees its KV blocks. With a
+`tracer` that is on, each call records its spans (`cluster.router.spans`), continuing the caller's W3C context
+(`trace_context`: from gRPC metadata or HTTP headers) and handing its own to the replica in the request.
 
 Replicas are polled every `health_interval_s` (`refresh`): readiness, the model's facts, admission capacity; each
 poll tells `on_ready` whether a replica is ready (the gRPC health service follows it). `drain()` refuses new calls
@@ -24,7 +26,7 @@ import contextlib
 import dataclasses
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from typing import Any
 
 from gptoss_cluster.cluster.contract import Delta, ErrorCode, ModelInfo, ReplicaState, ReplicaStats
@@ -35,7 +37,9 @@ from gptoss_cluster.cluster.router.errors import RouterError
 from gptoss_cluster.cluster.router.requests import Prepared, Validator
 from gptoss_cluster.cluster.router.responses import FINISH, ChatLogprobs, chat_response, logprobs, usage
 from gptoss_cluster.cluster.router.settings import RouterSettings
+from gptoss_cluster.cluster.router.spans import RequestTrace
 from gptoss_cluster.cluster.router.streaming import ChatDelta, ChatStream, TextStream, chat_finish_reason
+from gptoss_cluster.cluster.tracing import Tracer
 from gptoss_cluster.proto.gptoss.v1 import gptoss_pb2 as pb
 from gptoss_cluster.workers.block_hash import prefix_hashes
 
@@ -51,10 +55,13 @@ _OK = "OK"  # the metrics' status of a call that succeeded
 class RouterCore:
     """What every call goes through, over one `Backend`; see the module docstring."""
 
-    def __init__(self, backend: Backend, settings: RouterSettings | None = None, metrics: Any = None) -> None:
+    def __init__(self, backend: Backend, settings: RouterSettings | None = None, metrics: Any = None,
+                 tracer: Tracer | None = None) -> None:
         self.backend = backend
         self.settings = settings or RouterSettings()
         self.metrics = metrics
+        # None unless spans are exported: then a call's tracing costs one `is None` check
+        self.tracer = tracer if tracer is not None and tracer.enabled else None
         self.admission = Admission(self.settings.max_queued_requests, capacity=0)
         self.draining = False
         self.replicas: list[ReplicaStats] = []
@@ -179,9 +186,13 @@ class RouterCore:
         finally:
             self._exit()
 
-    def _observed(self, method: str, protocol: str, deadline: float | None) -> _Call:
+    def _observed(self, method: str, protocol: str, deadline: float | None,
+                  trace_context: Mapping[str, str] | None) -> _Call:
         timer = _NULL_TIMER if self.metrics is None else self.metrics.request_timer(method, protocol)
-        return _Call(self, timer, deadline)
+        if self.tracer is None:
+            return _Call(self, timer, deadline)
+        trace = RequestTrace(self.tracer, timer, method, protocol, trace_context)
+        return _Call(self, trace, deadline, trace)  # the trace stands in front of the timer
 
     async def tokenize(self, request: pb.TokenizeRequest) -> list[int]:
         with self.call():
@@ -192,18 +203,23 @@ class RouterCore:
         return sorted(await self.backend.replica_stats(), key=lambda r: r.replica_id)
 
     async def generate_events(self, request: pb.GenerateRequest, *, timeout: float | None = None,
-                              protocol: str = "grpc") -> AsyncIterator[pb.GenerateResponse]:
+                              protocol: str = "grpc", trace_context: Mapping[str, str] | None = None
+                              ) -> AsyncIterator[pb.GenerateResponse]:
         """The body of Generate: GenerateResponse deltas, the last one with finish_reason and usage. `timeout`:
-        seconds the caller grants (with the request's own timeout_seconds, the smaller wins). Raises RouterError;
+        seconds the caller grants (with the request's own timeout_seconds, the smaller wins); `trace_context`: the
+        caller's W3C trace context (`traceparent`, `tracestate`), continued when tracing. Raises RouterError;
         closing it early cancels the request on its replica."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        with self._observed("Generate", protocol, deadline) as call:
+        with self._observed("Generate", protocol, deadline, trace_context) as call:
             prep = self.validator().generate(request)
             call.prompt_tokens = len(prep.prompt_token_ids)
+            trace = call.trace
+            if trace is not None:
+                trace.validated(prep, self.model_name)
             text = TextStream(prep.stop, prep.min_tokens)
             # per token: locals instead of attribute lookups, and no empty logprobs list for every message
             feed, count, request_id, response = text.feed, call.timer.tokens, prep.request_id, pb.GenerateResponse
-            async with contextlib.aclosing(self.replica_stream(prep, _left(deadline), call.timer)) as deltas:
+            async with contextlib.aclosing(self.replica_stream(prep, _left(deadline), call.timer, trace)) as deltas:
                 async for delta in deltas:
                     finish = delta.finish_reason
                     drop_last = finish == "stop" and isinstance(delta.stop_reason, int)
@@ -213,6 +229,8 @@ class RouterCore:
                         finish = "stop"
                     if finish:
                         piece += text.finish()
+                        if trace is not None:
+                            trace.answered(finish, text.num_tokens, delta.usage)
                         yield response(
                             request_id=request_id, token_ids=kept, text=piece,
                             logprobs=logprobs(delta.logprobs, len(kept)), finish_reason=FINISH[finish],
@@ -225,18 +243,21 @@ class RouterCore:
                         else:
                             yield response(request_id=request_id, token_ids=kept, text=piece)
 
-    async def chat_events(self, request: pb.ChatRequest, *, timeout: float | None = None, protocol: str = "grpc"
-                          ) -> AsyncIterator[pb.ChatResponse]:
+    async def chat_events(self, request: pb.ChatRequest, *, timeout: float | None = None, protocol: str = "grpc",
+                          trace_context: Mapping[str, str] | None = None) -> AsyncIterator[pb.ChatResponse]:
         """The body of Chat: ChatResponse deltas (with the logprobs of their token_ids when the request asked for
         sampling.logprobs), the last one with finish_reason and usage. Arguments and errors as `generate_events`."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        with self._observed("Chat", protocol, deadline) as call:
+        with self._observed("Chat", protocol, deadline, trace_context) as call:
             prep = self.validator().chat(request)
             call.prompt_tokens = len(prep.prompt_token_ids)
+            trace = call.trace
+            if trace is not None:
+                trace.validated(prep, self.model_name)
             chat = ChatStream(stops=prep.stop, min_tokens=prep.min_tokens)
             chat_logprobs = ChatLogprobs()
             finish, replica_usage, pieces = None, None, []
-            async with contextlib.aclosing(self.replica_stream(prep, _left(deadline), call.timer)) as deltas:
+            async with contextlib.aclosing(self.replica_stream(prep, _left(deadline), call.timer, trace)) as deltas:
                 async for delta in deltas:
                     before = chat.num_tokens
                     pieces = chat.feed(delta.token_ids)
@@ -259,20 +280,26 @@ class RouterCore:
             final.finish_reason = FINISH[finish or "stop"]
             final.usage.CopyFrom(usage(len(prep.prompt_token_ids), chat.num_tokens, replica_usage,
                                        chat.reasoning_tokens))
+            if trace is not None:
+                trace.answered(finish or "stop", chat.num_tokens, replica_usage, chat.reasoning_tokens)
             yield final
 
-    def replica_stream(self, prep: Prepared, timeout: float | None, timer: Any) -> AsyncIterator[Delta]:
+    def replica_stream(self, prep: Prepared, timeout: float | None, timer: Any,
+                       trace: RequestTrace | None = None) -> AsyncIterator[Delta]:
         """The request's deltas from a replica, after admission (`dispatch.replica_deltas`). `timeout`: the caller's
-        seconds left (None: no bound but the request's own). Closing the iterator cancels the request on its
-        replica. A plain method returning the dispatch generator: one generator hop less per delta."""
+        seconds left (None: no bound but the request's own); `trace`: the call's spans, when tracing. Closing the
+        iterator cancels the request on its replica. A plain method returning the dispatch generator: one generator
+        hop less per delta."""
         if prep.timeout_s is not None and (timeout is None or prep.timeout_s < timeout):
             timeout = prep.timeout_s
         if not self.ready_replicas or self.model is None:
             raise RouterError(ErrorCode.UNAVAILABLE, "no model replica is ready")
         hashes = tuple(prefix_hashes(prep.prompt_token_ids, self.model.kv_block_size, PREFIX_BLOCKS))
-        request = prep.replica_request(None if timeout is None else time.time() + timeout, hashes)
+        request = prep.replica_request(None if timeout is None else time.time() + timeout, hashes,
+                                       None if trace is None else trace.context())
         return replica_deltas(self.backend, request, self.admission, timeout_s=timeout,
-                              stream_interval=self.settings.stream_interval, on_dispatch=timer.dispatched)
+                              stream_interval=self.settings.stream_interval, on_dispatch=timer.dispatched,
+                              on_accepted=None if trace is None else trace.accepted)
 
 
 def _left(deadline: float | None) -> float | None:
@@ -282,21 +309,26 @@ def _left(deadline: float | None) -> float | None:
 class _Call:
     """One Generate / Chat call, whatever its transport, as a context manager: counts it in flight (drain) and
     records its metrics with the status it ended with (a caller that went away: CANCELLED, or DEADLINE_EXCEEDED when
-    that was its deadline). A class rather than a generator-based context manager: it runs on every call."""
+    that was its deadline), and ends its span with it when tracing (`trace`). A class rather than a generator-based
+    context manager: it runs on every call."""
 
-    __slots__ = ("core", "timer", "prompt_tokens", "deadline")
+    __slots__ = ("core", "timer", "prompt_tokens", "deadline", "trace")
 
-    def __init__(self, core: RouterCore, timer: Any, deadline: float | None) -> None:
+    def __init__(self, core: RouterCore, timer: Any, deadline: float | None, trace: RequestTrace | None = None
+                 ) -> None:
         self.core = core
         self.timer = timer
         self.prompt_tokens = 0
         self.deadline = deadline
+        self.trace = trace
 
     def __enter__(self) -> _Call:
         try:
             self.core._enter()
         except RouterError as exc:
             self.timer.finish(exc.code, prompt_tokens=self.prompt_tokens)
+            if self.trace is not None:
+                self.trace.end(exc.code, exc)
             raise
         return self
 
@@ -309,6 +341,8 @@ class _Call:
             late = self.deadline is not None and time.monotonic() >= self.deadline - _CANCEL_SLACK_S
             code = ErrorCode.DEADLINE_EXCEEDED if late else ErrorCode.CANCELLED
         self.timer.finish(code, prompt_tokens=self.prompt_tokens)
+        if self.trace is not None:
+            self.trace.end(code, exc)
 
 
 class _NullTimer:

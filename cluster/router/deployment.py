@@ -9,6 +9,7 @@ from typing import Any
 from gptoss_cluster.cluster.router.serve_backend import ServeBackend
 from gptoss_cluster.cluster.router.server import GptossServer
 from gptoss_cluster.cluster.router.settings import RouterSettings
+from gptoss_cluster.cluster.tracing import Tracer
 
 __all__ = ["RouterImpl"]
 
@@ -20,12 +21,15 @@ class RouterImpl:
         from gptoss_cluster.cluster.metrics import Metrics
 
         self.settings = RouterSettings.from_dict(settings)
+        # spans over OTLP when this process's OTEL_* variables configure an endpoint (cluster.app copies them into
+        # the deployment's runtime_env); off and free otherwise
+        self.tracer = Tracer.from_env("router")
         with contextlib.suppress(Exception):
             from ray import serve
 
             self.settings.router_name = serve.get_replica_context().replica_id.unique_id
         self.server = GptossServer(ServeBackend(replica_handle, transport=self.settings.replica_transport),
-                                   self.settings, Metrics.for_process())
+                                   self.settings, Metrics.for_process(), self.tracer)
         await self.server.start()
 
     async def info(self) -> dict[str, Any]:
@@ -48,3 +52,6 @@ class RouterImpl:
         if server is not None:
             await server.drain()
             await server.stop()
+        tracer = getattr(self, "tracer", None)
+        if tracer is not None:
+            tracer.shutdown()  # exports the spans still batched

@@ -26,12 +26,14 @@ logger = logging.getLogger("gptoss.router")
 
 async def replica_deltas(backend: Backend, request: ReplicaRequest, admission: Admission, *,
                          timeout_s: float | None, stream_interval: int = 1,
-                         on_dispatch: Callable[[], None] | None = None) -> AsyncIterator[Delta]:
+                         on_dispatch: Callable[[], None] | None = None,
+                         on_accepted: Callable[[str], None] | None = None) -> AsyncIterator[Delta]:
     """The request's deltas as the router passes them on, once `admission` lets it through (`on_dispatch` is told
-    then): the first at once, later ones in deltas of at least `stream_interval` tokens (or the last), all within
-    `timeout_s` seconds from now (None: no bound). Raises RouterError: RESOURCE_EXHAUSTED (the queue is full),
-    DEADLINE_EXCEEDED, the replica's own error, or UNAVAILABLE when the replica failed and a retry on another one
-    (only before the first token) failed too. Closing the generator cancels the request on its replica."""
+    then, and `on_accepted` the id of each replica that accepts it): the first at once, later ones in deltas of at
+    least `stream_interval` tokens (or the last), all within `timeout_s` seconds from now (None: no bound). Raises
+    RouterError: RESOURCE_EXHAUSTED (the queue is full), DEADLINE_EXCEEDED, the replica's own error, or UNAVAILABLE
+    when the replica failed and a retry on another one (only before the first token) failed too. Closing the
+    generator cancels the request on its replica."""
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     try:
         await admission.acquire(request.priority, deadline)
@@ -74,6 +76,8 @@ async def replica_deltas(backend: Backend, request: ReplicaRequest, admission: A
                             return
                     elif isinstance(event, Accepted):
                         replica_id = event.replica_id
+                        if on_accepted is not None:
+                            on_accepted(replica_id)
                     elif isinstance(event, ReplicaError):
                         if event.code is ErrorCode.UNAVAILABLE and not started and attempt == 0:
                             raise BackendError(event.message)

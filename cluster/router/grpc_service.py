@@ -24,6 +24,7 @@ from gptoss_cluster.cluster.contract import ReplicaStats
 from gptoss_cluster.cluster.router.core import RouterCore
 from gptoss_cluster.cluster.router.errors import RouterError
 from gptoss_cluster.cluster.router.settings import RouterSettings
+from gptoss_cluster.cluster.tracing import trace_context_of
 from gptoss_cluster.proto.gptoss.v1 import gptoss_pb2 as pb
 from gptoss_cluster.proto.gptoss.v1 import gptoss_pb2_grpc as pb_grpc
 
@@ -158,7 +159,9 @@ def _streaming(body: str) -> Any:
     replica's request at once."""
 
     async def handler(self: _Inference, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-        events = getattr(self.core, body)(request, timeout=context.time_remaining())
+        # the caller's W3C trace context, from the metadata (read only when tracing)
+        trace_context = None if self.core.tracer is None else trace_context_of(context.invocation_metadata() or ())
+        events = getattr(self.core, body)(request, timeout=context.time_remaining(), trace_context=trace_context)
         async with _answering(context), contextlib.aclosing(events):
             async for response in events:
                 yield response

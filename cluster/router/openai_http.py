@@ -44,6 +44,7 @@ from gptoss_cluster.cluster.router.openai_render import (
     error_body,
     http_status,
 )
+from gptoss_cluster.cluster.tracing import trace_context_of
 from gptoss_cluster.workers.harmony import get_tokenizer
 
 logger = logging.getLogger("gptoss.router.http")
@@ -80,6 +81,10 @@ def build_app(core: RouterCore, token: str | None) -> FastAPI:
     tokenizer = get_tokenizer()
     started = int(time.time())
 
+    def trace_context(request: Request) -> dict[str, str] | None:
+        """The caller's W3C trace context, from the headers (read only when tracing)."""
+        return None if core.tracer is None else trace_context_of(request.headers)
+
     def check_model(name: str) -> None:
         served = core.model_name
         if name and served and name != served:
@@ -92,7 +97,7 @@ def build_app(core: RouterCore, token: str | None) -> FastAPI:
         check_model(body.model)
         render = ChatCompletion(core.model_name, tokenizer, logprobs=bool(body.logprobs),
                                 include_usage=body.include_usage)
-        events = core.chat_events(request_message, protocol="http")
+        events = core.chat_events(request_message, protocol="http", trace_context=trace_context(request))
         return await _answer(request, events, render, body.stream)
 
     @app.post("/v1/responses")
@@ -104,7 +109,7 @@ def build_app(core: RouterCore, token: str | None) -> FastAPI:
             "instructions": body.instructions, "tools": body.tools or [], "tool_choice": body.tool_choice or "auto",
             "temperature": body.temperature, "top_p": body.top_p, "max_output_tokens": body.max_output_tokens,
             "reasoning": {"effort": (body.reasoning or {}).get("effort"), "summary": None}, "text": text})
-        events = core.chat_events(request_message, protocol="http")
+        events = core.chat_events(request_message, protocol="http", trace_context=trace_context(request))
         return await _answer(request, events, render, body.stream)
 
     @app.post("/v1/completions")
@@ -113,7 +118,7 @@ def build_app(core: RouterCore, token: str | None) -> FastAPI:
         check_model(body.model)
         render = TextCompletion(core.model_name, tokenizer, logprobs=body.logprobs is not None,
                                 include_usage=body.include_usage)
-        events = core.generate_events(request_message, protocol="http")
+        events = core.generate_events(request_message, protocol="http", trace_context=trace_context(request))
         return await _answer(request, events, render, body.stream)
 
     @app.get("/v1/models")

@@ -1,9 +1,10 @@
 """One router process's servers: gptoss.v1 over gRPC and the OpenAI-compatible HTTP API, on one router core.
 
-`GptossServer(backend, settings, metrics)` puts together a `RouterCore` (`cluster.router.core`: validation,
-admission, replica choice, retries, deadlines, draining), its gRPC service (`cluster.router.grpc_service`), the
-OpenAI HTTP app when `http_port` is set (`cluster.router.openai_http`, uvicorn on the same event loop) and the
-metrics endpoint when `metrics_port` is set; both servers check the same bearer token (`resolve_auth_token`). The
+`GptossServer(backend, settings, metrics, tracer)` puts together a `RouterCore` (`cluster.router.core`: validation,
+admission, replica choice, retries, deadlines, draining; spans when `tracer` is on), its gRPC service
+(`cluster.router.grpc_service`), the OpenAI HTTP app when `http_port` is set (`cluster.router.openai_http`, uvicorn
+on the same event loop) and the metrics endpoint when `metrics_port` is set; both servers check the same bearer token
+(`resolve_auth_token`). The
 `Router` Serve deployment runs one over a `ServeBackend` (`cluster.router.deployment`); tests and benchmarks run one
 over a `LocalBackend`.
 
@@ -20,6 +21,7 @@ from gptoss_cluster.cluster.router.backend import Backend
 from gptoss_cluster.cluster.router.core import RouterCore
 from gptoss_cluster.cluster.router.grpc_service import GrpcService
 from gptoss_cluster.cluster.router.settings import RouterSettings, resolve_auth_token
+from gptoss_cluster.cluster.tracing import Tracer
 
 __all__ = ["GptossServer"]
 
@@ -29,11 +31,12 @@ logger = logging.getLogger("gptoss.router")
 class GptossServer:
     """gptoss.v1 (gRPC), the OpenAI-compatible HTTP API and metrics over one RouterCore."""
 
-    def __init__(self, backend: Backend, settings: RouterSettings | None = None, metrics: Any = None) -> None:
+    def __init__(self, backend: Backend, settings: RouterSettings | None = None, metrics: Any = None,
+                 tracer: Tracer | None = None) -> None:
         self.settings = settings or RouterSettings()
         self.metrics = metrics
         self.token = resolve_auth_token(self.settings)
-        self.core = RouterCore(backend, self.settings, metrics)
+        self.core = RouterCore(backend, self.settings, metrics, tracer)
         self.grpc = GrpcService(self.core, self.token)
         self.core.on_ready = self.grpc.set_ready
         self.http: Any = None  # cluster.router.openai_http.HttpServer while http_port is set

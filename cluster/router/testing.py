@@ -218,7 +218,8 @@ class ServerThread:
     def run(self, coro: Coroutine[Any, Any, Any], timeout: float | None = 120.0) -> Any:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
-    def start(self, cores: Sequence[Any], settings: Any = None, metrics: Any = None, wait_ready: bool = True) -> str:
+    def start(self, cores: Sequence[Any], settings: Any = None, metrics: Any = None, wait_ready: bool = True,
+              tracer: Any = None) -> str:
         from gptoss_cluster.cluster.router.backend import LocalBackend
         from gptoss_cluster.cluster.router.server import GptossServer
         from gptoss_cluster.cluster.router.settings import RouterSettings
@@ -227,7 +228,7 @@ class ServerThread:
 
         async def start() -> str:
             self.backend = LocalBackend(cores)
-            self.server = GptossServer(self.backend, settings, metrics)
+            self.server = GptossServer(self.backend, settings, metrics, tracer)
             port = await self.server.start()
             if wait_ready:
                 await self.server.wait_ready(30)
