@@ -495,3 +495,33 @@ def test_routing_policy_renders_into_the_application_arguments(helm: str) -> Non
     result = run_helm(helm, "template", "demo", str(CHART), "--set", "serve.router.routingPolicy=random",
                       check=False)
     assert result.returncode != 0 and "routingPolicy" in result.stderr
+
+
+def test_tracing_values_render_the_otel_variables_on_every_ray_pod(helm: str) -> None:
+    """tracing.otlpEndpoint turns tracing on: every Ray container (head, model workers, routers) gets the standard
+    OTEL_* variables, which cluster.tracing reads as on; by default none is rendered (tracing off)."""
+    from gptoss_cluster.cluster.tracing import TracingConfig
+
+    def otel_env(*args: str) -> dict[str, dict[str, str]]:
+        (rayservice,) = by_kind(template(helm, *args), "RayService")
+        return {group: {e["name"]: e.get("value") for e in pod["spec"]["containers"][0].get("env", ())
+                        if e["name"].startswith("OTEL_")}
+                for group, pod in pod_templates(rayservice).items()}
+
+    default = otel_env()
+    assert default and all(env == {} for env in default.values())
+    on = otel_env("--set", "tracing.otlpEndpoint=http://otel-collector.observability:4317",
+                  "--set", "tracing.sampler=parentbased_traceidratio", "--set", "tracing.samplerArg=0.25")
+    assert set(on) == set(default) and len(on) >= 3  # head, the model workers, the routers
+    for env in on.values():
+        assert env == {"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://otel-collector.observability:4317",
+                       "OTEL_SERVICE_NAME": "gptoss-cluster", "OTEL_TRACES_SAMPLER": "parentbased_traceidratio",
+                       "OTEL_TRACES_SAMPLER_ARG": "0.25"}
+        assert TracingConfig.from_env(env) == TracingConfig(True, "gptoss-cluster")
+    plain = otel_env("--set", "tracing.otlpEndpoint=http://c:4317")
+    assert all("OTEL_TRACES_SAMPLER_ARG" not in env for env in plain.values())  # no ratio unless one is given
+    for bad, field in ((("--set", "tracing.otlpEndpoint=collector:4317"), "/tracing/otlpEndpoint"),
+                       (("--set", "tracing.samplerArg=2"), "/tracing/samplerArg"),
+                       (("--set", "tracing.sampler=sometimes"), "/tracing/sampler")):
+        result = run_helm(helm, "template", "demo", str(CHART), *bad, check=False)
+        assert result.returncode != 0 and field in result.stderr, (bad, result.stderr)

@@ -243,8 +243,23 @@ applications:
       mountPath: {{ .Values.metrics.multiprocDir }}
 {{- end }}
 
-{{/* Environment of the Ray containers: extraEnv, and on router pods the API token. */}}
+{{/* Environment of the Ray containers: the tracing variables (when tracing.otlpEndpoint is set), extraEnv, and on
+     router pods the API token. */}}
 {{- define "gptoss.env" -}}
+{{- with .ctx.Values.tracing }}
+{{- if .otlpEndpoint }}
+- name: OTEL_EXPORTER_OTLP_TRACES_ENDPOINT
+  value: {{ .otlpEndpoint | quote }}
+- name: OTEL_SERVICE_NAME
+  value: {{ .serviceName | quote }}
+- name: OTEL_TRACES_SAMPLER
+  value: {{ .sampler | quote }}
+{{- if not (kindIs "invalid" .samplerArg) }}
+- name: OTEL_TRACES_SAMPLER_ARG
+  value: {{ .samplerArg | toString | quote }}
+{{- end }}
+{{- end }}
+{{- end }}
 {{- with .ctx.Values.extraEnv }}
 {{ toYaml . }}
 {{- end }}
