@@ -108,6 +108,7 @@ def with_logprobs(plan, top: int):
 
     batch = SamplingBatch.greedy(plan.num_sampled)
     batch.logprob_rows, batch.max_logprobs = torch.arange(plan.num_sampled), top
+    batch.argmax_rows = None  # rows with logprobs need their whole distribution
     return dataclasses.replace(plan, sampling=batch)
 
 

@@ -387,3 +387,21 @@ def test_select_keeps_rows_and_renumbers_their_inputs():
     part = sample(logits[rows].clone(), sub)
     assert torch.equal(part.token_ids, whole.token_ids[rows])
     assert torch.equal(part.logprobs, whole.logprobs) and torch.equal(part.top_ids, whole.top_ids)
+
+
+def test_vocab_parallel_rows_with_logprobs_or_a_bitmask_are_never_reduced_slice_by_slice():
+    from gptoss_cluster.workers.engine.sampler import sample_vocab_parallel
+
+    vocab, rows = 128, 4
+    logits = torch.randn(rows, vocab, generator=torch.Generator().manual_seed(3))
+    batch = SamplingBatch.greedy(rows)  # every row an argmax row ...
+    batch.logprob_rows, batch.max_logprobs = torch.tensor([1, 3]), 2  # ... but two want logprobs: gathered
+    parts: dict = {}
+    for rank in (1, 0):
+        local = logits[:, rank * 64:(rank + 1) * 64].clone()
+        got = sample_vocab_parallel(local, batch, None, rank * 64, _GatherToRoot(parts, rank), is_root=rank == 0)
+    want = sample(logits.clone(), batch)
+    assert torch.equal(got.token_ids, want.token_ids) and torch.equal(got.top_ids, want.top_ids)
+    mask = TokenBitmask(torch.full((1, vocab // 32), -1, dtype=torch.int32), torch.tensor([0]))
+    with pytest.raises(ValueError, match="argmax_rows"):
+        sample_vocab_parallel(logits[:, :64].clone(), batch, mask, 0, _GatherToRoot({}, 0), is_root=True)

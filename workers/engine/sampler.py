@@ -89,7 +89,7 @@ class SamplingBatch:
     branches, so the device sampler never reads a device tensor back."""
 
     num_rows: int
-    greedy_rows: torch.Tensor  # [G] int64: rows with temperature 0 (argmax)
+    greedy_rows: torch.Tensor  # [S_greedy] int64: rows with temperature 0 (argmax)
     random_rows: torch.Tensor  # [R] int64: the others, drawn
     temperature: torch.Tensor  # [R] float32
     top_k: torch.Tensor  # [R] int64, 0: no cut
@@ -322,10 +322,16 @@ def sample_vocab_parallel(local: torch.Tensor, batch: SamplingBatch, bitmask: To
     device here."""
     device = local.device
     num_rows, width = local.shape
-    argmax = batch.argmax_rows if batch.argmax_rows is not None else torch.zeros(0, dtype=torch.long)
-    needs_full = torch.ones(num_rows, dtype=torch.bool)
-    needs_full[argmax] = False
-    full_rows = torch.arange(num_rows)[needs_full]  # host tensors throughout: the batch arrived on the host
+    needs_full = torch.ones(num_rows, dtype=torch.bool)  # host tensors throughout: the batch arrived on the host
+    if batch.argmax_rows is not None:
+        needs_full[batch.argmax_rows] = False
+    if batch.logprob_rows is not None:
+        needs_full[batch.logprob_rows] = True
+    if bitmask is not None and not bool(needs_full[bitmask.rows].all()):
+        # every rank must split the rows alike, and only this one sees the bitmask: the batch has to say so
+        raise ValueError("a row with a token bitmask is in SamplingBatch.argmax_rows")
+    rows = torch.arange(num_rows)
+    full_rows, argmax = rows[needs_full], rows[~needs_full]
     gathered = candidates = None
     if full_rows.shape[0]:
         gathered = collective.all_gather(local[full_rows.to(device)], dim=-1)  # [F, V] on the root
