@@ -22,6 +22,10 @@ Targets:
     # 6. what one streamed item costs through a Serve deployment handle (local Ray, a deployment yielding small deltas
     #    as fast as it can or every 20 ms): CPU per item in the consuming process and in the replica
     .venv/bin/python benchmarks/serving.py --serve-micro
+    # any of 1-3 and 5 with tracing on (cluster.tracing): --trace exports every span to an OTLP/gRPC sink in a
+    # process of its own (a collector elsewhere; it counts the spans and drops them); 5 then adds the traced
+    # router body and the replica's span recording next to the untraced paths
+    .venv/bin/python benchmarks/serving.py --micro --trace
 
 Paths. Router = the gRPC Generate call from this process. Direct = the same requests straight to the engine: the
 replica core in the server process with no gRPC (1, 2), or the router's own replica transport (`ServeBackend`:
@@ -146,6 +150,84 @@ def _greedy(output_len: int) -> Any:
     return SamplingParams(max_tokens=output_len, ignore_eos=True, temperature=0.0)
 
 
+# ------------------------------------------------------------------------------------------------ tracing
+def _sink_process(conn: Any) -> None:
+    from concurrent import futures
+
+    import grpc
+    from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+
+    received = [0]
+
+    class Sink(trace_service_pb2_grpc.TraceServiceServicer):
+        def Export(self, request: Any, context: Any) -> Any:  # noqa: N802 (the proto's name)
+            received[0] += sum(len(s.spans) for r in request.resource_spans for s in r.scope_spans)
+            return trace_service_pb2.ExportTraceServiceResponse()
+
+    server = grpc.server(futures.ThreadPoolExecutor(2))
+    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(Sink(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    conn.send(port)
+    while conn.recv() == "count":
+        conn.send(received[0])
+    server.stop(None)
+
+
+class OtlpSink:
+    """An OTLP/gRPC trace receiver in a process of its own (a collector elsewhere: its CPU is nobody's here) that
+    counts the spans it is sent and drops them. `env()`: the standard variables that point tracers at it."""
+
+    def __init__(self) -> None:
+        ctx = mp.get_context("spawn")
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=_sink_process, args=(child,), daemon=True)
+        self.proc.start()
+        self.endpoint = f"http://127.0.0.1:{self.conn.recv()}"
+
+    def env(self) -> dict[str, str]:
+        # batches of up to 512 spans at least every 200 ms, and a queue that never drops one at these rates
+        return {"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": self.endpoint, "OTEL_EXPORTER_OTLP_INSECURE": "true",
+                "OTEL_BSP_SCHEDULE_DELAY": "200", "OTEL_BSP_MAX_QUEUE_SIZE": "65536"}
+
+    def spans(self) -> int:
+        self.conn.send("count")
+        return int(self.conn.recv())
+
+    def close(self) -> None:
+        try:
+            self.conn.send("stop")
+        except OSError:
+            pass
+        self.proc.join(10)
+
+
+def replica_span_cost(requests: int = 2000) -> float:
+    """CPU seconds per request of the replica's tracing: its spans recorded at a request's end (request span, three
+    engine phases, first_token event, attributes) and their export, for a request with a traceparent."""
+    import types
+
+    from gptoss_cluster.cluster.contract import ReplicaRequest
+    from gptoss_cluster.cluster.replica import ReplicaCore
+    from gptoss_cluster.cluster.tracing import Tracer
+    from gptoss_cluster.workers.engine import RequestOutput, RequestTimes, Usage
+
+    tracer = Tracer.from_env("replica")
+    core = types.SimpleNamespace(served_name="bench", replica_id="bench#r0")  # what _record_spans reads
+    now = time.monotonic()
+    out = RequestOutput("r", [5], finished=True, finish_reason="length", usage=Usage(64, 32, 0),
+                        times=RequestTimes(now, now + 0.001, now + 0.01, now + 0.5))
+    request = ReplicaRequest("r", list(range(64)), _greedy(32),
+                             trace_context={"traceparent": "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"})
+    t0 = time.process_time()
+    for _ in range(requests):
+        ReplicaCore._record_spans(core, tracer, request, time.time_ns(), out, None)  # type: ignore[arg-type]
+    tracer.flush()
+    spent = time.process_time() - t0
+    tracer.shutdown()
+    return spent / requests
+
+
 # ------------------------------------------------------------------------------------------------ local target
 def _direct_sender(cores: list[Any], output_len: int) -> Sender:
     """Requests straight into the replica cores (round robin), no router, no gRPC."""
@@ -214,8 +296,11 @@ def _server_process(conn: Any, engine: str, model: str, replicas: int, scripted:
     from gptoss_cluster.cluster.router.policies import make_policy
     from gptoss_cluster.cluster.router.server import GptossServer
     from gptoss_cluster.cluster.router.settings import RouterSettings
+    from gptoss_cluster.cluster.tracing import Tracer
 
     async def main() -> None:
+        # as the Router and ModelReplica deployments do: spans when the OTEL_* variables say so (--trace)
+        router_tracer, replica_tracer = Tracer.from_env("router"), Tracer.from_env("replica")
         if engine == "scripted":
             from gptoss_cluster.cluster.router.testing import ScriptedReplica
 
@@ -226,13 +311,13 @@ def _server_process(conn: Any, engine: str, model: str, replicas: int, scripted:
 
             settings = ReplicaSettings(model=model, dtype="float32", max_ongoing_requests=1024,
                                        engine={"num_blocks": num_blocks, "max_num_seqs": 256})
-            first = ReplicaCore(settings, replica_id="bench#r0")
+            first = ReplicaCore(settings, replica_id="bench#r0", tracer=replica_tracer)
             cores = [first] + [ReplicaCore(settings, replica_id=f"bench#r{i}", model_config=first.model_config,
-                                           executor=LocalExecutor(first.executor.model, True))
+                                           executor=LocalExecutor(first.executor.model, True), tracer=replica_tracer)
                                for i in range(1, replicas)]
         settings = RouterSettings(host="127.0.0.1", port=0, max_queued_requests=4096, health_interval_s=0.5,
                                   stream_interval=stream_interval)
-        server = GptossServer(LocalBackend(cores, make_policy(routing_policy)), settings, Metrics())
+        server = GptossServer(LocalBackend(cores, make_policy(routing_policy)), settings, Metrics(), router_tracer)
         port = await server.start()
         await server.wait_ready(60)
         floor = _floor_server(cores, stream_interval)
@@ -252,6 +337,8 @@ def _server_process(conn: Any, engine: str, model: str, replicas: int, scripted:
         await floor.stop(0)
         for core in cores:
             await core.shutdown()
+        router_tracer.shutdown()
+        replica_tracer.shutdown()
 
     asyncio.run(main())
 
@@ -371,7 +458,12 @@ class ServeTarget(RayTarget):
         if engine == "scripted":
             from ray.serve.config import RequestRouterConfig
 
-            from gptoss_cluster.cluster.app import DEPLOYMENT_LOGGING, REPLICA_SERVE_ENV, ROUTER_SERVE_ENV
+            from gptoss_cluster.cluster.app import (
+                DEPLOYMENT_LOGGING,
+                REPLICA_SERVE_ENV,
+                ROUTER_SERVE_ENV,
+                tracing_env,
+            )
             from gptoss_cluster.cluster.router.deployment import RouterImpl
             from gptoss_cluster.cluster.router.serve_routing import PolicyRequestRouter
             from gptoss_cluster.cluster.router.settings import RouterSettings
@@ -380,14 +472,16 @@ class ServeTarget(RayTarget):
             logging = {**DEPLOYMENT_LOGGING, "enable_access_log": True} if access_log else DEPLOYMENT_LOGGING
             replica = serve.deployment(
                 name="ModelReplica", num_replicas=replicas, max_ongoing_requests=1024,
-                ray_actor_options={"num_cpus": 0.5, "runtime_env": {"env_vars": {**REPLICA_SERVE_ENV, **(env or {})}}},
+                ray_actor_options={"num_cpus": 0.5, "runtime_env": {"env_vars": {**tracing_env(), **REPLICA_SERVE_ENV,
+                                                                                  **(env or {})}}},
                 request_router_config=RequestRouterConfig(request_router_class=PolicyRequestRouter,
                                                           request_router_kwargs={"policy": routing_policy}),
                 logging_config=logging,
             )(ScriptedReplicaImpl)
             router = serve.deployment(name="Router", num_replicas=1, max_ongoing_requests=1000,
                                       ray_actor_options={"num_cpus": 0.5, "runtime_env": {
-                                          "env_vars": {**ROUTER_SERVE_ENV, **(env or {}), **(router_env or {})}}},
+                                          "env_vars": {**tracing_env(), **ROUTER_SERVE_ENV, **(env or {}),
+                                                       **(router_env or {})}}},
                                       logging_config=logging)(RouterImpl)
             settings = RouterSettings(host="127.0.0.1", port=port, max_queued_requests=4096, health_interval_s=0.5,
                                       stream_interval=stream_interval, replica_transport=transport)
@@ -433,16 +527,19 @@ def _tiny_config(model: str, replicas: int, port: int, num_blocks: int, stream_i
 
 # ------------------------------------------------------------------------------------------------ router path
 # ------------------------------------------------------------------------------------------------ micro
-def micro(reps: int = 5, requests: int = 1000, long_tokens: int = 256) -> dict[str, Any]:
+def micro(reps: int = 5, requests: int = 1000, long_tokens: int = 256, trace: bool = False) -> dict[str, Any]:
     """CPU per request (1-token requests) and per extra token (`long_tokens`-token requests) of: the scripted
-    replica alone (direct), the router's Generate body over it, and the same with a deadline (timeout) set.
-    The best of `reps` repetitions (interference from other processes only ever adds)."""
+    replica alone (direct), the router's Generate body over it, and the same with a deadline (timeout) set; with
+    `trace` (the OTEL_* variables point at a sink) also the body with tracing on, each call with a traceparent, its
+    spans' export included (flushed inside the timing). The best of `reps` repetitions (interference from other
+    processes only ever adds)."""
     from gptoss_cluster.cluster.client import generate_request
     from gptoss_cluster.cluster.metrics import Metrics
     from gptoss_cluster.cluster.router.backend import LocalBackend
     from gptoss_cluster.cluster.router.server import GptossServer
     from gptoss_cluster.cluster.router.settings import RouterSettings
     from gptoss_cluster.cluster.router.testing import ScriptedReplica
+    from gptoss_cluster.cluster.tracing import Tracer
     from gptoss_cluster.workers.harmony import get_tokenizer
 
     async def run() -> dict[str, Any]:
@@ -452,25 +549,37 @@ def micro(reps: int = 5, requests: int = 1000, long_tokens: int = 256) -> dict[s
                               Metrics())
         await server.start()
         await server.wait_ready(30)
+        tracer = Tracer.from_env("router") if trace else None
+        traced = None
+        if tracer is not None:
+            traced = GptossServer(LocalBackend([core]), RouterSettings(host="127.0.0.1", port=0, health_interval_s=5),
+                                  Metrics(), tracer)
+            await traced.start()
+            await traced.wait_ready(30)
         freeze_gc()
         prompt = list(range(1000, 1064))
+        caller = {"traceparent": "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"}
 
         async def direct(out: int, n: int) -> None:
             for _ in range(n):
                 async for _item in core.generate(_engine_request(prompt, out)):
                     pass
 
-        async def router(out: int, n: int, timeout: float | None) -> None:
+        async def router(out: int, n: int, timeout: float | None, via: Any = server) -> None:
             for _ in range(n):
                 request = generate_request(prompt, max_tokens=out, ignore_eos=True, temperature=0)
-                async for _response in server.core.generate_events(request, timeout=timeout):
+                async for _response in via.core.generate_events(request, timeout=timeout, trace_context=caller):
                     pass
+            if via is traced:
+                tracer.flush()  # the spans' export counts too
 
         paths: dict[str, Callable[[int, int], Awaitable[None]]] = {
             "direct (scripted replica alone)": direct,
             "router body": lambda out, n: router(out, n, None),
             "router body, with a deadline": lambda out, n: router(out, n, 600.0),
         }
+        if traced is not None:
+            paths["router body, traced (4 spans exported per call)"] = lambda out, n: router(out, n, None, traced)
         best: dict[str, list[float]] = {name: [float("inf"), float("inf")] for name in paths}
         for _ in range(reps):
             for name, fn in paths.items():  # interleaved
@@ -483,6 +592,9 @@ def micro(reps: int = 5, requests: int = 1000, long_tokens: int = 256) -> dict[s
                 per_token = ((t2 - t1) / (requests // 25) - per_request) / (long_tokens - 1)
                 best[name] = [min(best[name][0], per_request), min(best[name][1], per_token)]
         await server.stop(0)
+        if traced is not None:
+            await traced.stop(0)
+            tracer.shutdown()
         return {name: {"us_per_request": v[0] * 1e6, "us_per_token": v[1] * 1e6} for name, v in best.items()}
 
     return asyncio.run(run())
@@ -628,7 +740,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", type=Path, default=None, help="write all figures here")
     p.add_argument("--micro", action="store_true", help="only the in-process per-request / per-token CPU (target 5)")
     p.add_argument("--serve-micro", action="store_true", help="only the CPU per streamed Serve item (target 6)")
+    p.add_argument("--trace", action="store_true",
+                   help="tracing on: every span exported to an OTLP/gRPC sink in a process of its own (targets 1-3, 5)")
     args = p.parse_args(argv)
+    sink: OtlpSink | None = None
+    if args.trace:
+        sink = OtlpSink()
+        os.environ.update(sink.env())  # read by the tracers of this process and of every one it starts
+    try:
+        return _main(args, p, sink)
+    finally:
+        if sink is not None:
+            sink.close()
+
+
+def _main(args: argparse.Namespace, p: argparse.ArgumentParser, sink: OtlpSink | None) -> int:
     if args.serve_micro:
         rows = serve_micro()
         print("| streams | token ids / item | items every | items | wall us/item | consumer CPU us/item | "
@@ -643,11 +769,18 @@ def main(argv: list[str] | None = None) -> int:
             args.json.write_text(json.dumps(rows, indent=2))
         return 0
     if args.micro:
-        figures = micro()
+        figures = micro(trace=sink is not None)
+        if sink is not None:
+            figures["replica spans at a request's end (4 spans, exported)"] = {
+                "us_per_request": replica_span_cost() * 1e6, "us_per_token": 0.0}
+            figures["spans received by the sink"] = sink.spans()
         print("| path (in process, no gRPC, CPU time) | per request (1 token) us | per extra token us |")
         print("|---|---:|---:|")
         for name, v in figures.items():
-            print(f"| {name} | {v['us_per_request']:.0f} | {v['us_per_token']:.1f} |")
+            if isinstance(v, dict):
+                print(f"| {name} | {v['us_per_request']:.0f} | {v['us_per_token']:.1f} |")
+        if sink is not None:
+            print(f"spans received by the sink: {figures['spans received by the sink']}")
         if args.json:
             args.json.write_text(json.dumps(figures, indent=2))
         return 0
@@ -700,6 +833,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.client_cpus is not None and server_cpus is not None:
         pin_process(args.client_cpus)
         what += f"; client on CPUs {sorted(args.client_cpus)}, servers on {sorted(server_cpus)}"
+    if sink is not None:
+        what += "; tracing on (spans to an OTLP sink in a process of its own)"
     freeze_gc()
     results: dict[str, Any] = {"target": what, "input_len": args.input_len, "output_len": args.output_len,
                                "arrival": args.arrival, "rounds": args.rounds, "levels": {}}
@@ -774,6 +909,10 @@ def main(argv: list[str] | None = None) -> int:
         asyncio.run(sweep())
     finally:
         target.close()
+    if sink is not None:
+        time.sleep(1.0)  # the last batches (the tracers flushed as their processes stopped)
+        results["spans_received"] = sink.spans()
+        print(f"tracing on: the sink received {results['spans_received']} spans")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
     return 0

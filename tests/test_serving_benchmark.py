@@ -40,3 +40,15 @@ def test_serving_benchmark_refuses_client_cpus_that_leave_the_servers_none():
     every = ",".join(str(c) for c in sorted(os.sched_getaffinity(0)))
     result = _run("--engine", "scripted", "--client-cpus", every, timeout=60)
     assert result.returncode == 2 and "--client-cpus" in result.stderr
+
+
+def test_serving_benchmark_with_tracing_exports_every_router_span(tmp_path):
+    """--trace: the router process traces (its OTEL_* variables point at the benchmark's OTLP sink), and every call's
+    four spans arrive (warm-up included; the scripted replica makes none)."""
+    out = tmp_path / "figures.json"
+    result = _run("--engine", "scripted", "--step-ms", "2", "--concurrency", "2", "--rounds", "1",
+                  "--num-requests", "4", "--output-len", "5", "--warmup", "1", "--trace", "--json", str(out))
+    assert result.returncode == 0, result.stderr[-2000:]
+    figures = json.loads(out.read_text())
+    assert figures["levels"]["2"]["router"]["requests"] == 4 and "tracing on" in figures["target"]
+    assert figures["spans_received"] == (1 + 4) * 4
