@@ -5,6 +5,7 @@ transformers 5 imports) from any working directory."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import tomllib
@@ -74,9 +75,14 @@ def test_editable_install_beside_huggingface_kernels(checkpoints, tmp_path, wher
 
 def test_wheel_installs_one_top_level_package(checkpoints, tmp_path):
     pytest.importorskip("transformers")
+    # built from a copy: setuptools writes build/ and *.egg-info beside the sources it builds
+    source = tmp_path / "source"
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(
+        ".git", ".venv", ".cache", "build", "dist", "*.egg-info", "__pycache__", ".pytest_cache", ".ruff_cache",
+        "checkpoints"))
     wheels = tmp_path / "wheels"
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
-                    "--disable-pip-version-check", "-w", str(wheels), str(ROOT)], check=True, timeout=300,
+                    "--disable-pip-version-check", "-w", str(wheels), str(source)], check=True, timeout=300,
                    cwd=tmp_path)
     (wheel,) = wheels.glob("gptoss_cluster-*.whl")
     names = zipfile.ZipFile(wheel).namelist()

@@ -88,10 +88,6 @@ class EngineStats:
         total = self.time_schedule_s + self.time_execute_s + self.time_sample_s + self.time_output_s
         return 0.0 if total == 0 else 1.0 - self.time_execute_s / total
 
-    @property
-    def prefix_cache_hit_rate(self) -> float:
-        return 0.0 if not self.prefix_cache_queries else self.prefix_cache_hits / self.prefix_cache_queries
-
 
 class RequestStream:
     """The async iterator `Engine.add_request` returns: `RequestOutput` deltas until one has `finished`."""
