@@ -174,6 +174,30 @@ def test_router_spans_continue_the_callers_traceparent_from_grpc_metadata(otlp):
     assert sent.trace_context == {"traceparent": f"00-{TRACE_ID}-{root.span_id}-01", "tracestate": "vendor=1"}
 
 
+def test_a_call_the_caller_did_not_sample_leaves_no_span_and_tells_the_replica_so(otlp):
+    """The default sampler follows the caller's decision: a traceparent with the sampled flag off makes no span, and
+    the replica is handed a context saying so (its own spans follow the same decision)."""
+    from gptoss_cluster.cluster.client import chat_request
+    from gptoss_cluster.cluster.router.settings import RouterSettings
+    from gptoss_cluster.cluster.router.testing import ScriptedReplica, ServerThread
+
+    unsampled = "11111111111111111111111111111111"
+    replica = ScriptedReplica()
+    tracer = Tracer.from_env("router")
+    with ServerThread() as st:
+        st.start([replica], RouterSettings(host="127.0.0.1", port=0, health_interval_s=0.05), tracer=tracer)
+        with Client(st.address) as client:
+            for traceparent in (f"00-{unsampled}-{PARENT_ID}-00", TRACEPARENT):
+                list(client.inference.Chat(chat_request("Hi", max_tokens=2), timeout=30,
+                                           metadata=(("traceparent", traceparent),)))
+        tracer.flush()
+        spans = otlp.wait_for(_has("gptoss.router.Chat", *CHILDREN))  # the sampled call's, exported after
+    tracer.shutdown()
+    assert not [s for s in spans if s.trace_id == unsampled]
+    first, second = (r.trace_context["traceparent"] for r in replica.started)
+    assert first.startswith(f"00-{unsampled}-") and first.endswith("-00") and second.endswith("-01")
+
+
 def test_a_failed_call_records_its_status_and_the_phase_it_failed_in(otlp):
     from gptoss_cluster.cluster.router.settings import RouterSettings
     from gptoss_cluster.cluster.router.testing import ScriptedReplica, ServerThread

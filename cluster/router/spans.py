@@ -13,7 +13,8 @@ reason, replica, and on failure the status (error.type: the gRPC status name). T
 
 The phases run one after the other, so each child span is recorded when the next phase begins, with the times the
 call passed through them. A `RequestTrace` stands in front of the call's metrics timer (the same methods), so that the
-dispatch path reports to both without knowing of tracing; with tracing off there is none and nothing here runs.
+dispatch path reports to both without knowing of tracing; with tracing off there is none and nothing here runs. A
+call the sampler leaves out makes its (non-recording) span only, to hand its context on.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ _PHASES = ("router.validate", "router.admission", "router.dispatch")
 class RequestTrace:
     """One call's spans; see the module docstring. Also its metrics timer (`dispatched`, `tokens`, `finish`)."""
 
-    __slots__ = ("tracer", "timer", "span", "_phase", "_mark", "_first_token")
+    __slots__ = ("tracer", "timer", "span", "recording", "_phase", "_mark", "_first_token")
 
     def __init__(self, tracer: Tracer, timer: Any, method: str, protocol: str,
                  parent: Mapping[str, str] | None) -> None:
@@ -45,11 +46,14 @@ class RequestTrace:
         self.span = tracer.start(f"gptoss.router.{method}", parent, {Attr.OPERATION: OPERATIONS[method],
                                                                       Attr.PROTOCOL: protocol},
                                  start_time_ns=self._mark, kind="server")
+        self.recording = self.span.recording  # False: not sampled, nothing more to record
         self._phase = 0  # index in _PHASES of the phase running now (len: streaming)
-        self._first_token = False
+        self._first_token = not self.recording
 
     def _next_phase(self, attributes: Mapping[str, Any] | None = None, error: str | None = None) -> None:
         """Record the phase running now as a child span (ending now) and begin the next one."""
+        if not self.recording:
+            return
         now = time.time_ns()
         child = self.tracer.start(_PHASES[self._phase], self.span, attributes, start_time_ns=self._mark)
         if error is not None:
@@ -64,6 +68,8 @@ class RequestTrace:
         return self.span.context()
 
     def validated(self, prep: Prepared, model: str) -> None:
+        if not self.recording:
+            return
         self._next_phase()
         self.span.set_many({Attr.MODEL: model, Attr.RESPONSE_ID: prep.request_id,
                             Attr.INPUT_TOKENS: len(prep.prompt_token_ids),
@@ -71,6 +77,8 @@ class RequestTrace:
 
     def accepted(self, replica_id: str) -> None:
         """A replica took the request (again, after a retry)."""
+        if not self.recording:
+            return
         if self._phase == len(_PHASES):  # a retry: its dispatch span runs from the previous acceptance
             self._phase -= 1
         self._next_phase({Attr.REPLICA: replica_id})
@@ -79,12 +87,16 @@ class RequestTrace:
     def answered(self, finish_reason: str, output_tokens: int, usage: Usage | None,
                  reasoning_tokens: int | None = None) -> None:
         """The call's outcome, as the caller gets it (output tokens after stop strings)."""
+        if not self.recording:
+            return
         self.span.set_many({Attr.FINISH_REASONS: [finish_reason], Attr.OUTPUT_TOKENS: output_tokens,
                             Attr.REASONING_TOKENS: reasoning_tokens,
                             Attr.CACHED_INPUT_TOKENS: None if usage is None else usage.cached_prompt_tokens})
 
     def end(self, code: ErrorCode | str, exc: BaseException | None) -> None:
         """End the call's span: OK, or the status it failed with (and the phase it failed in)."""
+        if not self.recording:
+            return
         error = None
         if exc is not None and not isinstance(code, ErrorCode):  # what the metrics count as OK: a bug
             code = ErrorCode.INTERNAL
