@@ -8,13 +8,14 @@ only so tests can check that the new path gives the old tokens and logprobs.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import torch
 
-from gptoss_cluster.workers.engine import Engine, SampledTokens
+from gptoss_cluster.workers.engine import Engine, EngineConfig, SampledTokens
 from gptoss_cluster.workers.engine.request import Request, TokenLogprob
 from gptoss_cluster.workers.sampling import SamplingParams
 from tests.helpers import ForwardingExecutor
@@ -72,6 +73,8 @@ class OracleEngine(Engine):
 
     def __init__(self, executor, model_config, config=None, tokenizer=None) -> None:
         oracle = OracleExecutor(executor, (config.seed if config is not None else 0))
+        # the engine as it was: serial (the oracle samples from the requests' state when the step runs)
+        config = dataclasses.replace(config or EngineConfig(), async_scheduling=False)
         super().__init__(oracle, model_config, config, tokenizer)
 
     def _sampling_batch(self, requests):

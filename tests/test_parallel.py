@@ -22,6 +22,7 @@ Ray stays on loopback throughout (see `connect_ray` and the two-node fixture) an
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import pytest
@@ -112,13 +113,18 @@ def check_mixed_batch(llm: LLM, greedy_tokens: list[list[int]], what: str) -> No
     engine_config = EngineConfig(**ENGINE, seed=5)
     requests = mixed_requests(greedy_tokens)
     new_engine = Engine(executor, config, engine_config, tokenizer=llm.tokenizer)
-    new = new_engine.generate(requests)
+    new = new_engine.generate(requests)  # async scheduling (the default)
+    serial_engine = Engine(executor, config, dataclasses.replace(engine_config, async_scheduling=False),
+                           tokenizer=llm.tokenizer)
+    serial_engine._structured = new_engine.structured  # xgrammar's vocabulary tables: built once
+    serial = serial_engine.generate(requests)
     old_engine = OracleEngine(executor, config, engine_config, tokenizer=llm.tokenizer)
-    old_engine._structured = new_engine.structured  # xgrammar's vocabulary tables: built once
+    old_engine._structured = new_engine.structured
     old = old_engine.generate(requests)
     executor.initialize_cache(llm.engine.layout, llm.engine.num_kv_blocks)
     llm.engine.kv.reset_prefix_cache()
     assert_same_results(new, old, what)
+    assert_same_results(new, serial, f"{what}, async vs serial")
     stop = greedy_tokens[0][2]
     assert new[0].finish_reason == "stop" and new[0].stop_reason == stop
     assert stop not in new[1].token_ids[:4] and len(new[1].logprobs[0].top) == 5

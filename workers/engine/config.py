@@ -19,7 +19,9 @@ class EngineConfig:
     preempted request's recomputation is still chunked). `scheduling_policy` "priority" serves lower `priority`
     values first (ties by arrival) and preempts the highest value (newest first); "fcfs" ignores priorities.
     `seed` drives the sampling of requests without a seed of their own. `dequantize_experts` lets a local executor
-    keep a dense copy of small models' MXFP4 experts (dequantized once instead of every step).
+    keep a dense copy of small models' MXFP4 experts (dequantized once instead of every step). `async_scheduling`
+    schedules step N + 1 while step N runs (same outputs for greedy and seeded requests; False: the serial loop, for
+    debugging).
     """
 
     block_size: int = 16
@@ -35,6 +37,8 @@ class EngineConfig:
     seed: int = 0
     count_expert_tokens: bool = True
     dequantize_experts: bool | None = None  # None: when the torch kernels run and dense experts fit in 1 GiB
+    # schedule step N + 1 while step N runs (its sampled tokens fed in by the executor); False: the serial loop
+    async_scheduling: bool = True
 
     def __post_init__(self) -> None:
         for name in ("block_size", "max_num_batched_tokens", "max_num_seqs"):
@@ -50,7 +54,7 @@ class EngineConfig:
             raise ValueError(f"cpu_kv_space_gib must be a positive finite number, got {space!r}")
         if self.scheduling_policy not in ("fcfs", "priority"):
             raise ValueError(f"scheduling_policy must be 'fcfs' or 'priority', got {self.scheduling_policy!r}")
-        for name in ("enable_prefix_caching", "enable_chunked_prefill", "count_expert_tokens"):
+        for name in ("enable_prefix_caching", "enable_chunked_prefill", "count_expert_tokens", "async_scheduling"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if self.dequantize_experts not in (None, True, False):

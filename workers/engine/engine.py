@@ -5,6 +5,13 @@ tables, slot mappings, the rows to sample and how: a `SamplingBatch`), has the e
 every finished row where the logits are (it returns token ids, and logprobs only for rows that asked), and turns the
 new tokens into per-request deltas (stop tokens, stop strings, max_tokens, incremental text).
 
+Async scheduling (`EngineConfig.async_scheduling`, default on; as vLLM v1): the steps run in order on one worker
+thread; while step N runs, `step()` schedules and lays out step N + 1 (a request that step N samples is planned with
+one pending token, whose input id the worker fills from step N's result), submits it, and processes step N's tokens
+while step N + 1 runs. A request that stops at step N has its step N + 1 row dropped; rows that need step N's token on
+the host (grammar, penalties, min_tokens) make that step wait for step N instead (`step`). Greedy and seeded requests
+get the serial loop's tokens; unseeded random rows draw from the engine's generator in batch order, which may differ.
+
 Two ways in, over the same core:
 - synchronous: `submit(...)` then `step()` until idle, or `generate([...])` (the offline LLM);
 - asynchronous: `add_request(...)` returns an async iterator of `RequestOutput` deltas; a background task runs the
@@ -24,6 +31,7 @@ import threading
 import time
 import uuid
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,8 +50,14 @@ from gptoss_cluster.workers.engine.request import (
     RequestStatus,
     TokenLogprob,
 )
-from gptoss_cluster.workers.engine.sampler import SamplingBatch, TokenBitmask, build_sampling_batch, token_logprobs
-from gptoss_cluster.workers.engine.scheduler import Scheduler, SchedulerOutput
+from gptoss_cluster.workers.engine.sampler import (
+    SampledTokens,
+    SamplingBatch,
+    TokenBitmask,
+    build_sampling_batch,
+    token_logprobs,
+)
+from gptoss_cluster.workers.engine.scheduler import ScheduledRequest, Scheduler, SchedulerOutput
 from gptoss_cluster.workers.engine.structured import CompiledConstraint, Constraint, StructuredDecoding
 from gptoss_cluster.workers.sampling import SamplingParams
 
@@ -147,6 +161,17 @@ class _Timers:
     aborted: int = 0
 
 
+@dataclass
+class _InflightStep:
+    """A step submitted to the executor whose tokens are not processed yet."""
+
+    sched: SchedulerOutput
+    sampled: list[ScheduledRequest]
+    requests: list[Request]  # of the sampled rows, in order
+    num_tokens: int
+    result: Future | None = None  # of SampledTokens
+
+
 class Engine:
     def __init__(self, executor: Executor, model_config: ModelConfig, config: EngineConfig | None = None,
                  tokenizer: Any = None) -> None:
@@ -181,6 +206,8 @@ class Engine:
         self._structured: StructuredDecoding | None = None  # built on the first constrained request
         self._structured_lock = threading.Lock()
         self._mask_pool: Any = None  # one thread: fills the next step's token bitmasks while the model runs
+        self._step_pool: ThreadPoolExecutor | None = None  # async scheduling: runs the steps, in order
+        self._inflight: _InflightStep | None = None  # the step running while the next one is scheduled
 
     # ------------------------------------------------------------------------------------------------ builders
     @classmethod
@@ -331,39 +358,138 @@ class Engine:
 
     # ------------------------------------------------------------------------------------------------ the step
     def step(self) -> list[RequestOutput]:
-        """Run one scheduling step; returns the deltas of requests without a stream (submit()-ed)."""
+        """Run one scheduling step; returns the deltas of requests without a stream (submit()-ed).
+
+        Serial loop (`EngineConfig.async_scheduling` off): schedule step N, run it, process its tokens. Async: step N
+        is still running when this schedules step N + 1 (each request step N samples counts one pending token: its
+        id is a placeholder the executor's worker fills from step N's result), submits it behind step N, and only
+        then processes step N's tokens, while step N + 1 runs. A step whose rows need step N's tokens on the host
+        (a constrained row: its grammar state; penalties: the token counts; a row under min_tokens: its stop mask)
+        waits for step N first, i.e. falls back to the serial order. Steps run one at a time, in order, on one
+        worker thread, so blocks freed meanwhile (a finish, an abort, a preemption) are only reused by later steps.
+        """
         with self._step_lock:
+            inflight = self._inflight
+            if inflight is not None and self._needs_tokens(inflight):
+                self._inflight = None
+                self._complete(inflight)
+                inflight = None
             t0 = time.perf_counter()
             with self._lock:
                 sched = self.scheduler.schedule()
-                self._idle_step = not sched.scheduled
-                if not sched.scheduled:
+                self._idle_step = not sched.scheduled and inflight is None
+                if sched.scheduled:
+                    plan, sampled = self._build_plan(sched)
+                    fill_rows, fill_from = self._placeholders(plan, sched, inflight)
+                    masks = self._start_masks(sampled)
+                    t_plan = time.perf_counter()
+                    requests = [s.request for s in sampled]
+                    plan.sampling = self._sampling_batch(requests)
+                    for request in requests:
+                        request.num_pending_tokens += 1
+            if not sched.scheduled:
+                if inflight is not None:
+                    self._inflight = None
+                    self._complete(inflight)
+                with self._lock:
                     return self._take_pending()
-                plan, sampled = self._build_plan(sched)
-                masks = self._start_masks(sampled)
-                t_plan = time.perf_counter()
-                requests = [s.request for s in sampled]
-                plan.sampling = self._sampling_batch(requests)
             t1 = time.perf_counter()
-            result = self.executor.execute(plan, masks)
-            t2 = time.perf_counter()
-            with self._lock:
-                tokens = result.token_ids.tolist()
-                logprobs = token_logprobs(result, requests, tokens)
-                t3 = time.perf_counter()
-                self._process(sched, sampled, tokens, logprobs)
-                outputs = self._take_pending()
-            t4 = time.perf_counter()
+            step = _InflightStep(sched, sampled, requests, plan.num_tokens)
+            if self.config.async_scheduling:
+                previous = None if inflight is None else inflight.result
+                step.result = self._worker().submit(self._execute, plan, masks, previous, fill_rows, fill_from)
+                self._inflight = step
+                if inflight is not None:
+                    self._complete(inflight)
+                if not self.requests:  # every row in flight is dead: nothing keeps running once the engine is idle
+                    self._inflight = None
+                    self._complete(step)
+            else:
+                step.result = Future()
+                try:
+                    step.result.set_result(self.executor.execute(plan, masks))
+                except Exception as exc:
+                    step.result.set_exception(exc)
+                self._complete(step)
             tm = self._timers
             tm.schedule += t_plan - t0
-            tm.execute += t2 - t1
-            tm.sample += (t1 - t_plan) + (t3 - t2)
-            tm.output += t4 - t3
-            tm.steps += 1
+            tm.sample += t1 - t_plan
             tm.last_tokens = plan.num_tokens
-            tm.tokens += plan.num_tokens
-            tm.last_time = t4 - t0
-            return outputs
+            tm.last_time = time.perf_counter() - t0
+            with self._lock:
+                return self._take_pending()
+
+    def _needs_tokens(self, step: _InflightStep) -> bool:
+        """Whether the next step's host-side inputs depend on the tokens `step` samples (see `step`)."""
+        for request in step.requests:
+            if request.is_finished:
+                continue
+            params = request.params
+            if request.constraint is not None or params.has_penalties or request.num_output_tokens < params.min_tokens:
+                return True
+        return False
+
+    def _placeholders(self, plan: StepPlan, sched: SchedulerOutput, inflight: _InflightStep | None
+                      ) -> tuple[list[int], list[int]]:
+        """The plan's rows whose input is a token the step in flight samples (placeholder 0 in the plan), and that
+        step's sampled row of each."""
+        if inflight is None:
+            return [], []
+        sampled_row = {id(s.request): k for k, s in enumerate(inflight.sampled)}
+        fill_rows, fill_from = [], []
+        qsl = plan.query_start_loc.tolist()
+        for i, s in enumerate(sched.scheduled):
+            if s.start + s.num_new_tokens > s.request.num_tokens:  # only a decode row: one token pending at most
+                fill_rows.append(qsl[i + 1] - 1)
+                fill_from.append(sampled_row[id(s.request)])
+        return fill_rows, fill_from
+
+    def _worker(self) -> ThreadPoolExecutor:
+        """The one thread that runs the steps, in submission order (the overlap of async scheduling)."""
+        if self._step_pool is None:
+            self._step_pool = ThreadPoolExecutor(1, thread_name_prefix="gptoss-step")
+        return self._step_pool
+
+    def _execute(self, plan: StepPlan, masks: Any, previous: Future | None, fill_rows: list[int],
+                 fill_from: list[int]) -> SampledTokens:
+        """On the step thread: the previous step (submitted before, so done) gives the placeholders' tokens."""
+        if fill_rows:
+            tokens = previous.result().token_ids
+            plan.token_ids[torch.tensor(fill_rows)] = tokens[torch.tensor(fill_from)].to(plan.token_ids.dtype)
+        return self.executor.execute(plan, masks)
+
+    def _complete(self, step: _InflightStep) -> None:
+        """Wait for `step`'s tokens and process them (stop checks, deltas, freeing finished requests)."""
+        t0 = time.perf_counter()
+        try:
+            result = step.result.result()
+        except BaseException:
+            # a failed step: the one behind it (fed from it) goes too, so that no later step completes a stale one
+            later, self._inflight = self._inflight, None
+            if later is not None and later is not step:
+                try:
+                    later.result.result()
+                except BaseException:
+                    pass
+            with self._lock:
+                for request in step.requests + (later.requests if later is not None else []):
+                    request.num_pending_tokens = 0
+            raise
+        t1 = time.perf_counter()
+        with self._lock:
+            tokens = result.token_ids.tolist()
+            logprobs = token_logprobs(result, step.requests, tokens)
+            t2 = time.perf_counter()
+            for request in step.requests:
+                request.num_pending_tokens -= 1
+            self._process(step.sched, step.sampled, tokens, logprobs)
+        t3 = time.perf_counter()
+        tm = self._timers
+        tm.execute += t1 - t0
+        tm.sample += t2 - t1
+        tm.output += t3 - t2
+        tm.steps += 1
+        tm.tokens += step.num_tokens
 
     def _build_plan(self, sched: SchedulerOutput) -> tuple[StepPlan, list]:
         items = sched.scheduled
@@ -375,7 +501,9 @@ class Engine:
         num_tokens = int(query_start_loc[-1])
         token_ids: list[int] = []
         for s in items:
-            if s.num_new_tokens == 1:
+            if s.start == s.request.num_tokens:  # the token a step in flight samples: filled in by `_execute`
+                token_ids.append(0)
+            elif s.num_new_tokens == 1:
                 token_ids.append(s.request.token_ids[s.start])
             else:
                 token_ids.extend(s.request.token_ids[s.start:s.start + s.num_new_tokens])
@@ -438,9 +566,9 @@ class Engine:
         tm = self._timers
         for s in sched.scheduled:
             request = s.request
-            if request.is_finished or request.status is not RequestStatus.RUNNING:
-                continue  # aborted while the step ran: drop what it produced
-            request.num_computed_tokens = s.start + s.num_new_tokens
+            if request.is_finished:
+                continue  # aborted (or finished by the step before) while the step ran: drop what it produced
+            # a request preempted after this step was scheduled (async) still takes its token: the draw is spent
             k = sampled_at.get(id(s))
             if k is None:
                 tm.prefill_tokens += s.num_new_tokens

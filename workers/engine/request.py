@@ -110,7 +110,10 @@ class Request:
         self.prompt_token_ids = list(prompt_token_ids)
         self.num_prompt_tokens = len(self.prompt_token_ids)
         self.token_ids: list[int] = list(self.prompt_token_ids)  # prompt, then every sampled token
-        self.num_computed_tokens = 0  # leading tokens whose keys/values are in the KV cache
+        self.num_computed_tokens = 0  # leading tokens whose keys/values are in the KV cache (or a step in flight's)
+        # tokens sampled by a step still in flight (async scheduling), not yet in token_ids: the next step already
+        # computes the first of them, whose id the executor takes from that step's result
+        self.num_pending_tokens = 0
         self.num_cached_tokens = 0  # prompt tokens served by the prefix cache at first admission
         self.num_preemptions = 0
         self.status = RequestStatus.WAITING
@@ -135,6 +138,11 @@ class Request:
     @property
     def num_tokens(self) -> int:
         return len(self.token_ids)
+
+    @property
+    def num_tokens_with_pending(self) -> int:
+        """The tokens the scheduler plans with: token_ids plus those a step in flight is sampling."""
+        return len(self.token_ids) + self.num_pending_tokens
 
     @property
     def output_token_ids(self) -> list[int]:

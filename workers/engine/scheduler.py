@@ -28,7 +28,7 @@ class ScheduledRequest:
     samples: bool = False  # whether this step reaches the end of the request's tokens (so it samples the next)
 
     def __post_init__(self) -> None:
-        self.samples = self.start + self.num_new_tokens == self.request.num_tokens
+        self.samples = self.start + self.num_new_tokens == self.request.num_tokens_with_pending
 
 
 @dataclass
@@ -97,9 +97,9 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             request = self.running[i]
-            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
-            if num_new <= 0:  # nothing to compute (cannot happen while sampling appends one token per step)
-                i += 1
+            num_new = min(request.num_tokens_with_pending - request.num_computed_tokens, budget)
+            if num_new <= 0 or self._ends_with_pending(request):
+                i += 1  # nothing to compute, or the token in flight is its last: no step for a token never used
                 continue
             while True:
                 if self.kv.allocate_slots(request, num_new):
@@ -146,7 +146,17 @@ class Scheduler:
             budget -= num_new
 
         out.scheduled = list(scheduled.values())
+        for item in out.scheduled:  # advanced now (vLLM v1): the next schedule may run while this step is in flight
+            item.request.num_computed_tokens = item.start + item.num_new_tokens
         return out
+
+    def _ends_with_pending(self, request: Request) -> bool:
+        """Whether the token a step in flight samples for `request` is known to be its last (max_tokens or the
+        context reached), so nothing is scheduled after it (and no KV slot beyond check_request's sizing is asked)."""
+        if not request.num_pending_tokens:
+            return False
+        return (request.num_output_tokens + request.num_pending_tokens >= request.params.max_tokens
+                or request.num_tokens_with_pending >= self.max_model_len)
 
     def _preempt(self, request: Request) -> None:
         self.kv.free(request)
