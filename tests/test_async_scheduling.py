@@ -87,13 +87,15 @@ def run(model, requests, **config):
 def test_async_gives_the_serial_tokens_and_logprobs(model):
     requests = workload(16, seed=1)
     config = dict(num_blocks=400, max_num_batched_tokens=128, max_num_seqs=8, seed=3)
-    serial, _, serial_exec = run(model, requests, async_scheduling=False, **config)
+    serial, serial_engine, serial_exec = run(model, requests, async_scheduling=False, **config)
     overlapped, engine, async_exec = run(model, requests, async_scheduling=True, **config)
     assert_same_results(overlapped, serial, "async vs serial")
     assert {r.finish_reason for r in serial} == {"stop", "length"}
     # the async loop ran rows the serial one did not (computed for requests that stopped meanwhile, dropped)
     assert async_exec.rows > serial_exec.rows
     assert engine.stats().num_finished == len(requests)
+    for stats in (engine.stats(), serial_engine.stats()):
+        assert stats.time_execute_s > 0 and stats.num_steps > 0
 
 
 def test_preemption_under_async(model):

@@ -410,6 +410,7 @@ class Engine:
                     step.result.set_result(self.executor.execute(plan, masks))
                 except Exception as exc:
                     step.result.set_exception(exc)
+                self._timers.execute += time.perf_counter() - t1  # (_complete times only its own wait)
                 self._complete(step)
             tm = self._timers
             tm.schedule += t_plan - t0
