@@ -8,6 +8,10 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("GPTOSS_NO_PROGRESS", "1")
+# Tracing follows the OTEL_* variables (cluster.tracing), and cluster.app passes them on to every deployment: a
+# collector configured in the developer's shell must not change what the tests see. The tests that trace set theirs.
+for _key in [k for k in os.environ if k.startswith("OTEL_")]:
+    del os.environ[_key]
 
 from gptoss_cluster.workers.checkpoint import write_checkpoint  # noqa: E402
 from gptoss_cluster.workers.config import ModelConfig  # noqa: E402
