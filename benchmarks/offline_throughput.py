@@ -11,6 +11,8 @@ seeded with i), float32, all submitted at once.
     .venv/bin/python benchmarks/offline_throughput.py --modes engine,engine-ray1,engine-ray2 \
         --trees before=/tmp/before,after=.                                 # the engine behind Ray, two checkouts
 
+Mode `engine-serial` is the engine with `EngineConfig(async_scheduling=False)` (the serial step loop): against
+`engine` it measures async scheduling, and the two runs' token digests show whether their outputs are identical.
 Modes `engine-ray1` / `engine-ray2` run the same engine with its model split over 1 or 2 ShardWorker actors
 (RayExecutor, gloo, a local Ray started by the run). `--trees NAME=PATH,...` runs every mode from each checkout in
 turn (interleaved: each repeat runs every tree and mode once), so a change is measured against the code before it
@@ -25,6 +27,7 @@ process).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import random
@@ -39,7 +42,7 @@ ROOT = Path(os.environ.get("GPTOSS_TREE") or Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 DEFAULT_CHECKPOINT = Path(os.environ.get("TMPDIR", "/tmp")) / "gptoss-bench" / "tiny-hf"
-MODES = ("engine", "hf-static", "hf-cb", "engine-ray1", "engine-ray2")
+MODES = ("engine", "hf-static", "hf-cb", "engine-ray1", "engine-ray2", "engine-serial")
 RAY_SHARDS = {"engine-ray1": 1, "engine-ray2": 2}
 DEFAULT_BLOCKS = 4096
 
@@ -86,7 +89,8 @@ def run_engine(args, requests) -> dict:
     from gptoss_cluster.workers.sampling import SamplingParams
 
     config = EngineConfig(block_size=16, num_blocks=args.num_blocks or None, max_num_seqs=args.num_requests,
-                          max_num_batched_tokens=args.max_batched_tokens, enable_prefix_caching=True)
+                          max_num_batched_tokens=args.max_batched_tokens, enable_prefix_caching=True,
+                          async_scheduling=args.worker != "engine-serial")
     if args.worker in RAY_SHARDS:
         from gptoss_cluster.workers.engine.ray_executor import RayExecutor
 
@@ -130,6 +134,8 @@ def run_engine(args, requests) -> dict:
         "time_sample_s": stats.time_sample_s - before.time_sample_s,
         "time_output_s": stats.time_output_s - before.time_output_s,
         "preemptions": stats.num_preemptions,
+        # the same digest in two modes: the same tokens (async against serial scheduling, say)
+        "tokens_digest": hashlib.sha256(json.dumps([r.token_ids for r in results]).encode()).hexdigest()[:16],
     }
     if profiler is not None:
         import io
@@ -286,7 +292,10 @@ def main() -> None:
                    "--profile-lines", str(args.profile_lines), "--sampling", args.sampling]
     # Every mode runs with the same allocator settings: glibc would otherwise mmap / munmap (and page-fault) each
     # step's ~50 MB logits tensor afresh; keeping such blocks in the heap is the usual CPU-inference tuning.
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(1 << 30), MALLOC_TRIM_THRESHOLD_=str(1 << 31))
+    # One arena: a thread's own arena (async scheduling runs the steps on a worker thread) is made of 64 MiB heaps, so
+    # a logits tensor bigger than what is left there can be mmap-ed afresh each step whatever the threshold says.
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(1 << 30), MALLOC_TRIM_THRESHOLD_=str(1 << 31),
+               MALLOC_ARENA_MAX="1")
     trees = dict(item.split("=", 1) for item in args.trees.split(",") if item) or {"": str(ROOT)}
     labels = []
     for rep in range(args.reps):
@@ -335,6 +344,11 @@ def report(runs: list[dict], modes: list[str]) -> None:
         base = f"engine@{tree}" if tree else "engine"
         pairs = [r["tok_s"] / b["tok_s"] for r in runs if r["mode"] == label
                  for b in runs if b["mode"] == base and b["rep"] == r["rep"]]
+        if mode == "engine-serial" and pairs:  # async over serial scheduling
+            pairs = [1 / p for p in pairs]
+            same = {r.get("tokens_digest") for r in runs if r["mode"] in (label, base)}
+            print(f"  {base} (async scheduling) / {label}: {statistics.median(pairs):.2f}x (per rep "
+                  f"{', '.join(f'{p:.2f}x' for p in pairs)}); tokens {'identical' if len(same) == 1 else 'DIFFER'}")
         if mode in RAY_SHARDS and pairs:
             print(f"  {label} / {base}: {statistics.median(pairs):.2f}x (per rep "
                   f"{', '.join(f'{p:.2f}x' for p in pairs)})")
