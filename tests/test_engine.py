@@ -127,6 +127,28 @@ def test_prefix_cache_hit_gives_the_cold_output(model):
     torch.testing.assert_close(warm_logits, cold_logits, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["serial", "async"])
+@pytest.mark.parametrize("block_size", [8, 16])
+def test_preemption_with_prefix_caching_keeps_the_greedy_tokens(model, block_size, async_scheduling):
+    """A tight pool (preemptions, evictions, cache hits of preempted requests) gives the tokens of a roomy one.
+    The bug this pins: a hit block of the full group, unreferenced in the free queue, was handed out as the sliding
+    group's fresh block of the same admission (KVCacheManager.allocate_slots), so the new tokens overwrote the
+    cached prefix's keys/values (3 to 8 of these 12 requests changed tokens)."""
+    rng = random.Random(2)
+    requests = [([rng.randrange(VOCAB - 1) for _ in range(rng.randrange(16, 48))],
+                 SamplingParams(max_tokens=20, **GREEDY)) for _ in range(12)]
+    roomy = Engine.from_model(model, EngineConfig(num_blocks=400, block_size=block_size, async_scheduling=False))
+    expected = [r.token_ids for r in roomy.generate(requests)]
+    engine = Engine.from_model(model, EngineConfig(num_blocks=20, block_size=block_size, max_num_batched_tokens=64,
+                                                   async_scheduling=async_scheduling))
+    results = engine.generate(requests)
+    stats = engine.stats()
+    assert stats.num_preemptions > 0 and stats.prefix_cache_hits > 0 and engine.kv.pool.num_evictions > 0
+    assert [r.token_ids for r in results] == expected
+    engine.kv.check()
+    assert engine.kv.num_free_blocks == engine.kv.num_blocks
+
+
 def test_abort_on_the_last_step_reports_aborted_and_frees(model):
     executor = HookExecutor(model)
     engine = Engine(executor, model.config, EngineConfig(num_blocks=100))

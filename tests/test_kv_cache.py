@@ -220,3 +220,28 @@ def test_pool_refcounts():
         pool.release(blocks[:1])
     with pytest.raises(RuntimeError, match="asked for 5"):
         pool.allocate(5)
+
+
+def test_a_hit_block_of_one_group_is_never_the_fresh_block_of_another():
+    """With the pool nearly exhausted, the fresh block the first group allocates comes off the front of the free
+    queue, where the second group's (unreferenced) cached hit block sits: every hit block is taken before any fresh
+    block is allocated, so it stays cached and is not handed out again (the bug: it was evicted into group 0's table
+    while group 1 kept it as its cached prefix, and the new tokens overwrote that prefix's keys/values)."""
+    kv = KVCacheManager(KVCacheLayout.from_model_config(CFG, BS), 6)
+    a, c = make(tokens(32, 20), "a"), make(tokens(1, 21), "c")
+    compute(kv, a, 32)  # 2 cached blocks per group
+    kv.free(a)
+    compute(kv, c, 1)  # the 2 never-used blocks; freed after a's, so they queue behind a's cached blocks
+    kv.free(c)
+    b = make(a.token_ids + [7], "b")
+    hit = kv.find_prefix(b)
+    assert hit is not None and hit.num_tokens == 32
+    hit_ids = [[blk.block_id for blk in blocks] for blocks in hit.blocks]
+    compute(kv, b, 1, hit)
+    kv.check()
+    assert kv.num_free_blocks == 0
+    for g in range(2):
+        assert kv.block_ids(b, g)[:2] == hit_ids[g]
+        for j, block_hash in enumerate(b.block_hashes[:2]):
+            assert kv.pool.lookup(g, block_hash).block_id == hit_ids[g][j]  # still cached, never evicted
+    assert not set(kv.block_ids(b, 0)) & set(kv.block_ids(b, 1))  # no block id in two groups' tables

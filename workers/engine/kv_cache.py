@@ -338,11 +338,18 @@ class KVCacheManager:
             return False
         if tables is None:
             tables = self._tables[request] = _Tables(len(self.layout.groups))
+        if hit is not None:
+            # Every group's hit blocks are taken before any fresh block is allocated. A cached block with no
+            # reference sits in the free queue, and the pool hands out (and evicts) the front of that queue: taking
+            # group g's hit only when its turn came let the fresh blocks of an earlier group take it first (evicted,
+            # to be overwritten by this request's new tokens) while group g then used it as its cached prefix, so a
+            # tight pool with prefix caching fed wrong keys/values to the attention (greedy tokens changed).
+            for hit_blocks in hit.blocks:
+                self.pool.touch([b for b in hit_blocks if b is not None])
         for g, group in enumerate(self.layout.groups):
             blocks, ids = tables.blocks[g], tables.ids[g]
             if hit is not None:
                 hit_blocks = hit.blocks[g]
-                self.pool.touch([b for b in hit_blocks if b is not None])
                 blocks.extend(hit_blocks)
                 ids.extend(0 if b is None else b.block_id for b in hit_blocks)
                 if group.sliding_window is not None:
@@ -407,14 +414,17 @@ class KVCacheManager:
         return self.pool.reset_prefix_cache()
 
     def check(self) -> None:
-        """Assert the bookkeeping is consistent: reference counts equal table references, free <=> unreferenced."""
+        """Assert the bookkeeping is consistent: reference counts equal table references, free <=> unreferenced, no
+        block in two groups' tables (a block's slots hold the layers of one group)."""
         refs = [0] * self.pool.num_blocks
+        owner: dict[int, int] = {}  # block id -> the one group whose tables hold it
         for tables in self._tables.values():
             for g, blocks in enumerate(tables.blocks):
                 for j, b in enumerate(blocks):
                     if b is not None:
                         refs[b.block_id] += 1
                         assert tables.ids[g][j] == b.block_id
+                        assert owner.setdefault(b.block_id, g) == g, (b, "in the tables of two groups")
         for block in self.pool.blocks:
             assert block.ref_cnt == refs[block.block_id], (block, refs[block.block_id])
             assert (block.ref_cnt == 0) == (block.block_id in self.pool.free), block
