@@ -211,11 +211,8 @@ class RouterCore:
         closing it early cancels the request on its replica."""
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._observed("Generate", protocol, deadline, trace_context) as call:
-            prep = self.validator().generate(request)
-            call.prompt_tokens = len(prep.prompt_token_ids)
+            prep = call.validated(self.validator().generate(request))
             trace = call.trace
-            if trace is not None:
-                trace.validated(prep, self.model_name)
             text = TextStream(prep.stop, prep.min_tokens)
             # per token: locals instead of attribute lookups, and no empty logprobs list for every message
             feed, count, request_id, response = text.feed, call.timer.tokens, prep.request_id, pb.GenerateResponse
@@ -249,11 +246,8 @@ class RouterCore:
         sampling.logprobs), the last one with finish_reason and usage. Arguments and errors as `generate_events`."""
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._observed("Chat", protocol, deadline, trace_context) as call:
-            prep = self.validator().chat(request)
-            call.prompt_tokens = len(prep.prompt_token_ids)
+            prep = call.validated(self.validator().chat(request))
             trace = call.trace
-            if trace is not None:
-                trace.validated(prep, self.model_name)
             chat = ChatStream(stops=prep.stop, min_tokens=prep.min_tokens)
             chat_logprobs = ChatLogprobs()
             finish, replica_usage, pieces = None, None, []
@@ -321,6 +315,13 @@ class _Call:
         self.prompt_tokens = 0
         self.deadline = deadline
         self.trace = trace
+
+    def validated(self, prep: Prepared) -> Prepared:
+        """The call's request as validated: its prompt counts in the metrics and its span learns the model."""
+        self.prompt_tokens = len(prep.prompt_token_ids)
+        if self.trace is not None:
+            self.trace.validated(prep, self.core.model_name)
+        return prep
 
     def __enter__(self) -> _Call:
         try:
