@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 os.environ.setdefault("GPTOSS_NO_PROGRESS", "1")
 # Tracing follows the OTEL_* variables (cluster.tracing), and cluster.app passes them on to every deployment: a
@@ -36,3 +37,29 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "tinyb-hf": write_checkpoint(TINY_B, root / "tinyb-hf", layout="hf", seed=1, progress=False),
     }
     return {name: Path(path) for name, path in paths.items()}
+
+
+# The engine tests' model: 2 layers of the tiny shape over a 4096-token vocabulary, float32 (exact comparisons).
+SMALL_VOCAB = 4096
+SMALL_EOS = SMALL_VOCAB - 1
+
+
+@pytest.fixture(scope="session")
+def small_model(tmp_path_factory: pytest.TempPathFactory):
+    from gptoss_cluster.workers.checkpoint import open_checkpoint
+    from gptoss_cluster.workers.model import GptOssModel
+
+    config = ModelConfig.preset("tiny", num_hidden_layers=2, vocab_size=SMALL_VOCAB, eos_token_id=SMALL_EOS,
+                                pad_token_id=SMALL_EOS - 1)
+    path = write_checkpoint(config, tmp_path_factory.mktemp("ckpt") / "tiny2", progress=False)
+    with open_checkpoint(path) as reader:
+        return GptOssModel.from_checkpoint(reader, dtype=torch.float32, progress=False)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """2 shared cores: OpenMP spinning under contention costs far more than it gains on matrices this small."""
+    from helpers import torch_threads
+
+    with torch_threads(1):
+        yield

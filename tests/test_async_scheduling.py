@@ -9,32 +9,22 @@ from __future__ import annotations
 import random
 
 import pytest
-import torch
 
-from gptoss_cluster.workers.checkpoint import open_checkpoint, write_checkpoint
-from gptoss_cluster.workers.config import ModelConfig
 from gptoss_cluster.workers.engine import Engine, EngineConfig, LocalExecutor
-from gptoss_cluster.workers.model import GptOssModel
 from gptoss_cluster.workers.sampling import SamplingParams
-from tests.helpers import ForwardingExecutor, torch_threads
+from tests.helpers import ForwardingExecutor
 from tests.sampler_oracle import assert_same_results
 
 VOCAB = 4096
 EOS = 4095
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    with torch_threads(1):
-        yield
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    config = ModelConfig.preset("tiny", num_hidden_layers=2, vocab_size=VOCAB, eos_token_id=EOS, pad_token_id=EOS - 1)
-    path = write_checkpoint(config, tmp_path_factory.mktemp("ckpt") / "tiny2", progress=False)
-    with open_checkpoint(path) as reader:
-        return GptOssModel.from_checkpoint(reader, dtype=torch.float32, progress=False)
+def model(small_model):
+    return small_model
 
 
 class CountingExecutor(ForwardingExecutor):

@@ -10,32 +10,24 @@ import threading
 import pytest
 import torch
 
-from gptoss_cluster.workers.checkpoint import open_checkpoint, write_checkpoint
 from gptoss_cluster.workers.config import ModelConfig
 from gptoss_cluster.workers.engine import Engine, EngineConfig, Executor, LocalExecutor, RequestStatus
 from gptoss_cluster.workers.engine.executor import sample_step
 from gptoss_cluster.workers.model import GptOssModel
 from gptoss_cluster.workers.sampling import SamplingParams
-from tests.helpers import ForwardingExecutor, torch_threads
+from tests.helpers import ForwardingExecutor
 
 VOCAB = 4096
 EOS = 4095
 GREEDY = dict(temperature=0, ignore_eos=True)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # 2 shared cores: OpenMP spinning under contention costs far more than it gains on matrices this small.
-    with torch_threads(1):
-        yield
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    config = ModelConfig.preset("tiny", num_hidden_layers=2, vocab_size=VOCAB, eos_token_id=EOS, pad_token_id=EOS - 1)
-    path = write_checkpoint(config, tmp_path_factory.mktemp("ckpt") / "tiny2", progress=False)
-    with open_checkpoint(path) as reader:
-        return GptOssModel.from_checkpoint(reader, dtype=torch.float32, progress=False)
+def model(small_model):
+    return small_model
 
 
 def ids(n, seed):
@@ -335,9 +327,13 @@ def test_abort_from_another_thread_while_a_step_runs(model):
     async def main():
         stream = engine.add_request(ids(10, seed=40), SamplingParams(max_tokens=20, **GREEDY), "x")
         deltas = []
+        first_token = asyncio.Event()
 
         async def abort_mid_step():
             await asyncio.to_thread(started.wait, 30)
+            # step 1's token is delivered while step 2 runs (async scheduling processes step N during step N + 1):
+            # wait for it, so that the abort falls while step 2 executes and after exactly one token
+            await asyncio.wait_for(first_token.wait(), 30)
             assert engine.abort("x")  # the step is still executing in the engine's worker thread
             assert engine.kv.num_free_blocks == 100  # blocks are back at once
             release.set()
@@ -345,6 +341,8 @@ def test_abort_from_another_thread_while_a_step_runs(model):
         aborter = asyncio.create_task(abort_mid_step())
         async for delta in stream:
             deltas.append(delta)
+            if delta.new_token_ids:
+                first_token.set()
         await aborter
         await engine.shutdown()
         return deltas
