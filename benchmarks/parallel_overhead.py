@@ -339,9 +339,11 @@ def write_section(path: Path, header: str, table: list[str], args: argparse.Name
     text = path.read_text() if path.exists() else "# Benchmark results\n"
     intro = ("`benchmarks/parallel_overhead.py`: decode step time of one replica whose model is split over G "
              "ShardWorker actors (RayExecutor, torch.distributed), against the model in the calling process "
-             "(`local`). `ray G=1` isolates the Ray round trip (plan out, logits back); G > 1 adds the collectives, "
-             "timed on the shards at the step's shapes: (2 x layers + 1) all_reduces of [B, hidden] plus one gather "
-             "of the [B, vocab/G] float32 logits to rank 0.")
+             "(`local`). `ray G=1` isolates the Ray round trip (plan out, sampled tokens back; before issue 13 the "
+             "float32 logits came back); G > 1 adds the collectives, timed on the shards at the step's shapes: "
+             "(2 x layers + 1) all_reduces of [B, hidden] plus one gather of the [B, vocab/G] float32 logits to rank "
+             "0 (since issue 13 only rows that need the whole distribution are gathered; greedy rows exchange a "
+             "(value, id) pair per rank).")
     subsections = {"### CPU (gloo)": [], "### CUDA (NCCL)": []}
     notes: list[str] = []
     lines = text.splitlines()
