@@ -838,3 +838,25 @@ def test_sampling_checks_repeat_for_the_same_settings():
     assert v.sampling(shrunk, 10)[0].min_tokens == 250
     with pytest.raises(RouterError, match="must not exceed max_tokens"):
         v.sampling(shrunk, 100)
+
+
+@pytest.mark.parametrize(("method", "message", "streaming"), [
+    ("Generate", pb.GenerateRequest(text="AAAA", sampling=pb.SamplingParams(max_tokens=2)), True),
+    ("Chat", pb.ChatRequest(messages=[pb.ChatMessage(role="user", content="AAAA")]), True),
+    ("Tokenize", pb.TokenizeRequest(text="AAAA"), False),
+])
+def test_a_request_that_does_not_decode_is_invalid_argument(tiny, client, method, message, streaming):
+    """A string field holding bytes that are not UTF-8 (protobuf refuses to decode it): INVALID_ARGUMENT with the
+    reason, not grpc.aio's UNKNOWN, and the server goes on serving."""
+    raw = message.SerializeToString().replace(b"AAAA", b"\xff\xfe\xfd\xfc")
+    with grpc.insecure_channel(tiny["address"]) as channel:
+        path = f"/{INFERENCE_SERVICE}/{method}"
+        identity = dict(request_serializer=lambda data: data, response_deserializer=lambda data: data)
+        call = channel.unary_stream(path, **identity) if streaming else channel.unary_unary(path, **identity)
+        with pytest.raises(grpc.RpcError) as error:
+            result = call(raw, timeout=30)
+            if streaming:
+                list(result)
+    assert error.value.code() is grpc.StatusCode.INVALID_ARGUMENT, error.value.details()
+    assert "could not be decoded" in error.value.details()
+    assert client.tokenize("hi")  # still serving

@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -59,7 +60,8 @@ class GrpcService:
             ("grpc.http2.max_pings_without_data", 0),
             ("grpc.so_reuseport", 0),  # a taken port is an error, not a second server sharing it
         ]
-        interceptors = [BearerAuthInterceptor(self.token)] if self.token else []
+        interceptors: list[grpc.aio.ServerInterceptor] = [BearerAuthInterceptor(self.token)] if self.token else []
+        interceptors.append(UndecodableRequestInterceptor())
         server = grpc.aio.server(interceptors=interceptors, options=options)
         pb_grpc.add_InferenceServicer_to_server(_Inference(self.core), server)
         pb_grpc.add_AdminServicer_to_server(_Admin(self.core), server)
@@ -139,6 +141,53 @@ def _deny(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHandler
     if handler.response_streaming:
         return grpc.unary_stream_rpc_method_handler(streaming, **kw)
     return grpc.unary_unary_rpc_method_handler(unary, **kw)
+
+
+# ================================================================================================ bad bytes
+class _Undecodable:
+    """What the request deserializer hands on when the bytes are no valid message (e.g. a string that is not UTF-8)."""
+
+    __slots__ = ("reason",)
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+
+class UndecodableRequestInterceptor(grpc.aio.ServerInterceptor):
+    """A request that does not decode is INVALID_ARGUMENT with the reason. grpc.aio answers a deserializer's
+    exception with UNKNOWN ("Unexpected <class 'DecodeError'>"), which tells a client nothing it can act on."""
+
+    async def intercept_service(self, continuation: Any, details: grpc.HandlerCallDetails) -> Any:
+        handler = await continuation(details)
+        if handler is None or handler.request_streaming or handler.request_deserializer is None:
+            return handler  # every gptoss.v1 method takes one request message; streams in are left as they are
+        decode = handler.request_deserializer
+
+        def deserializer(data: bytes) -> Any:
+            try:
+                return decode(data)
+            except DecodeError as exc:
+                return _Undecodable(f"the request message could not be decoded: {exc}")
+
+        kw = {"request_deserializer": deserializer, "response_serializer": handler.response_serializer}
+        if handler.response_streaming:
+            behavior = handler.unary_stream
+
+            async def streaming(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+                if isinstance(request, _Undecodable):
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.reason)
+                async for response in behavior(request, context):
+                    yield response
+
+            return grpc.unary_stream_rpc_method_handler(streaming, **kw)
+        behavior = handler.unary_unary
+
+        async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            if isinstance(request, _Undecodable):
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.reason)
+            return await behavior(request, context)
+
+        return grpc.unary_unary_rpc_method_handler(unary, **kw)
 
 
 # ================================================================================================ the servicers
