@@ -133,7 +133,15 @@ def _deny(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHandler
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
         yield  # pragma: no cover
 
-    kw = {"request_deserializer": handler.request_deserializer, "response_serializer": handler.response_serializer}
+    return _with_behavior(handler, unary, streaming)
+
+
+def _with_behavior(handler: grpc.RpcMethodHandler, unary: Any, streaming: Any,
+                   request_deserializer: Any = None) -> grpc.RpcMethodHandler:
+    """A handler of the same kind and serializers as `handler` whose behavior is `unary` (one response) or
+    `streaming` (a response stream), as the kind needs; `request_deserializer` replaces the handler's when given."""
+    kw = {"request_deserializer": request_deserializer or handler.request_deserializer,
+          "response_serializer": handler.response_serializer}
     if handler.request_streaming and handler.response_streaming:
         return grpc.stream_stream_rpc_method_handler(streaming, **kw)
     if handler.request_streaming:
@@ -169,25 +177,18 @@ class UndecodableRequestInterceptor(grpc.aio.ServerInterceptor):
             except DecodeError as exc:
                 return _Undecodable(f"the request message could not be decoded: {exc}")
 
-        kw = {"request_deserializer": deserializer, "response_serializer": handler.response_serializer}
-        if handler.response_streaming:
-            behavior = handler.unary_stream
-
-            async def streaming(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-                if isinstance(request, _Undecodable):
-                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.reason)
-                async for response in behavior(request, context):
-                    yield response
-
-            return grpc.unary_stream_rpc_method_handler(streaming, **kw)
-        behavior = handler.unary_unary
+        async def streaming(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            if isinstance(request, _Undecodable):
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.reason)
+            async for response in handler.unary_stream(request, context):
+                yield response
 
         async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
             if isinstance(request, _Undecodable):
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.reason)
-            return await behavior(request, context)
+            return await handler.unary_unary(request, context)
 
-        return grpc.unary_unary_rpc_method_handler(unary, **kw)
+        return _with_behavior(handler, unary, streaming, deserializer)
 
 
 # ================================================================================================ the servicers
