@@ -21,7 +21,8 @@ class EngineConfig:
     `seed` drives the sampling of requests without a seed of their own. `dequantize_experts` lets a local executor
     keep a dense copy of small models' MXFP4 experts (dequantized once instead of every step). `async_scheduling`
     schedules step N + 1 while step N runs (same outputs for greedy and seeded requests; False: the serial loop, for
-    debugging).
+    debugging). `max_loras` LoRA adapters are resident at once on each shard (an LRU pool over every registered
+    adapter; vLLM's --max-loras), each of rank at most `max_lora_rank` (--max-lora-rank).
     """
 
     block_size: int = 16
@@ -39,9 +40,11 @@ class EngineConfig:
     dequantize_experts: bool | None = None  # None: when the torch kernels run and dense experts fit in 1 GiB
     # schedule step N + 1 while step N runs (its sampled tokens fed in by the executor); False: the serial loop
     async_scheduling: bool = True
+    max_loras: int = 4  # LoRA adapters resident at once (the distinct adapters one step can serve)
+    max_lora_rank: int = 16  # adapters of a higher rank are refused when registered
 
     def __post_init__(self) -> None:
-        for name in ("block_size", "max_num_batched_tokens", "max_num_seqs"):
+        for name in ("block_size", "max_num_batched_tokens", "max_num_seqs", "max_loras", "max_lora_rank"):
             _positive_int(name, getattr(self, name))
         for name in ("num_blocks", "max_model_len"):
             if getattr(self, name) is not None:

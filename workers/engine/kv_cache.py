@@ -7,12 +7,12 @@ blocks that fell wholly out of its window while the full group keeps the whole s
 of block ids: block b is `num_slots` tensors deep (slot j holds layer j of whichever group owns b now), so memory a
 sliding layer gives back serves any group.
 
-Prefix caching: a full block is named by a hash chain over its tokens and all before it; the pool maps
-(group, hash) -> block. A new request reuses its longest cached prefix whose blocks every group still holds: the full
-groups need every leading block, a sliding group only the blocks inside the window of the first recomputed token (so
-a sliding layer that dropped its early blocks never blocks a hit, and never has to donate them). Reused blocks are
-reference-counted; a block whose count falls to zero keeps its hash in an LRU free queue and is evicted only when a
-fresh block is needed.
+Prefix caching: a full block is named by a hash chain over its tokens and all before it, started from the request's
+LoRA adapter (`Request.cache_salt`); the pool maps (group, hash) -> block. A new request reuses its longest cached
+prefix whose blocks every group still holds: the full groups need every leading block, a sliding group only the
+blocks inside the window of the first recomputed token (so a sliding layer that dropped its early blocks never blocks
+a hit, and never has to donate them). Reused blocks are reference-counted; a block whose count falls to zero keeps its
+hash in an LRU free queue and is evicted only when a fresh block is needed.
 """
 
 from __future__ import annotations
@@ -265,10 +265,11 @@ class KVCacheManager:
 
     # ------------------------------------------------------------------------------------------------ hashing
     def block_hashes(self, request: Request) -> list[bytes]:
-        """The hash chain of every full block of the request's tokens (extended as tokens arrive)."""
+        """The hash chain of every full block of the request's tokens (extended as tokens arrive); it starts from the
+        request's `cache_salt`, so requests of different LoRA adapters never share a block (base: b"")."""
         bs, hashes, tokens = self.block_size, request.block_hashes, request.token_ids
         for i in range(len(hashes), len(tokens) // bs):
-            hashes.append(hash_block(hashes[-1] if i else b"", tokens[i * bs:(i + 1) * bs]))
+            hashes.append(hash_block(hashes[-1] if i else request.cache_salt, tokens[i * bs:(i + 1) * bs]))
         return hashes
 
     # ------------------------------------------------------------------------------------------------ prefix hits

@@ -5,11 +5,14 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from gptoss_cluster.workers.sampling import SamplingParams
+
+if TYPE_CHECKING:
+    from gptoss_cluster.workers.engine.lora_slots import LoraRegistration
 
 
 class RequestStatus(enum.Enum):
@@ -102,7 +105,8 @@ class GenerationResult:
 
 class Request:
     def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, *,
-                 eos_token_ids: tuple[int, ...] = (), priority: int = 0, arrival_time: float | None = None) -> None:
+                 eos_token_ids: tuple[int, ...] = (), priority: int = 0, arrival_time: float | None = None,
+                 lora: LoraRegistration | None = None) -> None:
         self.request_id = request_id
         self.params = params
         self.priority = priority
@@ -133,8 +137,25 @@ class Request:
         self.first_token_time: float | None = None
         self.finished_time: float | None = None
         self.constraint: Any = None  # a structured.ConstraintState when the completion is constrained
+        # the LoRA adapter it runs with (None: the base model), held even if the adapter is unregistered meanwhile
+        self.lora = lora
+        self.lora_slot = -1  # the pool slot of its adapter while it runs (the scheduler pins it), -1: none
 
     # ------------------------------------------------------------------------------------------------ views
+    @property
+    def lora_name(self) -> str | None:
+        return None if self.lora is None else self.lora.name
+
+    @property
+    def lora_id(self) -> int:
+        """The adapter registration's number (unique per registration), 0 for the base model."""
+        return 0 if self.lora is None else self.lora.lora_id
+
+    @property
+    def cache_salt(self) -> bytes:
+        """What its prefix-cache hash chains start from (b"" for the base model; see `LoraRegistration`)."""
+        return b"" if self.lora is None else self.lora.cache_salt
+
     @property
     def num_tokens(self) -> int:
         return len(self.token_ids)
