@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gptoss_cluster.cluster.contract import REPLICA_TRANSPORTS
+from gptoss_cluster.cluster.contract import REPLICA_TRANSPORTS, lora_name_problem
 from gptoss_cluster.cluster.router.policies import ROUTING_POLICIES
 
 APP_NAME = "gptoss"
@@ -115,6 +115,9 @@ class AppConfig:
     engine: dict[str, Any] = field(default_factory=dict)
     sampling_defaults: dict[str, Any] = field(default_factory=dict)
     default_reasoning_effort: str = "medium"
+    lora_modules: dict[str, str] = field(default_factory=dict)  # LoRA adapters loaded at start: name -> PEFT directory
+    max_loras: int = 4  # LoRA adapters resident per shard at once (vLLM's --max-loras)
+    max_lora_rank: int = 16  # the largest LoRA rank accepted (vLLM's --max-lora-rank)
     # ---- this machine's settings (environment for build_app; arguments for build_application)
     grpc_host: str = "0.0.0.0"
     http_host: str | None = None  # None: grpc_host
@@ -163,6 +166,9 @@ class AppConfig:
         if self.sampling_defaults:
             out["sampling_defaults"] = dict(self.sampling_defaults)
         out["default_reasoning_effort"] = self.default_reasoning_effort
+        if self.lora_modules:
+            out["lora_modules"] = dict(self.lora_modules)
+        out.update(max_loras=self.max_loras, max_lora_rank=self.max_lora_rank)
         return out
 
 
@@ -170,7 +176,7 @@ _SCHEMA_KEYS = ("model", "served_model_name", "shards_per_replica", "device", "d
                 "autoscaling_config", "max_ongoing_requests", "router_replicas", "max_queued_requests",
                 "stream_interval", "replica_transport", "routing_policy", "grpc_port",
                 "http_port", "metrics_port", "auth_token_env", "engine", "sampling_defaults",
-                "default_reasoning_effort")
+                "default_reasoning_effort", "lora_modules", "max_loras", "max_lora_rank")
 
 
 def parse_args(args: Mapping[str, Any] | None) -> AppConfig:
@@ -253,6 +259,20 @@ def validate(c: AppConfig) -> AppConfig:
             fail(name, str(exc))
     if c.default_reasoning_effort not in EFFORTS:
         fail("default_reasoning_effort", f"must be one of {EFFORTS}, got {c.default_reasoning_effort!r}")
+    if not isinstance(c.lora_modules, Mapping):
+        fail("lora_modules", "must be a mapping of adapter name -> PEFT adapter directory")
+    for name, path in c.lora_modules.items():
+        problem = lora_name_problem(name) if isinstance(name, str) else "the adapter name must be a string"
+        if problem is not None:
+            fail(f"lora_modules.{name}", problem)
+        if name == c.name:
+            fail(f"lora_modules.{name}", "an adapter cannot take the served model's name")
+        if not isinstance(path, str) or not path:
+            fail(f"lora_modules.{name}", f"must be a non-empty path (the PEFT adapter directory), got {path!r}")
+    for key in ("max_loras", "max_lora_rank"):
+        value = getattr(c, key)
+        if not _is_int(value) or value < 1:
+            fail(key, f"must be an integer >= 1, got {value!r}")
     for key in ("replica_cpus", "shard_cpus"):
         value = getattr(c, key)
         if value is not None and (not _is_num(value) or value <= 0):
@@ -309,7 +329,8 @@ def replica_settings(config: AppConfig, device: str) -> dict[str, Any]:
         device=device, dtype=config.dtype, engine=dict(config.engine),
         placement_strategy=config.placement_strategy, max_ongoing_requests=config.max_ongoing_requests,
         drain_timeout_s=config.graceful_shutdown_timeout_s, metrics_port=config.metrics_port,
-        metrics_host=config.metrics_host,
+        metrics_host=config.metrics_host, lora_modules=dict(config.lora_modules), max_loras=config.max_loras,
+        max_lora_rank=config.max_lora_rank,
     ).to_dict()
 
 

@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from gptoss_cluster.cluster.contract import REPLICA_TRANSPORTS
+from gptoss_cluster.cluster.contract import REPLICA_TRANSPORTS, lora_name_problem
 from gptoss_cluster.cluster.router.policies import ROUTING_POLICIES
 
 PROG = "gptoss-cluster"
@@ -126,6 +126,36 @@ def _address(text: str) -> str:
     return text
 
 
+def _lora_module(text: str) -> tuple[str, str]:
+    """One --lora-modules item -> (name, path): `name=path`, or vLLM's JSON form `{"name": ..., "path": ...}`
+    (its `base_model_name` is accepted and not needed: an adapter's parent is always the served model)."""
+    if text.lstrip().startswith("{"):
+        import json
+
+        try:
+            item = json.loads(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(f"not valid JSON: {text!r} ({exc})") from None
+        if not isinstance(item, dict) or not isinstance(item.get("name"), str) or \
+                not isinstance(item.get("path"), str):
+            raise argparse.ArgumentTypeError(f"expected {{\"name\": ..., \"path\": ...}}, got {text!r}")
+        unknown = sorted(set(item) - {"name", "path", "base_model_name"})
+        if unknown:
+            raise argparse.ArgumentTypeError(f"unknown key(s) {unknown} in {text!r}; known: name, path, "
+                                             "base_model_name")
+        name, path = item["name"], item["path"]
+    else:
+        name, sep, path = text.partition("=")
+        if not sep:
+            raise argparse.ArgumentTypeError(f"expected NAME=PATH or a JSON object, got {text!r}")
+    problem = lora_name_problem(name)
+    if problem is not None:
+        raise argparse.ArgumentTypeError(f"{text!r}: {problem}")
+    if not path:
+        raise argparse.ArgumentTypeError(f"{text!r}: the path is empty")
+    return name, path
+
+
 def _register_serve(sub: Any) -> None:
     p = sub.add_parser(
         "serve",
@@ -164,6 +194,14 @@ def _register_serve(sub: Any) -> None:
                    help="requests in flight per replica (default 256)")
     p.add_argument("--num-blocks", type=_positive_int, default=None, help="KV-cache blocks per replica")
     p.add_argument("--max-model-len", type=_positive_int, default=None, help="context length (default: model's)")
+    p.add_argument("--lora-modules", type=_lora_module, nargs="+", action="extend", default=None,
+                   metavar="NAME=PATH",
+                   help="LoRA adapters (PEFT directories) to serve; a request selects one by name (the OpenAI "
+                        "`model`). Also vLLM's JSON form '{\"name\": ..., \"path\": ...}'")
+    p.add_argument("--max-loras", type=_positive_int, default=4,
+                   help="LoRA adapters resident at once on each shard (default 4)")
+    p.add_argument("--max-lora-rank", type=_positive_int, default=16,
+                   help="the largest LoRA rank accepted (default 16)")
     p.add_argument("--auth-token-file", type=Path, default=None,
                    help="require this bearer token (default: $GPTOSS_AUTH_TOKEN when set)")
     p.add_argument("--app-name", default="gptoss", help="Serve application name (default gptoss)")
@@ -184,6 +222,13 @@ def _serve_config(args: argparse.Namespace) -> Any:
         engine["num_blocks"] = args.num_blocks
     if args.max_model_len:
         engine["max_model_len"] = args.max_model_len
+    lora_modules: dict[str, str] = {}
+    for name, path in args.lora_modules or ():
+        if name in lora_modules:
+            raise UsageError(f"--lora-modules: the adapter name {name!r} is given twice")
+        if not Path(path).is_dir():
+            raise UsageError(f"--lora-modules {name}={path}: not a directory")
+        lora_modules[name] = str(Path(path).absolute())
     config = AppConfig(
         model=str(Path(model).absolute()), served_model_name=args.served_model_name or
         ("gptoss-tiny" if args.model is None else None), shards_per_replica=args.shards_per_replica,
@@ -193,7 +238,8 @@ def _serve_config(args: argparse.Namespace) -> Any:
         replica_transport=args.replica_transport, routing_policy=args.routing_policy, grpc_port=args.grpc_port,
         http_port=args.http_port,
         metrics_port=args.metrics_port,
-        engine=engine, grpc_host=args.host, metrics_host=args.host,
+        engine=engine, grpc_host=args.host, metrics_host=args.host, lora_modules=lora_modules,
+        max_loras=args.max_loras, max_lora_rank=args.max_lora_rank,
         auth_token_file=str(args.auth_token_file.absolute()) if args.auth_token_file else None,
     )
     try:
@@ -489,6 +535,52 @@ def _cmd_scale(args: argparse.Namespace) -> int:
     return 0
 
 
+# =================================================================================================== lora
+def _register_lora(sub: Any) -> None:
+    p = sub.add_parser("lora", help="load, unload or list the LoRA adapters of a running cluster (gRPC Admin)",
+                       description="Manage the LoRA adapters every ModelReplica serves, through a router's Admin "
+                                   "service: each replica's result is printed. The bearer token comes from "
+                                   "$GPTOSS_AUTH_TOKEN.")
+    actions = p.add_subparsers(dest="action", metavar="ACTION", required=True)
+    load = actions.add_parser("load", help="register a PEFT adapter directory (as the replicas see it) on every "
+                                           "replica")
+    load.add_argument("name", help="what requests select it by (the OpenAI `model`)")
+    load.add_argument("path", help="PEFT adapter directory: adapter_config.json + adapter_model.safetensors")
+    unload = actions.add_parser("unload", help="forget an adapter on every replica")
+    unload.add_argument("name")
+    actions.add_parser("list", help="the adapters each replica serves")
+    for action in actions.choices.values():
+        _add_client_args(action)
+    p.set_defaults(func=_cmd_lora)
+
+
+def _cmd_lora(args: argparse.Namespace) -> int:
+    import grpc
+
+    if args.address is None:
+        raise UsageError(f"lora {args.action} needs --address HOST:PORT of a running router")
+    try:
+        with _client(args) as client:
+            if args.action == "list":
+                listing = client.list_loras()
+                for replica in listing.replicas:
+                    names = ", ".join(f"{a.name} (rank {a.rank}, {a.path})" for a in replica.adapters)
+                    print(f"{replica.replica_id}: {names or 'no adapters'}")
+                return 0
+            if args.action == "load":
+                problem = lora_name_problem(args.name)
+                if problem is not None:
+                    raise UsageError(problem)
+                response = client.load_lora(args.name, args.path)
+            else:
+                response = client.unload_lora(args.name)
+    except grpc.RpcError as exc:
+        return _rpc_error(exc)
+    for result in response.replicas:
+        print(f"{result.replica_id}: " + ("ok" if result.ok else f"{result.error_code}: {result.error}"))
+    return 0 if all(r.ok for r in response.replicas) else 1
+
+
 # =================================================================================================== bench
 def _levels(text: str) -> list[int]:
     """'1,16,64' -> [1, 16, 64] (each >= 1)."""
@@ -572,7 +664,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 # =================================================================================================== main
 COMMANDS: list[Callable[[Any], None]] = [_register_make_checkpoint, _register_generate, _register_serve,
-                                          _register_chat, _register_scale, _register_bench]
+                                          _register_chat, _register_scale, _register_bench, _register_lora]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -9,7 +9,9 @@
 `AsyncClient` has the same methods for asyncio (streams are async iterators). Messages are OpenAI-style dicts
 (`role`, `content`, `reasoning`, `tool_calls`, `name`, `tool_call_id`), tools `{"name", "description",
 "parameters"}` (or the wrapped `{"type": "function", "function": {...}}` form); sampling options are the fields of
-`gptoss.v1.SamplingParams` as keywords. Errors are `grpc.RpcError`s with the server's status code and message.
+`gptoss.v1.SamplingParams` as keywords; `adapter="name"` runs a request with a LoRA adapter (`load_lora`,
+`unload_lora` and `list_loras` manage them on every replica). Errors are `grpc.RpcError`s with the server's status
+code and message.
 
 Structured outputs take OpenAI's shapes too:
 
@@ -129,8 +131,11 @@ def tool_choice_message(value: str | Mapping[str, Any] | pb.ToolChoice | None) -
 
 
 def generate_request(prompt: str | Sequence[int], *, request_id: str = "", priority: int = 0,
-                     timeout_seconds: float | None = None, **sampling: Any) -> pb.GenerateRequest:
+                     timeout_seconds: float | None = None, adapter: str | None = None,
+                     **sampling: Any) -> pb.GenerateRequest:
     req = pb.GenerateRequest(request_id=request_id, sampling=sampling_params(**sampling), priority=priority)
+    if adapter is not None:
+        req.adapter = adapter
     if isinstance(prompt, str):
         req.text = prompt
     else:
@@ -145,7 +150,8 @@ def chat_request(messages: str | Sequence[Mapping[str, Any]], *, tools: Sequence
                  priority: int = 0, timeout_seconds: float | None = None,
                  response_format: Mapping[str, Any] | pb.ResponseFormat | None = None,
                  tool_choice: str | Mapping[str, Any] | pb.ToolChoice | None = None,
-                 max_reasoning_tokens: int | None = None, **sampling: Any) -> pb.ChatRequest:
+                 max_reasoning_tokens: int | None = None, adapter: str | None = None,
+                 **sampling: Any) -> pb.ChatRequest:
     if isinstance(builtin_tools, str):  # "browser" would otherwise become ["b", "r", ...]
         builtin_tools = [builtin_tools]
     req = pb.ChatRequest(request_id=request_id, messages=chat_messages(messages), tools=function_tools(tools),
@@ -161,6 +167,8 @@ def chat_request(messages: str | Sequence[Mapping[str, Any]], *, tools: Sequence
         req.tool_choice.CopyFrom(choice)
     if max_reasoning_tokens is not None:
         req.max_reasoning_tokens = max_reasoning_tokens
+    if adapter is not None:
+        req.adapter = adapter
     return req
 
 
@@ -246,6 +254,18 @@ class Client(_ClientBase):
         return list(self.admin.ListReplicas(pb.ListReplicasRequest(), timeout=self.timeout,
                                             metadata=self.metadata).replicas)
 
+    def load_lora(self, name: str, path: str) -> pb.LoraAdapterResponse:
+        """Register the PEFT adapter directory `path` (as the replicas see it) as `name` on every replica."""
+        return self.admin.LoadLoraAdapter(pb.LoadLoraAdapterRequest(name=name, path=path), timeout=self.timeout,
+                                          metadata=self.metadata)
+
+    def unload_lora(self, name: str) -> pb.LoraAdapterResponse:
+        return self.admin.UnloadLoraAdapter(pb.UnloadLoraAdapterRequest(name=name), timeout=self.timeout,
+                                            metadata=self.metadata)
+
+    def list_loras(self) -> pb.ListLoraAdaptersResponse:
+        return self.admin.ListLoraAdapters(pb.ListLoraAdaptersRequest(), timeout=self.timeout, metadata=self.metadata)
+
     def health(self, service: str = "", timeout: float | None = 5.0) -> str:
         """'SERVING' / 'NOT_SERVING' / 'SERVICE_UNKNOWN' of a grpc.health.v1 service ('' is the server)."""
         response = self.health_stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)
@@ -287,6 +307,18 @@ class AsyncClient(_ClientBase):
         response = await self.admin.ListReplicas(pb.ListReplicasRequest(), timeout=self.timeout,
                                                  metadata=self.metadata)
         return list(response.replicas)
+
+    async def load_lora(self, name: str, path: str) -> pb.LoraAdapterResponse:
+        return await self.admin.LoadLoraAdapter(pb.LoadLoraAdapterRequest(name=name, path=path),
+                                                timeout=self.timeout, metadata=self.metadata)
+
+    async def unload_lora(self, name: str) -> pb.LoraAdapterResponse:
+        return await self.admin.UnloadLoraAdapter(pb.UnloadLoraAdapterRequest(name=name), timeout=self.timeout,
+                                                  metadata=self.metadata)
+
+    async def list_loras(self) -> pb.ListLoraAdaptersResponse:
+        return await self.admin.ListLoraAdapters(pb.ListLoraAdaptersRequest(), timeout=self.timeout,
+                                                 metadata=self.metadata)
 
     async def health(self, service: str = "", timeout: float | None = 5.0) -> str:
         response = await self.health_stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)

@@ -15,16 +15,20 @@ A request's life, as the router sees it:
                                                             has a finish_reason (and usage); `Delta.merge` joins two
                         or ReplicaError                     why it ended without one (a code and a message)
 
-and, polled: `ReplicaStats` (ListReplicas, readiness, admission capacity), `ModelInfo` (the served model's facts) and
-`ReplicaLoad` (cheap load figures for the request router). The token channel (`cluster/token_channel.py`) carries a
-router's deltas from a replica: `ChannelRoute` says where a request's go, `ChannelOpen` opens a router's channel to a
-replica, which answers with batches of `(key, Delta | ReplicaError)` (or `Misrouted`).
+and, polled: `ReplicaStats` (ListReplicas, readiness, admission capacity, the LoRA adapters it serves), `ModelInfo`
+(the served model's facts) and `ReplicaLoad` (cheap load figures for the request router). LoRA adapters are loaded and
+unloaded at run time on every replica with `LoadLora` / `UnloadLora`, each replica answering a `LoraResult`; a request
+selects one by name (`ReplicaRequest.lora`), checked with `lora_name_problem`. The token channel
+(`cluster/token_channel.py`) carries a router's deltas from a replica: `ChannelRoute` says where a request's go,
+`ChannelOpen` opens a router's channel to a replica, which answers with batches of `(key, Delta | ReplicaError)` (or
+`Misrouted`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import enum
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -32,13 +36,19 @@ from typing import Any, TypeVar
 from gptoss_cluster.workers.constraint import Constraint
 from gptoss_cluster.workers.sampling import SamplingParams
 
-__all__ = ["REPLICA_TRANSPORTS", "Accepted", "ChannelBatch", "ChannelOpen", "ChannelRoute", "ChannelStats", "Delta",
-           "ErrorCode", "Misrouted", "ModelInfo", "ReplicaError", "ReplicaEvent", "ReplicaLoad", "ReplicaRequest",
-           "ReplicaState", "ReplicaStats", "TokenLogprob", "Usage", "from_dict", "request_cost"]
+__all__ = ["MAX_LORA_NAME", "REPLICA_TRANSPORTS", "Accepted", "ChannelBatch", "ChannelOpen", "ChannelRoute",
+           "ChannelStats", "Delta", "ErrorCode", "LoadLora", "LoraAdapter", "LoraResult", "Misrouted", "ModelInfo",
+           "ReplicaError", "ReplicaEvent", "ReplicaLoad", "ReplicaRequest", "ReplicaState", "ReplicaStats",
+           "TokenLogprob", "UnloadLora", "Usage", "from_dict", "lora_name_problem", "request_cost"]
 
 # How a router's per-request and token-channel calls reach the replicas (RouterSettings.replica_transport): Serve's
 # gRPC transport between deployments, or Ray actor tasks (cluster.router.serve_backend.ServeBackend).
 REPLICA_TRANSPORTS = ("grpc", "ray")
+
+# A LoRA adapter's name: what requests select it by (the OpenAI `model`, also in URL paths such as /v1/models/{id}),
+# a metrics label and a log field, so it is kept to a safe alphabet (Hugging Face's "org/name" fits).
+MAX_LORA_NAME = 128
+_LORA_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/-]*")
 
 
 class ErrorCode(enum.Enum):
@@ -69,6 +79,18 @@ def request_cost(prompt_tokens: int, max_tokens: int) -> int:
     return prompt_tokens + max_tokens
 
 
+def lora_name_problem(name: str) -> str | None:
+    """Why `name` cannot name a LoRA adapter, or None when it can."""
+    if not name:
+        return "the adapter name is empty"
+    if len(name) > MAX_LORA_NAME:
+        return f"the adapter name has {len(name)} characters; at most {MAX_LORA_NAME}"
+    if not _LORA_NAME.fullmatch(name):
+        return (f"the adapter name {name!r} must start with a letter or digit and hold only letters, digits and "
+                f"'.', '_', '-', ':', '/'")
+    return None
+
+
 # ================================================================================================ one request
 @dataclass(slots=True)
 class ChannelRoute:
@@ -83,8 +105,9 @@ class ReplicaRequest:
     """A validated request, ready for the engine. `sampling` holds no stop strings (the router applies them to the
     text); `deadline` is wall-clock (time.time()) seconds; `eos_token_ids` None means the model's EOS (a chat sends
     harmony's stop tokens). `prefix_hashes` (the prompt's leading KV-block hashes) and `exclude_replicas` (the
-    replicas a retry must avoid) are for the request router; `channel` is set by the router's transport;
-    `trace_context` is the W3C trace context (`traceparent`, `tracestate`) of the router's span, when tracing."""
+    replicas a retry must avoid, and those that do not serve its adapter) are for the request router; `channel` is set
+    by the router's transport; `trace_context` is the W3C trace context (`traceparent`, `tracestate`) of the router's
+    span, when tracing; `lora` names the LoRA adapter that runs it (None: the base model)."""
 
     request_id: str
     prompt_token_ids: list[int]
@@ -97,6 +120,7 @@ class ReplicaRequest:
     exclude_replicas: tuple[str, ...] = ()
     channel: ChannelRoute | None = None
     trace_context: dict[str, str] | None = None
+    lora: str | None = None
 
     @property
     def cost(self) -> int:
@@ -154,8 +178,9 @@ class Delta:
 
 @dataclass(slots=True)
 class ReplicaError:
-    """The request ended on the replica without finishing: INVALID_ARGUMENT (the engine refused it),
-    DEADLINE_EXCEEDED, UNAVAILABLE (the replica is draining, or failed) or INTERNAL."""
+    """The request ended on the replica without finishing: INVALID_ARGUMENT (the engine refused it), NOT_FOUND (its
+    LoRA adapter is not loaded there), DEADLINE_EXCEEDED, UNAVAILABLE (the replica is draining, or failed) or
+    INTERNAL."""
 
     code: ErrorCode
     message: str
@@ -191,6 +216,47 @@ class ChannelStats:
     routers: int  # routers connected now
 
 
+# ================================================================================================ LoRA adapters
+@dataclass(frozen=True, slots=True)
+class LoraAdapter:
+    """A LoRA adapter a replica serves: the name requests select it by, the PEFT directory it was loaded from, its
+    rank (the largest over its modules) and `parent`, the served name of the model it adapts."""
+
+    name: str
+    path: str
+    rank: int
+    parent: str
+
+
+@dataclass(frozen=True, slots=True)
+class LoadLora:
+    """Register the PEFT adapter at `path` (a directory every replica can read) under `name`."""
+
+    name: str
+    path: str
+
+
+@dataclass(frozen=True, slots=True)
+class UnloadLora:
+    """Forget the adapter `name` (requests already running with it finish)."""
+
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
+class LoraResult:
+    """One replica's answer to `LoadLora` / `UnloadLora`: `error` None when it did it (`adapter`: as loaded), else
+    why not (INVALID_ARGUMENT: a bad adapter or name; NOT_FOUND: unloading a name it does not have)."""
+
+    replica_id: str
+    error: ReplicaError | None = None
+    adapter: LoraAdapter | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
 # ================================================================================================ replica state
 @dataclass(frozen=True, slots=True)
 class ModelInfo:
@@ -209,6 +275,7 @@ class ModelInfo:
     hidden_size: int
     sliding_window: int
     shards_per_replica: int
+    adapters: tuple[LoraAdapter, ...] = ()  # the LoRA adapters the replica serves now
 
 
 @dataclass(frozen=True, slots=True)
@@ -249,6 +316,7 @@ class ReplicaStats:
     health_error: str | None
     pid: int
     channels: ChannelStats | None = None  # the replica's token channels (set by the Serve deployment)
+    adapters: tuple[LoraAdapter, ...] = ()  # the LoRA adapters it serves now (the router routes by them)
 
 
 _T = TypeVar("_T")

@@ -71,6 +71,7 @@ REQUEST_CODE_LABELS = ("method", "code", "protocol")
 REPLICA_LABELS = ("replica",)
 EXPERT_LABELS = ("replica", "rank", "layer", "expert")
 LAYER_LABELS = ("replica", "layer")
+LORA_LABELS = ("replica", "lora_adapter")
 
 # record_engine_stats: cumulative counters of an EngineStats snapshot -> the counter that gets their increase.
 _ENGINE_COUNTERS = {
@@ -82,6 +83,8 @@ _ENGINE_COUNTERS = {
     "num_steps": "engine_steps",
 }
 _STEP_TIME_FIELDS = ("time_schedule_s", "time_execute_s", "time_sample_s", "time_output_s")
+# record_engine_stats: cumulative per-adapter counts of an EngineStats snapshot ({adapter name: n}) -> their counter.
+_LORA_COUNTERS = {"lora_requests": "lora_requests", "lora_generation_tokens": "lora_generation_tokens"}
 
 
 class MetricsConfigError(RuntimeError):
@@ -248,6 +251,16 @@ class Metrics:
             "Tokens computed in one engine step (the latest step, sampled at each stats report).",
             REPLICA_LABELS, BATCH_TOKEN_BUCKETS)
 
+        # ---- LoRA adapters (recorded by the replica from its engine's stats)
+        self.lora_requests = self._counter(
+            "gptoss_lora_requests", "Finished requests that ran with each LoRA adapter.", LORA_LABELS)
+        self.lora_generation_tokens = self._counter(
+            "gptoss_lora_generation_tokens", "Tokens generated with each LoRA adapter.", LORA_LABELS)
+        self.lora_resident_adapters = self._gauge(
+            "gptoss_lora_resident_adapters",
+            "LoRA adapters resident on the replica's shards now (at most max_loras; the rest wait on disk).",
+            REPLICA_LABELS)
+
         # ---- MoE
         self.expert_routed_tokens = self._counter(
             "gptoss_expert_routed_tokens",
@@ -384,6 +397,10 @@ class Metrics:
         kv = s.get("kv_usage", s.get("kv_cache_usage"))
         if kv is not None:
             self.kv_cache_usage.labels(replica).set(kv)
+        for key, attr in _LORA_COUNTERS.items():
+            self._record_per_adapter(replica, key, s.get(key), getattr(self, attr))
+        if s.get("lora_resident") is not None:
+            self.lora_resident_adapters.labels(replica).set(s["lora_resident"])
         if deltas.get("num_steps"):  # new steps since the last report: sample the latest one
             if s.get("last_step_time_s") is not None:
                 self.engine_step_duration.labels(replica).observe(s["last_step_time_s"])
@@ -406,6 +423,24 @@ class Metrics:
                     rows = [[c - p for p, c in zip(p_row, r_row, strict=True)]
                             for p_row, r_row in zip(previous, rows, strict=True)]
             self.record_expert_counts(rows, replica=replica, shards=shards)
+
+    def _record_per_adapter(self, replica: str, key: str, counts: Mapping[str, float] | None, family: Counter
+                            ) -> None:
+        """Cumulative per-adapter counts ({adapter name: n}) -> the increase of each adapter's series since the
+        previous report (a decrease: the engine restarted, or the adapter was registered anew: its whole value)."""
+        if not counts:
+            return
+        with self._lock:
+            last = self._last_engine.setdefault(replica, {})
+            increases = {}
+            for name, value in counts.items():
+                previous = last.get(f"{key}:{name}", 0.0)
+                increases[name] = value - previous if value >= previous else value
+                last[f"{key}:{name}"] = float(value)
+        for name, increase in increases.items():
+            child = family.labels(replica, name)  # the series exists from the first report, at 0 until used
+            if increase:
+                child.inc(increase)
 
     def record_expert_counts(self, counts: Any, *, replica: str, shards: int = 1) -> None:
         """Tokens routed to each expert since the previous call: a [layers, experts] tensor, ndarray or nested list

@@ -26,11 +26,14 @@ from gptoss_cluster.cluster.contract import (
     ChannelBatch,
     ChannelOpen,
     ChannelStats,
+    LoadLora,
+    LoraResult,
     Misrouted,
     ModelInfo,
     ReplicaError,
     ReplicaEvent,
     ReplicaRequest,
+    UnloadLora,
 )
 
 __all__ = ["ReplicaCoreLike", "ReplicaEndpoints", "TokenChannels"]
@@ -145,6 +148,10 @@ class ReplicaCoreLike(Protocol):
 
     def model_info(self) -> ModelInfo: ...
 
+    def load_lora(self, request: LoadLora) -> LoraResult: ...
+
+    def unload_lora(self, request: UnloadLora) -> LoraResult: ...
+
 
 class ReplicaEndpoints:
     """The Serve methods of a ModelReplica deployment body that only hand over to its `core` and its token `channels`
@@ -163,3 +170,9 @@ class ReplicaEndpoints:
 
     async def model_info(self) -> ModelInfo:
         return self.core.model_info()
+
+    async def load_lora(self, request: LoadLora) -> LoraResult:
+        return self.core.load_lora(request)  # reads the adapter's config and tensor header only: no weights
+
+    async def unload_lora(self, request: UnloadLora) -> LoraResult:
+        return self.core.unload_lora(request)

@@ -94,11 +94,13 @@ def record_synthetic(m: Metrics) -> dict:
                 "prefix_cache_queries": 1000, "prefix_cache_hits": 400, "num_preemptions": 1,
                 "num_prefill_tokens": 600, "num_decode_tokens": 38, "last_step_time_s": 0.02, "last_step_tokens": 12,
                 "time_schedule_s": 0.01, "time_execute_s": 0.15, "time_sample_s": 0.02, "time_output_s": 0.02,
-                "expert_counts": [[c * scale for c in row] for row in counts]}
+                "expert_counts": [[c * scale for c in row] for row in counts],
+                "lora_requests": {"sql": scale}, "lora_generation_tokens": {"sql": 7 * scale}, "lora_resident": 1}
         m.record_engine_stats(base, replica=replica, shards=2)
         later = dict(base, num_steps=25, prefix_cache_queries=1500, prefix_cache_hits=700, num_preemptions=3,
                      num_running=2 * scale, kv_usage=0.2 * scale,
-                     expert_counts=[[2 * c * scale for c in row] for row in counts])  # cumulative: doubled
+                     expert_counts=[[2 * c * scale for c in row] for row in counts],  # cumulative: doubled
+                     lora_requests={"sql": 2 * scale}, lora_generation_tokens={"sql": 14 * scale})
         m.record_engine_stats(later, replica=replica, shards=2)
     m.set_replica_states({"RUNNING": 2, "starting": 1}, target=3)
     m.set_router_queue(router="router-0", queued=7, capacity=64)
@@ -118,7 +120,8 @@ def test_every_metric_exposed_named_and_consistent(metrics: Metrics) -> None:
         assert metrics.families.get(name) == typ, name
     for name, typ in metrics.families.items():
         assert name.startswith("gptoss_"), name
-        assert typ == "counter" or name.endswith(UNITS) or name in ("gptoss_replicas", "gptoss_replicas_target")
+        assert typ == "counter" or name.endswith(UNITS) or name in ("gptoss_replicas", "gptoss_replicas_target",
+                                                                    "gptoss_lora_resident_adapters")
         assert name in families and families[name]["type"] == typ, f"{name} not exposed as a {typ}"
         assert families[name]["samples"], f"{name} has no samples"
     exposed = {s for f in families.values() for s, _, _ in f["samples"]}

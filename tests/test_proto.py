@@ -34,5 +34,6 @@ def test_services_and_methods():
     inference = {m.name: (m.client_streaming, m.server_streaming) for m in services["Inference"].methods}
     assert inference == {"Generate": (False, True), "Chat": (False, True), "Tokenize": (False, False),
                          "GetModelInfo": (False, False)}
-    assert [m.name for m in services["Admin"].methods] == ["ListReplicas"]
+    assert [m.name for m in services["Admin"].methods] == ["ListReplicas", "LoadLoraAdapter", "UnloadLoraAdapter",
+                                                           "ListLoraAdapters"]
     assert gptoss_pb2.DESCRIPTOR.package == "gptoss.v1"

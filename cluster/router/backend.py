@@ -3,7 +3,7 @@
 A backend speaks `cluster.contract`: `stream(ReplicaRequest)` yields the replica's `Accepted`, then its `Delta`s or a
 `ReplicaError`; closing the stream cancels the request on its replica. Infrastructure failures (a replica died or
 cannot be reached) raise `BackendError`, so that the router retries once before the first token and answers
-UNAVAILABLE otherwise.
+UNAVAILABLE otherwise. `load_lora` / `unload_lora` apply to every replica and answer each one's `LoraResult`.
 
 - `cluster.router.serve_backend.ServeBackend(handle)`: the production path, ModelReplica replicas behind a Serve
   deployment handle (the replica is chosen by the deployment's request router, `cluster.router.serve_routing`).
@@ -20,11 +20,14 @@ from typing import Any
 
 from gptoss_cluster.cluster.contract import (
     Accepted,
+    LoadLora,
+    LoraResult,
     ModelInfo,
     ReplicaEvent,
     ReplicaRequest,
     ReplicaState,
     ReplicaStats,
+    UnloadLora,
 )
 from gptoss_cluster.cluster.router.policies import PrefixAffinity, RouteRequest, RoutingPolicy
 
@@ -47,6 +50,14 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     async def model_info(self) -> ModelInfo:
         """Model facts from a replica (raises BackendError when none can answer)."""
+
+    @abc.abstractmethod
+    async def load_lora(self, request: LoadLora) -> list[LoraResult]:
+        """Every running replica's result of registering the adapter (empty when none answered)."""
+
+    @abc.abstractmethod
+    async def unload_lora(self, request: UnloadLora) -> list[LoraResult]:
+        """Every running replica's result of forgetting the adapter (empty when none answered)."""
 
     async def close(self) -> None:
         return None
@@ -91,6 +102,12 @@ class LocalBackend(Backend):
             if core.state is ReplicaState.RUNNING:
                 return core.model_info()
         raise BackendError("no replica is running")
+
+    async def load_lora(self, request: LoadLora) -> list[LoraResult]:
+        return [c.load_lora(request) for c in self.cores if c.state is ReplicaState.RUNNING]
+
+    async def unload_lora(self, request: UnloadLora) -> list[LoraResult]:
+        return [c.unload_lora(request) for c in self.cores if c.state is ReplicaState.RUNNING]
 
     async def close(self) -> None:
         for core in self.cores:

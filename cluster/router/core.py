@@ -14,8 +14,15 @@ caller that goes away (closing the generator) cancels the replica's request, whi
 `tracer` that is on, each call records its spans (`cluster.router.spans`), continuing the caller's W3C context
 (`trace_context`: from gRPC metadata or HTTP headers) and handing its own to the replica in the request.
 
-Replicas are polled every `health_interval_s` (`refresh`): readiness, the model's facts, admission capacity; each
-poll tells `on_ready` whether a replica is ready (the gRPC health service follows it). `drain()` refuses new calls
+Replicas are polled every `health_interval_s` (`refresh`): readiness, the model's facts, admission capacity, the LoRA
+adapters each one serves; each poll tells `on_ready` whether a replica is ready (the gRPC health service follows it).
+
+LoRA adapters: a request names one (`adapter`; the served model's name or nothing: the base model). The router knows
+which ready replica serves which adapter (from the last poll, and at once from its own `load_lora` / `unload_lora`,
+which apply to every replica): an adapter none serves is NOT_FOUND, and a request is routed among the replicas that
+serve its adapter (the others are excluded, `ReplicaRequest.exclude_replicas`). Its prompt's prefix hashes are salted
+with the adapter (`workers.block_hash.lora_salt`), as the engine's prefix cache keys them, so prefix affinity sends
+it where its own cached blocks are. `drain()` refuses new calls
 (UNAVAILABLE) and waits, bounded, for the running ones.
 """
 
@@ -29,7 +36,19 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from typing import Any
 
-from gptoss_cluster.cluster.contract import Delta, ErrorCode, ModelInfo, ReplicaState, ReplicaStats
+from gptoss_cluster.cluster.contract import (
+    Delta,
+    ErrorCode,
+    LoadLora,
+    LoraAdapter,
+    LoraResult,
+    ModelInfo,
+    ReplicaError,
+    ReplicaState,
+    ReplicaStats,
+    UnloadLora,
+    lora_name_problem,
+)
 from gptoss_cluster.cluster.router.admission import Admission
 from gptoss_cluster.cluster.router.backend import Backend, BackendError
 from gptoss_cluster.cluster.router.dispatch import replica_deltas
@@ -41,7 +60,7 @@ from gptoss_cluster.cluster.router.spans import RequestTrace
 from gptoss_cluster.cluster.router.streaming import ChatDelta, ChatStream, TextStream, chat_finish_reason
 from gptoss_cluster.cluster.tracing import Tracer
 from gptoss_cluster.proto.gptoss.v1 import gptoss_pb2 as pb
-from gptoss_cluster.workers.block_hash import prefix_hashes
+from gptoss_cluster.workers.block_hash import lora_salt, prefix_hashes
 
 __all__ = ["PREFIX_BLOCKS", "RouterCore"]
 
@@ -67,6 +86,8 @@ class RouterCore:
         self.replicas: list[ReplicaStats] = []
         self.ready_replicas = 0
         self.model: ModelInfo | None = None  # the served model's facts (a replica's, under the served name)
+        self.adapters: dict[str, LoraAdapter] = {}  # the LoRA adapters some ready replica serves, by name
+        self._adapter_replicas: dict[str, set[str]] = {}  # adapter name -> ids of the ready replicas serving it
         self.on_ready: Callable[[bool], Awaitable[None]] | None = None  # told after every poll, unless draining
         self._validator: Validator | None = None
         self._inflight = 0  # calls running (any method): drain waits for them
@@ -129,6 +150,7 @@ class RouterCore:
         stats = await self.backend.replica_stats()
         ready = [r for r in stats if r.state is ReplicaState.RUNNING]
         self.replicas = stats
+        self._set_adapters(ready)
         if ready and self._validator is None:
             try:
                 self._set_model(await self.backend.model_info())
@@ -151,6 +173,15 @@ class RouterCore:
         self.model = info
         self._validator = Validator(info, sampling_defaults=self.settings.sampling_defaults,
                                     default_reasoning_effort=self.settings.default_reasoning_effort)
+
+    def _set_adapters(self, ready: list[ReplicaStats]) -> None:
+        on: dict[str, set[str]] = {}
+        adapters: dict[str, LoraAdapter] = {}
+        for replica in ready:
+            for adapter in replica.adapters:
+                on.setdefault(adapter.name, set()).add(replica.replica_id)
+                adapters.setdefault(adapter.name, adapter)
+        self.adapters, self._adapter_replicas = adapters, on
 
     def _record_queue(self, admission: Admission) -> None:
         self.metrics.set_router_queue(router=self.settings.router_name, queued=admission.queued,
@@ -201,6 +232,43 @@ class RouterCore:
     async def list_replicas(self) -> list[ReplicaStats]:
         """Every replica's statistics, asked now (answered while draining too: operators watch a drain with it)."""
         return sorted(await self.backend.replica_stats(), key=lambda r: r.replica_id)
+
+    # ------------------------------------------------------------------------------------------------ LoRA adapters
+    def adapter_list(self) -> list[LoraAdapter]:
+        """The adapters some ready replica serves, by name, each with the served model as its parent."""
+        return [dataclasses.replace(a, parent=self.model_name) for _, a in sorted(self.adapters.items())]
+
+    async def load_lora(self, name: str, path: str) -> tuple[LoraAdapter, list[LoraResult]]:
+        """Register the PEFT adapter at `path` as `name` on every replica: (the adapter, each replica's result).
+        Raises RouterError: INVALID_ARGUMENT (a bad name, the served model's name, or every replica refused it),
+        UNAVAILABLE (no replica answered)."""
+        with self.call():
+            problem = lora_name_problem(name)
+            if problem is not None:
+                raise RouterError(ErrorCode.INVALID_ARGUMENT, f"name: {problem}")
+            if name == self.model_name:
+                raise RouterError(ErrorCode.INVALID_ARGUMENT, f"name: {name!r} is the served model's name")
+            if not path:
+                raise RouterError(ErrorCode.INVALID_ARGUMENT, "path is empty: give the PEFT adapter directory")
+            results = await self.backend.load_lora(LoadLora(name, path))
+            adapter = next((r.adapter for r in results if r.ok and r.adapter is not None), None)
+            _raise_if_none_did(results, "load the adapter")
+            assert adapter is not None  # a replica that loaded it says what it loaded
+            for r in results:
+                if r.ok:
+                    self._adapter_replicas.setdefault(name, set()).add(r.replica_id)
+            self.adapters[name] = adapter
+            return dataclasses.replace(adapter, parent=self.model_name), results
+
+    async def unload_lora(self, name: str) -> list[LoraResult]:
+        """Forget the adapter on every replica: each replica's result. Raises RouterError: NOT_FOUND (no replica has
+        it), UNAVAILABLE (no replica answered)."""
+        with self.call():
+            results = await self.backend.unload_lora(UnloadLora(name))
+            _raise_if_none_did(results, "unload the adapter")
+            self.adapters.pop(name, None)  # requests that arrive from now on are NOT_FOUND, whatever the next poll
+            self._adapter_replicas.pop(name, None)
+            return results
 
     async def generate_events(self, request: pb.GenerateRequest, *, timeout: float | None = None,
                               protocol: str = "grpc", trace_context: Mapping[str, str] | None = None
@@ -288,12 +356,38 @@ class RouterCore:
             timeout = prep.timeout_s
         if not self.ready_replicas or self.model is None:
             raise RouterError(ErrorCode.UNAVAILABLE, "no model replica is ready")
-        hashes = tuple(prefix_hashes(prep.prompt_token_ids, self.model.kv_block_size, PREFIX_BLOCKS))
+        exclude: tuple[str, ...] = ()
+        if prep.lora is not None:
+            serving = self._adapter_replicas.get(prep.lora)
+            if not serving:
+                raise RouterError(ErrorCode.NOT_FOUND, f"the LoRA adapter {prep.lora!r} is not loaded; loaded: "
+                                  f"{', '.join(sorted(self.adapters)) or 'none'}")
+            exclude = tuple(r.replica_id for r in self.replicas if r.replica_id not in serving)
+        hashes = tuple(prefix_hashes(prep.prompt_token_ids, self.model.kv_block_size, PREFIX_BLOCKS,
+                                     lora_salt(prep.lora)))
         request = prep.replica_request(None if timeout is None else time.time() + timeout, hashes,
-                                       None if trace is None else trace.context())
+                                       None if trace is None else trace.context(), exclude)
         return replica_deltas(self.backend, request, self.admission, timeout_s=timeout,
                               stream_interval=self.settings.stream_interval, on_dispatch=timer.dispatched,
                               on_accepted=None if trace is None else trace.accepted)
+
+
+def _raise_if_none_did(results: list[LoraResult], what: str) -> None:
+    """Nothing when a replica succeeded; else RouterError with the replicas' common code (UNAVAILABLE when none
+    answered, or they disagree)."""
+    if any(r.ok for r in results):
+        return
+    if not results:
+        raise RouterError(ErrorCode.UNAVAILABLE, f"no model replica answered: could not {what}")
+    errors = [r.error for r in results if r.error is not None]
+    codes = {e.code for e in errors}
+    code = codes.pop() if len(codes) == 1 else ErrorCode.UNAVAILABLE
+    raise RouterError(code, _first_error(errors))
+
+
+def _first_error(errors: list[ReplicaError]) -> str:
+    messages = list(dict.fromkeys(e.message for e in errors))
+    return messages[0] if len(messages) == 1 else "; ".join(messages)
 
 
 def _left(deadline: float | None) -> float | None:

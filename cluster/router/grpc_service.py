@@ -1,6 +1,7 @@
 """gptoss.v1 over gRPC: a grpc.aio server translating calls into the router core and its errors into statuses.
 
-`GrpcService(core, token)` serves Inference (Generate, Chat, Tokenize, GetModelInfo) and Admin (ListReplicas) over
+`GrpcService(core, token)` serves Inference (Generate, Chat, Tokenize, GetModelInfo) and Admin (ListReplicas,
+LoadLoraAdapter, UnloadLoraAdapter, ListLoraAdapters) over
 `cluster.router.core.RouterCore`, plus grpc.health.v1 and reflection. A `RouterError` aborts the call with the status
 of the same name (RESOURCE_EXHAUSTED with the `grpc-retry-pushback-ms` trailer); nothing else is decided here.
 
@@ -21,7 +22,7 @@ from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from gptoss_cluster.cluster.contract import ReplicaStats
+from gptoss_cluster.cluster.contract import LoraAdapter, LoraResult, ReplicaStats
 from gptoss_cluster.cluster.router.core import RouterCore
 from gptoss_cluster.cluster.router.errors import RouterError
 from gptoss_cluster.cluster.router.settings import RouterSettings
@@ -242,7 +243,7 @@ class _Inference(pb_grpc.InferenceServicer):
                     experts_per_token=m.experts_per_token, hidden_size=m.hidden_size, vocab_size=m.vocab_size,
                     context_length=m.context_length, sliding_window=m.sliding_window,
                     shards_per_replica=m.shards_per_replica, num_replicas=self.core.ready_replicas,
-                    kv_block_size=m.kv_block_size)
+                    kv_block_size=m.kv_block_size, adapters=[_adapter(a) for a in self.core.adapter_list()])
         raise AssertionError("unreachable: the call was aborted")
 
 
@@ -253,6 +254,45 @@ class _Admin(pb_grpc.AdminServicer):
     async def ListReplicas(self, request: pb.ListReplicasRequest,  # noqa: N802
                            context: grpc.aio.ServicerContext) -> pb.ListReplicasResponse:
         return pb.ListReplicasResponse(replicas=[_replica_info(r) for r in await self.core.list_replicas()])
+
+    async def LoadLoraAdapter(self, request: pb.LoadLoraAdapterRequest,  # noqa: N802
+                              context: grpc.aio.ServicerContext) -> pb.LoraAdapterResponse:
+        async with _answering(context):
+            adapter, results = await self.core.load_lora(request.name, request.path)
+            return pb.LoraAdapterResponse(adapter=_adapter(adapter), replicas=[_lora_result(r) for r in results])
+        raise AssertionError("unreachable: the call was aborted")
+
+    async def UnloadLoraAdapter(self, request: pb.UnloadLoraAdapterRequest,  # noqa: N802
+                                context: grpc.aio.ServicerContext) -> pb.LoraAdapterResponse:
+        async with _answering(context):
+            results = await self.core.unload_lora(request.name)
+            return pb.LoraAdapterResponse(replicas=[_lora_result(r) for r in results])
+        raise AssertionError("unreachable: the call was aborted")
+
+    async def ListLoraAdapters(self, request: pb.ListLoraAdaptersRequest,  # noqa: N802
+                               context: grpc.aio.ServicerContext) -> pb.ListLoraAdaptersResponse:
+        replicas = await self.core.list_replicas()
+        names: dict[str, LoraAdapter] = {}
+        for r in replicas:
+            for a in r.adapters:
+                names.setdefault(a.name, a)
+        parent = self.core.model_name
+        return pb.ListLoraAdaptersResponse(
+            adapters=[_adapter(a, parent) for _, a in sorted(names.items())],
+            replicas=[pb.ReplicaLoraAdapters(replica_id=r.replica_id, adapters=[_adapter(a, parent)
+                                                                                for a in r.adapters])
+                      for r in replicas])
+
+
+def _adapter(a: LoraAdapter, parent: str | None = None) -> pb.LoraAdapter:
+    return pb.LoraAdapter(name=a.name, path=a.path, rank=a.rank, parent=parent or a.parent)
+
+
+def _lora_result(r: LoraResult) -> pb.ReplicaLoraResult:
+    if r.error is None:
+        return pb.ReplicaLoraResult(replica_id=r.replica_id, ok=True)
+    return pb.ReplicaLoraResult(replica_id=r.replica_id, ok=False, error_code=r.error.code.name,
+                                error=r.error.message)
 
 
 def _replica_info(r: ReplicaStats) -> pb.ReplicaInfo:

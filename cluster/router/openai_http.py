@@ -1,10 +1,15 @@
 """The router's OpenAI-compatible HTTP API: a FastAPI app on uvicorn, in the router's process and event loop.
 
-Routes: POST /v1/chat/completions, /v1/responses, /v1/completions; GET /v1/models, /health. A body becomes a
+Routes: POST /v1/chat/completions, /v1/responses, /v1/completions; GET /v1/models, /v1/models/{id}, /health. A body
+becomes a
 gptoss.v1 request (cluster.router.openai_convert) and runs through the router core's `chat_events` /
 `generate_events` (cluster.router.core): the same validation, admission, replica choice, retries, deadlines and
 metrics (protocol="http") as a gRPC call. The deltas come back in OpenAI's shapes (cluster.router.openai_render),
 whole or as server-sent events.
+
+- Models: a body's `model` is the served model (or empty: the base model too) or the name of a LoRA adapter the
+  replicas serve, which then runs the request, as in vLLM; anything else is 404 `model_not_found`. GET /v1/models
+  lists the base model and every adapter (`parent`: the base model's id).
 
 - Auth: the router's bearer token (`Authorization: Bearer ...`) on everything but /health.
 - Errors: OpenAI's `{"error": {message, type, param, code}}`; a RouterError's code picks the HTTP status (400,
@@ -42,6 +47,7 @@ from gptoss_cluster.cluster.router.openai_render import (
     ResponsesStream,
     TextCompletion,
     error_body,
+    error_code,
     http_status,
 )
 from gptoss_cluster.cluster.tracing import trace_context_of
@@ -85,17 +91,37 @@ def build_app(core: RouterCore, token: str | None) -> FastAPI:
         """The caller's W3C trace context, from the headers (read only when tracing)."""
         return None if core.tracer is None else trace_context_of(request.headers)
 
-    def check_model(name: str) -> None:
+    def model_not_found(name: str) -> _ApiError:
+        adapters = ", ".join(sorted(core.adapters))
+        return _ApiError(404, f"the model {name!r} does not exist; this server serves {core.model_name!r}"
+                         + (f" and the LoRA adapters {adapters}" if adapters else ""),
+                         "invalid_request_error", "model", "model_not_found")
+
+    def select_model(name: str, request_message: Any) -> str:
+        """The model a body names (what its answer reports): the served model, or a LoRA adapter, which
+        `request_message` is then set to run with; 404 model_not_found for anything else."""
         served = core.model_name
-        if name and served and name != served:
-            raise _ApiError(404, f"the model {name!r} does not exist; this server serves {served!r}",
-                            "invalid_request_error", "model", "model_not_found")
+        if not name or not served or name == served:  # no replica yet: the core answers 503
+            return served
+        if name not in core.adapters:
+            raise model_not_found(name)
+        request_message.adapter = name
+        return name
+
+    def model_card(name: str, parent: str | None, root: str | None) -> dict[str, Any]:
+        context = core.model.context_length if core.model is not None else None
+        return {"id": name, "object": "model", "created": started, "owned_by": "gptoss-cluster", "root": root,
+                "parent": parent, "max_model_len": context}
+
+    def model_cards() -> list[dict[str, Any]]:
+        base = core.model_name
+        return [model_card(base, None, base)] + [model_card(a.name, base, a.path) for a in core.adapter_list()]
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: convert.ChatCompletionRequest, request: Request) -> Response:
         request_message = convert.chat_request(body)
-        check_model(body.model)
-        render = ChatCompletion(core.model_name, tokenizer, logprobs=bool(body.logprobs),
+        model = select_model(body.model, request_message)
+        render = ChatCompletion(model, tokenizer, logprobs=bool(body.logprobs),
                                 include_usage=body.include_usage)
         events = core.chat_events(request_message, protocol="http", trace_context=trace_context(request))
         return await _answer(request, events, render, body.stream)
@@ -103,9 +129,9 @@ def build_app(core: RouterCore, token: str | None) -> FastAPI:
     @app.post("/v1/responses")
     async def responses(body: convert.ResponsesRequest, request: Request) -> Response:
         request_message = convert.responses_request(body)
-        check_model(body.model)
+        model = select_model(body.model, request_message)
         text = body.text or {"format": {"type": "text"}}
-        render = ResponsesStream(core.model_name, {
+        render = ResponsesStream(model, {
             "instructions": body.instructions, "tools": body.tools or [], "tool_choice": body.tool_choice or "auto",
             "temperature": body.temperature, "top_p": body.top_p, "max_output_tokens": body.max_output_tokens,
             "reasoning": {"effort": (body.reasoning or {}).get("effort"), "summary": None}, "text": text})
@@ -115,17 +141,22 @@ def build_app(core: RouterCore, token: str | None) -> FastAPI:
     @app.post("/v1/completions")
     async def completions(body: convert.CompletionRequest, request: Request) -> Response:
         request_message = convert.completion_request(body)
-        check_model(body.model)
-        render = TextCompletion(core.model_name, tokenizer, logprobs=body.logprobs is not None,
+        model = select_model(body.model, request_message)
+        render = TextCompletion(model, tokenizer, logprobs=body.logprobs is not None,
                                 include_usage=body.include_usage)
         events = core.generate_events(request_message, protocol="http", trace_context=trace_context(request))
         return await _answer(request, events, render, body.stream)
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
-        context = core.model.context_length if core.model is not None else None
-        return {"object": "list", "data": [{"id": core.model_name, "object": "model", "created": started,
-                                            "owned_by": "gptoss-cluster", "max_model_len": context}]}
+        return {"object": "list", "data": model_cards()}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str) -> dict[str, Any]:
+        for card in model_cards():
+            if card["id"] == model_id:
+                return card
+        raise model_not_found(model_id)
 
     @app.get("/health")
     async def health() -> Response:
@@ -142,7 +173,8 @@ def build_app(core: RouterCore, token: str | None) -> FastAPI:
         headers = None
         if exc.code is ErrorCode.RESOURCE_EXHAUSTED and exc.retry_after_ms is not None:
             headers = {"Retry-After": str(max(1, math.ceil(exc.retry_after_ms / 1000)))}
-        return _error(status, exc.message, type_, code=exc.code.name.lower(), headers=headers)
+        param = "model" if exc.code is ErrorCode.NOT_FOUND else None  # a LoRA adapter unloaded meanwhile
+        return _error(status, exc.message, type_, param, code=error_code(exc.code), headers=headers)
 
     @app.exception_handler(convert.InvalidRequest)
     async def invalid_request(_: Request, exc: convert.InvalidRequest) -> Response:

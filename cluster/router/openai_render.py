@@ -22,7 +22,7 @@ from gptoss_cluster.cluster.router.errors import RouterError
 from gptoss_cluster.proto.gptoss.v1 import gptoss_pb2 as pb
 from gptoss_cluster.workers.harmony import Tokenizer
 
-__all__ = ["ChatCompletion", "ResponsesStream", "TextCompletion", "error_body", "http_status"]
+__all__ = ["ChatCompletion", "ResponsesStream", "TextCompletion", "error_body", "error_code", "http_status"]
 
 ChatEvents = AsyncIterator[tuple[pb.ChatResponse, list[pb.TokenLogprob]]]
 _FINISH = {pb.FINISH_REASON_STOP: "stop", pb.FINISH_REASON_LENGTH: "length", pb.FINISH_REASON_TOOL_CALL: "tool_calls",
@@ -42,12 +42,18 @@ def http_status(code: ErrorCode) -> tuple[int, str]:
     return _HTTP.get(code, (500, "server_error"))
 
 
+def error_code(code: ErrorCode) -> str:
+    """The OpenAI error body's `code` for a router error: what a request can miss is its model (a LoRA adapter that
+    is not loaded), which OpenAI calls model_not_found; the rest are the status's name."""
+    return "model_not_found" if code is ErrorCode.NOT_FOUND else code.name.lower()
+
+
 def error_body(message: str, type_: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
 def _router_error(exc: RouterError) -> dict[str, Any]:
-    return error_body(exc.message, http_status(exc.code)[1], code=exc.code.name.lower())
+    return error_body(exc.message, http_status(exc.code)[1], code=error_code(exc.code))
 
 
 def _sse(data: dict[str, Any], event: str | None = None) -> str:

@@ -20,7 +20,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from gptoss_cluster.cluster.contract import ModelInfo, ReplicaRequest
+from gptoss_cluster.cluster.contract import ModelInfo, ReplicaRequest, lora_name_problem
 from gptoss_cluster.cluster.router.errors import invalid
 from gptoss_cluster.proto.gptoss.v1 import gptoss_pb2 as pb
 from gptoss_cluster.workers.constraint import BUILTIN_RECIPIENTS, Constraint
@@ -53,17 +53,20 @@ class Prepared:
     timeout_s: float | None = None
     eos_token_ids: tuple[int, ...] | None = None
     constraint: Constraint | None = None
+    lora: str | None = None  # the LoRA adapter that runs it (None: the base model)
 
     @property
     def min_tokens(self) -> int:
         return self.sampling.min_tokens
 
     def replica_request(self, deadline: float | None, prefix_hashes: tuple[bytes, ...] = (),
-                        trace_context: dict[str, str] | None = None) -> ReplicaRequest:
-        """`deadline`: wall-clock seconds (time.time()), or None."""
+                        trace_context: dict[str, str] | None = None,
+                        exclude_replicas: tuple[str, ...] = ()) -> ReplicaRequest:
+        """`deadline`: wall-clock seconds (time.time()), or None; `exclude_replicas`: those not serving its adapter."""
         return ReplicaRequest(self.request_id, self.prompt_token_ids, self.sampling, priority=self.priority,
                               deadline=deadline, eos_token_ids=self.eos_token_ids, constraint=self.constraint,
-                              prefix_hashes=prefix_hashes, trace_context=trace_context)
+                              prefix_hashes=prefix_hashes, exclude_replicas=exclude_replicas,
+                              trace_context=trace_context, lora=self.lora)
 
 
 def _check_schema(where: str, schema: Any, depth: int = 0) -> None:
@@ -227,6 +230,16 @@ class Validator:
             raise invalid(f"timeout_seconds must be a positive number of seconds, got {value!r}")
         return float(value)
 
+    def adapter(self, has: bool, name: str) -> str | None:
+        """The request's LoRA adapter: None for the base model (unset, empty, or the served model's name); a name
+        that cannot be an adapter's is INVALID_ARGUMENT (whether one is loaded is the router core's question)."""
+        if not has or not name or name == self.model.model:
+            return None
+        problem = lora_name_problem(name)
+        if problem is not None:
+            raise invalid(f"adapter: {problem}")
+        return name
+
     def token_ids(self, ids: Any, where: str) -> list[int]:
         out = list(ids)
         if out and (min(out) < 0 or max(out) >= self.vocab_size):
@@ -277,7 +290,8 @@ class Validator:
             prompt = self.token_ids(req.token_ids.ids, "token_ids.ids")
         sampling, stops = self.sampling(req.sampling, len(prompt))
         return Prepared(self.request_id(req.request_id), prompt, sampling, stops, req.priority,
-                        self.timeout(req.HasField("timeout_seconds"), req.timeout_seconds))
+                        self.timeout(req.HasField("timeout_seconds"), req.timeout_seconds),
+                        lora=self.adapter(req.HasField("adapter"), req.adapter))
 
     def chat(self, req: pb.ChatRequest) -> Prepared:
         prompt = self.render(req.messages, req.reasoning_effort, req.tools, req.builtin_tools)
@@ -285,7 +299,8 @@ class Validator:
         sampling, stops = self.sampling(req.sampling, len(prompt))
         return Prepared(self.request_id(req.request_id), prompt, sampling, stops, req.priority,
                         self.timeout(req.HasField("timeout_seconds"), req.timeout_seconds),
-                        eos_token_ids=self.chat_stop_token_ids, constraint=constraint)
+                        eos_token_ids=self.chat_stop_token_ids, constraint=constraint,
+                        lora=self.adapter(req.HasField("adapter"), req.adapter))
 
     def tokenize(self, req: pb.TokenizeRequest) -> list[int]:
         which = req.WhichOneof("input")

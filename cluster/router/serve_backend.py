@@ -21,12 +21,16 @@ from gptoss_cluster.cluster.contract import (
     ChannelOpen,
     ChannelRoute,
     Delta,
+    ErrorCode,
+    LoadLora,
+    LoraResult,
     Misrouted,
     ModelInfo,
     ReplicaError,
     ReplicaEvent,
     ReplicaRequest,
     ReplicaStats,
+    UnloadLora,
 )
 from gptoss_cluster.cluster.router.backend import Backend, BackendError
 
@@ -235,6 +239,23 @@ class ServeBackend(Backend):
         except Exception:  # no replica running (DeploymentUnavailableError), timeout, controller away
             return []
         return [r for r in results if isinstance(r, ReplicaStats)]  # the others failed or timed out
+
+    async def load_lora(self, request: LoadLora) -> list[LoraResult]:
+        return await self._on_every_replica("load_lora", request)
+
+    async def unload_lora(self, request: UnloadLora) -> list[LoraResult]:
+        return await self._on_every_replica("unload_lora", request)
+
+    async def _on_every_replica(self, method: str, request: LoadLora | UnloadLora) -> list[LoraResult]:
+        """`method(request)` broadcast to every replica of the deployment; a replica whose call failed is reported
+        UNAVAILABLE under the id Serve gave no answer for (broadcast results carry no replica id of their own)."""
+        try:
+            results = await self.handle.broadcast(method, request).results_async(timeout_s=self.stats_timeout_s * 6,
+                                                                                 return_exceptions=True)
+        except Exception:  # no replica running (DeploymentUnavailableError), timeout, controller away
+            return []
+        return [r if isinstance(r, LoraResult) else
+                LoraResult("?", ReplicaError(ErrorCode.UNAVAILABLE, f"{type(r).__name__}: {r}")) for r in results]
 
     async def model_info(self) -> ModelInfo:
         try:

@@ -16,6 +16,8 @@ added latency itself rather than rounded to whole steps, while later tokens keep
 batched token channel. With `coalesce=True` tokens fall due on that schedule whether or not the consumer is reading, and
 each delta carries every token due by the time it is sent, as `cluster.replica.ReplicaCore` does with the engine's
 queued outputs (a consumer that falls behind gets fewer, larger deltas); otherwise one token per delta.
+`adapters` (name -> path) are the LoRA adapters it pretends to serve: a request naming another is NOT_FOUND, and
+`load_lora` / `unload_lora` change them (a path that is no directory is INVALID_ARGUMENT, as a bad adapter would be).
 `ScriptedReplicaImpl` wraps one as the body of a Serve deployment with ModelReplica's methods, so the whole Serve
 path (Router deployment, handle, request router) can run without a model.
 """
@@ -28,20 +30,25 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Mapping, Sequence
 from typing import Any
 
 from gptoss_cluster.cluster.contract import (
     Accepted,
     Delta,
     ErrorCode,
+    LoadLora,
+    LoraAdapter,
+    LoraResult,
     ModelInfo,
     ReplicaError,
     ReplicaLoad,
     ReplicaRequest,
     ReplicaState,
     ReplicaStats,
+    UnloadLora,
     Usage,
+    lora_name_problem,
 )
 from gptoss_cluster.cluster.token_channel import ReplicaEndpoints, TokenChannels
 from gptoss_cluster.workers.harmony import RETURN_ID
@@ -57,8 +64,11 @@ class ScriptedReplica:
                  context_length: int = 4096, max_ongoing_requests: int = 256,
                  state: ReplicaState = ReplicaState.RUNNING,
                  kv_blocks: int = 256, block_size: int = 16, lockstep: bool = False,
-                 coalesce: bool = False, first_token_s: float | None = None) -> None:
+                 coalesce: bool = False, first_token_s: float | None = None,
+                 adapters: Mapping[str, str] | None = None, model: str = "scripted") -> None:
         self.tokens = tokens
+        self.model = model
+        self.loras: dict[str, str] = dict(adapters or {})  # LoRA adapter name -> path
         self.step_s = step_s
         self.first_token_s = first_token_s
         self.lockstep = lockstep
@@ -104,6 +114,9 @@ class ScriptedReplica:
         max_tokens = sampling.max_tokens
         ignore_eos = sampling.ignore_eos
         eos = set(request.eos_token_ids or (RETURN_ID,)) | set(sampling.stop_token_ids)
+        if request.lora is not None and request.lora not in self.loras:
+            yield ReplicaError(ErrorCode.NOT_FOUND, f"no LoRA adapter named {request.lora!r} is loaded")
+            return
         script = self._script(request)
         prompt = request.prompt_token_ids
         deadline = request.deadline
@@ -155,6 +168,25 @@ class ScriptedReplica:
             if not done:
                 self.aborted.append(rid)
 
+    def adapters(self) -> tuple[LoraAdapter, ...]:
+        return tuple(LoraAdapter(name, path, 8, self.model) for name, path in self.loras.items())
+
+    def load_lora(self, request: LoadLora) -> LoraResult:
+        problem = lora_name_problem(request.name)
+        if problem is None and request.name in self.loras:
+            problem = f"a LoRA adapter named {request.name!r} is already loaded"
+        if problem is None and not os.path.isdir(request.path):
+            problem = f"{request.path}: not a directory"
+        if problem is not None:
+            return LoraResult(self.replica_id, ReplicaError(ErrorCode.INVALID_ARGUMENT, problem))
+        self.loras[request.name] = request.path
+        return LoraResult(self.replica_id, adapter=LoraAdapter(request.name, request.path, 8, self.model))
+
+    def unload_lora(self, request: UnloadLora) -> LoraResult:
+        if self.loras.pop(request.name, None) is None:
+            return LoraResult(self.replica_id, ReplicaError(ErrorCode.NOT_FOUND, f"no adapter {request.name!r}"))
+        return LoraResult(self.replica_id)
+
     def load(self) -> ReplicaLoad:
         return ReplicaLoad(state=self.state, outstanding_tokens=0, num_running=len(self.live), num_waiting=0,
                            kv_usage=sum(self.live.values()) / self.kv_blocks)
@@ -165,13 +197,14 @@ class ScriptedReplica:
                             max_ongoing_requests=self.max_ongoing_requests, load=self.load(),
                             kv_blocks_total=self.kv_blocks, kv_blocks_free=self.kv_blocks - used,
                             prefix_cache_queries=0, prefix_cache_hits=0, requests_total=self.requests_total,
-                            tokens_total=self.tokens_total, health_error=None, pid=os.getpid())
+                            tokens_total=self.tokens_total, health_error=None, pid=os.getpid(),
+                            adapters=self.adapters())
 
     def model_info(self) -> ModelInfo:
-        return ModelInfo(model="scripted", num_layers=1, num_experts=1, experts_per_token=1, hidden_size=1,
+        return ModelInfo(model=self.model, num_layers=1, num_experts=1, experts_per_token=1, hidden_size=1,
                          vocab_size=self.vocab_size, context_length=self.context_length, sliding_window=128,
                          shards_per_replica=1, kv_block_size=self.block_size, eos_token_id=RETURN_ID,
-                         max_ongoing_requests=self.max_ongoing_requests)
+                         max_ongoing_requests=self.max_ongoing_requests, adapters=self.adapters())
 
     async def shutdown(self) -> None:
         return None

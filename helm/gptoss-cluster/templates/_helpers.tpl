@@ -148,6 +148,14 @@ true
       "sampling_defaults" $sampling
       "default_reasoning_effort" $s.reasoningEffort
 -}}
+{{- $lora := dict -}}
+{{- range .Values.lora.modules -}}
+{{- if hasKey $lora .name }}{{ fail (printf "lora.modules: the adapter name %s is listed twice" .name) }}{{ end -}}
+{{- $_ := set $lora .name .path -}}
+{{- end -}}
+{{- if $lora }}{{ $_ := set $args "lora_modules" $lora }}{{ end -}}
+{{- $_ := set $args "max_loras" (int .Values.lora.maxLoras) -}}
+{{- $_ := set $args "max_lora_rank" (int .Values.lora.maxLoraRank) -}}
 {{- if $s.autoscaling.enabled -}}
 {{- $_ := set $args "autoscaling_config" (include "gptoss.autoscalingConfig" . | fromYaml) -}}
 {{- else -}}

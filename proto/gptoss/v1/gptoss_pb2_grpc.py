@@ -243,12 +243,47 @@ class AdminStub:
                 request_serializer=gptoss__cluster_dot_proto_dot_gptoss_dot_v1_dot_gptoss__pb2.ListReplicasRequest.SerializeToString,
                 response_deserializer=gptoss__cluster_dot_proto_dot_gptoss_dot_v1_dot_gptoss__pb2.ListReplicasResponse.FromString,
                 _registered_method=True)
+        self.LoadLoraAdapter = channel.unary_unary(
+                '/gptoss.v1.Admin/LoadLoraAdapter',
+                request_serializer=gptoss__cluster_dot_proto_dot_gptoss_dot_v1_dot_gptoss__pb2.LoadLoraAdapterRequest.SerializeToString,
+                response_deserializer=gptoss__cluster_dot_proto_dot_gptoss_dot_v1_dot_gptoss__pb2.LoraAdapterResponse.FromString,
+                _registered_method=True)
+        self.UnloadLoraAdapter = channel.unary_unary(
+                '/gptoss.v1.Admin/UnloadLoraAdapter',
+                request_serializer=gptoss__cluster_dot_proto_dot_gptoss_dot_v1_dot_gptoss__pb2.UnloadLoraAdapterRequest.SerializeToString,
+                response_deserializer=gptoss__cluster_dot_proto_dot_gptoss_dot_v1_dot_gptoss__pb2.LoraAdapterResponse.FromString,
+                _registered_method=True)
+        self.ListLoraAdapters = channel.unary_unary(
+                '/gptoss.v1.Admin/ListLoraAdapters',
+                request_serializer=gptoss__cluster_dot_proto_dot_gptoss_dot_v1_dot_gptoss__pb2.ListLoraAdaptersRequest.SerializeToString,
+                response_deserializer=gptoss__cluster_dot_proto_dot_gptoss_dot_v1_dot_gptoss__pb2.ListLoraAdaptersResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
     """Missing associated documentation comment in .proto file."""
 
     def ListReplicas(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def LoadLoraAdapter(self, request, context):
+        """LoRA adapters at run time, applied to every replica of the deployment (each replica's result is reported).
+        A replica started later loads only the adapters of its start-up configuration (serve --lora-modules).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UnloadLoraAdapter(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListLoraAdapters(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -261,6 +296,21 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.ListReplicas,
                     request_deserializer=gptoss__cluster_dot_proto_dot_gptoss_dot_v1_dot_gptoss__pb2.ListReplicasRequest.FromString,
                     response_serializer=gptoss__cluster_dot_proto_dot_gptoss_dot_v1_dot_gptoss__pb2.ListReplicasResponse.SerializeToString,
+            ),
+            'LoadLoraAdapter': grpc.unary_unary_rpc_method_handler(
+                    servicer.LoadLoraAdapter,
+                    request_deserializer=gptoss__cluster_dot_proto_dot_gptoss_dot_v1_dot_gptoss__pb2.LoadLoraAdapterRequest.FromString,
+                    response_serializer=gptoss__cluster_dot_proto_dot_gptoss_dot_v1_dot_gptoss__pb2.LoraAdapterResponse.SerializeToString,
+            ),
+            'UnloadLoraAdapter': grpc.unary_unary_rpc_method_handler(
+                    servicer.UnloadLoraAdapter,
+                    request_deserializer=gptoss__cluster_dot_proto_dot_gptoss_dot_v1_dot_gptoss__pb2.UnloadLoraAdapterRequest.FromString,
+                    response_serializer=gptoss__cluster_dot_proto_dot_gptoss_dot_v1_dot_gptoss__pb2.LoraAdapterResponse.SerializeToString,
+            ),
+            'ListLoraAdapters': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListLoraAdapters,
+                    request_deserializer=gptoss__cluster_dot_proto_dot_gptoss_dot_v1_dot_gptoss__pb2.ListLoraAdaptersRequest.FromString,
+                    response_serializer=gptoss__cluster_dot_proto_dot_gptoss_dot_v1_dot_gptoss__pb2.ListLoraAdaptersResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -290,6 +340,87 @@ class Admin:
             '/gptoss.v1.Admin/ListReplicas',
             gptoss__cluster_dot_proto_dot_gptoss_dot_v1_dot_gptoss__pb2.ListReplicasRequest.SerializeToString,
             gptoss__cluster_dot_proto_dot_gptoss_dot_v1_dot_gptoss__pb2.ListReplicasResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LoadLoraAdapter(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gptoss.v1.Admin/LoadLoraAdapter',
+            gptoss__cluster_dot_proto_dot_gptoss_dot_v1_dot_gptoss__pb2.LoadLoraAdapterRequest.SerializeToString,
+            gptoss__cluster_dot_proto_dot_gptoss_dot_v1_dot_gptoss__pb2.LoraAdapterResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UnloadLoraAdapter(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gptoss.v1.Admin/UnloadLoraAdapter',
+            gptoss__cluster_dot_proto_dot_gptoss_dot_v1_dot_gptoss__pb2.UnloadLoraAdapterRequest.SerializeToString,
+            gptoss__cluster_dot_proto_dot_gptoss_dot_v1_dot_gptoss__pb2.LoraAdapterResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListLoraAdapters(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gptoss.v1.Admin/ListLoraAdapters',
+            gptoss__cluster_dot_proto_dot_gptoss_dot_v1_dot_gptoss__pb2.ListLoraAdaptersRequest.SerializeToString,
+            gptoss__cluster_dot_proto_dot_gptoss_dot_v1_dot_gptoss__pb2.ListLoraAdaptersResponse.FromString,
             options,
             channel_credentials,
             insecure,
