@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Protocol
 
 import torch
 
@@ -129,6 +130,18 @@ def swiglu(gate_up: torch.Tensor, limit: float, alpha: float) -> torch.Tensor:
     return (linear + 1) * gate * torch.sigmoid(alpha * gate)
 
 
+class ExpertLora(Protocol):
+    """Low-rank additions to one MoE layer's local experts (the LoRA hook of `moe_experts`; its maker lives in
+    workers/lora, which kernels never import). `expert` is the local index, `token_idx` [N] the rows of x routed to
+    it; each method adds its delta into `out` in place (rows whose token has no adapter stay as they are)."""
+
+    def add_gate_up(self, expert: int, token_idx: torch.Tensor, x: torch.Tensor, out: torch.Tensor) -> None:
+        """x [N, H] -> out [N, 2I] (interleaved gate/linear columns, before SwiGLU) += delta."""
+
+    def add_down(self, expert: int, token_idx: torch.Tensor, hidden: torch.Tensor, out: torch.Tensor) -> None:
+        """hidden [N, I] -> out [N, H] (before the routing weights) += delta."""
+
+
 def moe_experts(
     x: torch.Tensor,
     expert_weights: torch.Tensor,
@@ -142,6 +155,8 @@ def moe_experts(
     swiglu_limit: float,
     swiglu_alpha: float,
     first_expert: int = 0,
+    *,
+    lora: ExpertLora | None = None,
 ) -> torch.Tensor:
     """Mixture of MXFP4 experts: x [T, H] -> [T, H], each token the routing-weighted sum of its top-k experts.
 
@@ -149,6 +164,7 @@ def moe_experts(
     expert parallelism); tokens routed elsewhere get nothing from here. Only experts that received tokens are
     dequantized, one at a time, so no dense copy of all experts ever exists.
     gate_up_blocks [E_local, 2I, H/32, 16], down_blocks [E_local, H, I/32, 16] (rows = output features).
+    `lora`: adapters' low-rank additions to these experts (see `ExpertLora`); None = the base experts alone.
     """
 
     def dequantized(expert: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -156,7 +172,7 @@ def moe_experts(
                 dequantize_mxfp4(down_blocks[expert], down_scales[expert], x.dtype))  # [H, I]
 
     return mix_experts(x, expert_weights, expert_ids, gate_up_blocks.shape[0], dequantized, gate_up_bias, down_bias,
-                       swiglu_limit, swiglu_alpha, first_expert)
+                       swiglu_limit, swiglu_alpha, first_expert, lora=lora)
 
 
 def mix_experts(
@@ -170,6 +186,8 @@ def mix_experts(
     swiglu_limit: float,
     swiglu_alpha: float,
     first_expert: int = 0,
+    *,
+    lora: ExpertLora | None = None,
 ) -> torch.Tensor:
     """The per-token math of `moe_experts`, given each local expert's dense weights by `expert_matrices(e)` ->
     (gate_up [2I, H], down [H, I]) in x's dtype; asked only for experts that received tokens, once each.
@@ -183,8 +201,13 @@ def mix_experts(
             continue
         token_idx, slot = torch.where(local_ids == expert)
         w1, w2 = expert_matrices(expert)
-        hidden = torch.nn.functional.linear(x[token_idx], w1, gate_up_bias[expert].to(x.dtype))
+        rows = x[token_idx]
+        hidden = torch.nn.functional.linear(rows, w1, gate_up_bias[expert].to(x.dtype))
+        if lora is not None:
+            lora.add_gate_up(expert, token_idx, rows, hidden)
         hidden = swiglu(hidden, swiglu_limit, swiglu_alpha)
         y = torch.nn.functional.linear(hidden, w2, down_bias[expert].to(x.dtype))
+        if lora is not None:
+            lora.add_down(expert, token_idx, hidden, y)
         out.index_add_(0, token_idx, y * expert_weights[token_idx, slot, None].to(x.dtype))
     return out

@@ -8,7 +8,7 @@ query and KV heads [r·n/G, (r+1)·n/G), experts [r·E/G, (r+1)·E/G) and a voca
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 from torch import nn
@@ -17,6 +17,9 @@ from tqdm import tqdm
 from gptoss_cluster.kernels.dispatch import Kernels, select_kernels
 from gptoss_cluster.kernels.reference import rope_cos_sin, yarn_inv_freq
 from gptoss_cluster.workers.config import ModelConfig
+
+if TYPE_CHECKING:
+    from gptoss_cluster.workers.lora.layers import LoraBatch
 
 
 class Collective(Protocol):
@@ -127,10 +130,12 @@ class AttentionBlock(nn.Module):
         self.register_buffer("out_bias", torch.empty(config.hidden_size, dtype=dtype))
 
     def forward(self, model: GptOssModel, layer: int, x: torch.Tensor, positions: torch.Tensor,
-                cos: torch.Tensor, sin: torch.Tensor, kv: KVStore) -> torch.Tensor:
+                cos: torch.Tensor, sin: torch.Tensor, kv: KVStore, lora: LoraBatch | None = None) -> torch.Tensor:
         k_ = model.kernels
         h = k_.rms_norm(x, self.norm_weight, model.config.rms_norm_eps)
         qkv = nn.functional.linear(h, self.qkv_weight, self.qkv_bias)
+        if lora is not None:
+            qkv = lora.add_qkv(layer, h, qkv)
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         # [T, (Hq + 2 Hkv) D] -> q [T, Hq, D], k/v [T, Hkv, D]
         q = qkv[:, :q_size].view(-1, self.num_heads, self.head_dim)
@@ -138,7 +143,10 @@ class AttentionBlock(nn.Module):
         v = qkv[:, q_size + kv_size:].view(-1, self.num_kv_heads, self.head_dim)
         q, k = k_.apply_rope(q, cos, sin), k_.apply_rope(k, cos, sin)
         attn = kv.attend(k_, layer, q, k, v, positions, self.sinks, self.sliding_window, self.scale)
-        out = nn.functional.linear(attn.reshape(attn.shape[0], -1), self.out_weight)
+        attn = attn.reshape(attn.shape[0], -1)
+        out = nn.functional.linear(attn, self.out_weight)
+        if lora is not None:  # this rank's head columns: the partials meet in the all_reduce like the base's
+            out = lora.add_o(layer, attn, out)
         # The o-projection is row-split across ranks: sum the partials, then add the bias once.
         return x + model.collective.all_reduce(out) + self.out_bias
 
@@ -160,7 +168,7 @@ class MLPBlock(nn.Module):
         self.register_buffer("down_scales", torch.empty(num_local, hidden, inter // 32, dtype=torch.uint8))
         self.register_buffer("down_bias", torch.empty(num_local, hidden, dtype=dtype))
 
-    def forward(self, model: GptOssModel, layer: int, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, model: GptOssModel, layer: int, x: torch.Tensor, lora: LoraBatch | None = None) -> torch.Tensor:
         k_, cfg = model.kernels, model.config
         h = k_.rms_norm(x, self.norm_weight, cfg.rms_norm_eps)
         router_logits = nn.functional.linear(h, self.router_weight, self.router_bias)
@@ -170,9 +178,11 @@ class MLPBlock(nn.Module):
             # the host reads the counts when it collects statistics, not every layer of every step.
             ids = expert_ids.flatten()
             model.expert_counts[layer].index_add_(0, ids, torch.ones_like(ids))
+        hook = None if lora is None else lora.experts(layer)
+        extra = {} if hook is None else {"lora": hook}  # the base call unchanged when no adapter touches these experts
         out = k_.moe_experts(h, weights, expert_ids, self.gate_up_blocks, self.gate_up_scales, self.gate_up_bias,
                              self.down_blocks, self.down_scales, self.down_bias, cfg.swiglu_limit, cfg.swiglu_alpha,
-                             self.first_expert)
+                             self.first_expert, **extra)
         return x + model.collective.all_reduce(out)
 
 
@@ -219,19 +229,20 @@ class GptOssModel(nn.Module):
 
     @torch.inference_mode()
     def forward(self, token_ids: torch.Tensor, positions: torch.Tensor, kv: KVStore,
-                logits_at: torch.Tensor, gather_logits: bool = True) -> torch.Tensor:
+                logits_at: torch.Tensor, gather_logits: bool = True, lora: LoraBatch | None = None) -> torch.Tensor:
         """Flat tokens [T] at `positions` [T] -> float32 logits [len(logits_at), vocab] at rows `logits_at`.
 
         `kv` stores each layer's new keys and values and runs attention over what it holds: one contiguous sequence
         (KVCache) or the engine's paged batch of many. Only sampled rows need the unembedding, the largest matmul of
         a small model. `gather_logits=False`: this rank's vocabulary slice [len(logits_at), vocab / G] instead of the
-        gathered rows (a vocab-parallel sampler takes it from there).
+        gathered rows (a vocab-parallel sampler takes it from there). `lora`: the step's adapters and the rows using
+        each (workers.lora; `LoraBatch.single(weights)` for one adapter on every row); None = the base model.
         """
         cos, sin = rope_cos_sin(positions, self.inv_freq, self.rope_scaling, self.dtype)
         x = self.embed(token_ids)
         for layer in range(self.config.num_hidden_layers):
-            x = self.attention[layer](self, layer, x, positions, cos, sin, kv)
-            x = self.mlp[layer](self, layer, x)
+            x = self.attention[layer](self, layer, x, positions, cos, sin, kv, lora)
+            x = self.mlp[layer](self, layer, x, lora)
         h = self.kernels.rms_norm(x[logits_at], self.norm_weight, self.config.rms_norm_eps)
         logits = nn.functional.linear(h, self.unembedding).float()
         return self.collective.all_gather(logits, dim=-1) if gather_logits else logits

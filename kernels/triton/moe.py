@@ -34,6 +34,8 @@ from dataclasses import dataclass
 import torch
 
 import triton.language as tl
+from gptoss_cluster.kernels import reference
+from gptoss_cluster.kernels.reference import ExpertLora
 from gptoss_cluster.kernels.triton._jit import cdiv, check_device, dot_fp32, interpreting, jit, launch, next_power_of_2
 
 
@@ -277,8 +279,18 @@ def moe_experts(
     first_expert: int = 0,
     *,
     config: MoEConfig | None = None,
+    lora: ExpertLora | None = None,
 ) -> torch.Tensor:
-    """x [T, H] -> [T, H]: each token the routing-weighted sum of its top-k experts held here (see module doc)."""
+    """x [T, H] -> [T, H]: each token the routing-weighted sum of its top-k experts held here (see module doc).
+
+    With `lora` (adapters' expert additions) this call runs the torch reference MoE instead: the gate_up delta must
+    land before SwiGLU, which this kernel fuses into its first grouped GEMM. A fused Triton LoRA (Punica-style
+    shrink / expand per expert tile) is future work.
+    """
+    if lora is not None:
+        return reference.moe_experts(x, expert_weights, expert_ids, gate_up_blocks, gate_up_scales, gate_up_bias,
+                                     down_blocks, down_scales, down_bias, swiglu_limit, swiglu_alpha, first_expert,
+                                     lora=lora)
     check_device(x, gate_up_blocks, down_blocks)
     num_tokens, hidden = x.shape
     top_k = expert_ids.shape[1]

@@ -15,7 +15,7 @@ import torch
 
 from gptoss_cluster.kernels.dispatch import Kernels
 from gptoss_cluster.kernels.mxfp4 import dequantize_mxfp4
-from gptoss_cluster.kernels.reference import mix_experts
+from gptoss_cluster.kernels.reference import ExpertLora, mix_experts
 
 DEFAULT_LIMIT_BYTES = 1 << 30
 
@@ -45,12 +45,12 @@ class DequantizedMoE:
     def __call__(self, x: torch.Tensor, expert_weights: torch.Tensor, expert_ids: torch.Tensor,
                  gate_up_blocks: torch.Tensor, gate_up_scales: torch.Tensor, gate_up_bias: torch.Tensor,
                  down_blocks: torch.Tensor, down_scales: torch.Tensor, down_bias: torch.Tensor, swiglu_limit: float,
-                 swiglu_alpha: float, first_expert: int = 0) -> torch.Tensor:
+                 swiglu_alpha: float, first_expert: int = 0, *, lora: ExpertLora | None = None) -> torch.Tensor:
         w1_all = self._dense(gate_up_blocks, gate_up_scales, x.dtype)  # [E_local, 2I, H]
         w2_all = self._dense(down_blocks, down_scales, x.dtype)  # [E_local, H, I]
         return mix_experts(x, expert_weights, expert_ids, gate_up_blocks.shape[0],
                            lambda expert: (w1_all[expert], w2_all[expert]), gate_up_bias, down_bias, swiglu_limit,
-                           swiglu_alpha, first_expert)
+                           swiglu_alpha, first_expert, lora=lora)
 
 
 def with_dequantized_experts(kernels: Kernels) -> Kernels:
