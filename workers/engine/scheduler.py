@@ -4,8 +4,11 @@ Every step spends a token budget (`max_num_batched_tokens`). Running requests co
 decoding, or the next chunk of a prefill that did not fit earlier. Waiting requests are then admitted in order
 (FCFS, or by priority then arrival) while the budget, the `max_num_seqs` cap and the KV pool allow, each starting
 after its longest prefix-cache hit; with chunked prefill a long prompt takes whatever budget is left and continues
-next step. When a running request cannot get KV blocks, the newest running request (the lowest priority first under
-the priority policy) is preempted: its blocks go back to the pool and it waits to recompute prompt + output later.
+next step. A request of a LoRA adapter is admitted only when its adapter holds (or can take) one of the `max_loras`
+pool slots (`LoraSlots`); otherwise it is passed over for this step and later requests of resident adapters or the
+base model go ahead, as in vLLM. When a running request cannot get KV blocks, the newest running request (the lowest
+priority first under the priority policy) is preempted: its blocks (and its adapter's slot) go back to the pool and
+it waits to recompute prompt + output later.
 Requests that could never run (longer than the context, or more blocks than the whole pool) are refused up front.
 """
 
@@ -17,6 +20,7 @@ from dataclasses import dataclass, field
 
 from gptoss_cluster.workers.engine.config import EngineConfig
 from gptoss_cluster.workers.engine.kv_cache import KVCacheManager
+from gptoss_cluster.workers.engine.lora_slots import LoraSlots
 from gptoss_cluster.workers.engine.request import Request, RequestStatus
 
 
@@ -42,9 +46,11 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, config: EngineConfig, kv: KVCacheManager, max_model_len: int) -> None:
+    def __init__(self, config: EngineConfig, kv: KVCacheManager, max_model_len: int,
+                 lora: LoraSlots | None = None) -> None:
         self.config = config
         self.kv = kv
+        self.lora = lora if lora is not None else LoraSlots(config.max_loras)  # pins a slot per running request
         self.max_model_len = max_model_len
         self.use_priority = config.scheduling_policy == "priority"
         self.waiting: list[Request] = []  # kept sorted by sort_key
@@ -80,9 +86,9 @@ class Scheduler:
         self._waiting_keys.insert(at, key)
         self.waiting.insert(at, request)
 
-    def _pop_waiting(self) -> Request:
-        self._waiting_keys.pop(0)
-        return self.waiting.pop(0)
+    def _pop_waiting(self, at: int = 0) -> Request:
+        self._waiting_keys.pop(at)
+        return self.waiting.pop(at)
 
     @property
     def num_unfinished(self) -> int:
@@ -120,20 +126,27 @@ class Scheduler:
                 if victim is request:
                     break
 
-        # Admit waiting requests (not in a step that had to preempt: the pool is short already).
-        while (self.waiting and budget > 0 and not out.preempted
+        # Admit waiting requests (not in a step that had to preempt: the pool is short already). One whose LoRA
+        # adapter gets no slot is passed over (`at` moves on); any other shortage ends admission for this step.
+        at = 0
+        while (at < len(self.waiting) and budget > 0 and not out.preempted
                and len(self.running) < self.config.max_num_seqs):
-            request = self.waiting[0]
+            request = self.waiting[at]
+            if not self._acquire_lora(request):
+                at += 1
+                continue
             hit = self.kv.find_prefix(request)
             hit_tokens = hit.num_tokens if hit is not None else 0
             num_new = request.num_tokens - hit_tokens
             fresh_prompt = request.num_preemptions == 0
             if num_new > budget and fresh_prompt and not self.config.enable_chunked_prefill:
+                self._release_lora(request)
                 break
             num_new = min(num_new, budget)
             if not self.kv.allocate_slots(request, num_new, hit):
+                self._release_lora(request)
                 break
-            self._pop_waiting()
+            self._pop_waiting(at)
             self.kv.record_prefix_query(request.num_tokens, hit_tokens)
             if fresh_prompt:
                 request.num_cached_tokens = hit_tokens
@@ -160,6 +173,7 @@ class Scheduler:
 
     def _preempt(self, request: Request) -> None:
         self.kv.free(request)
+        self._release_lora(request)
         request.status = RequestStatus.PREEMPTED
         request.num_computed_tokens = 0
         request.num_preemptions += 1
@@ -178,3 +192,21 @@ class Scheduler:
         request.status = status
         request.finished_time = time.monotonic()
         self.kv.free(request)
+        self._release_lora(request)
+
+    # ------------------------------------------------------------------------------------------------ LoRA slots
+    def _acquire_lora(self, request: Request) -> bool:
+        """Pin a pool slot for the request's adapter while it runs (base-model requests need none); False: none is
+        free for it this step."""
+        if request.lora is None:
+            return True
+        slot = self.lora.acquire(request.lora)
+        if slot is None:
+            return False
+        request.lora_slot = slot
+        return True
+
+    def _release_lora(self, request: Request) -> None:
+        if request.lora_slot >= 0:
+            self.lora.release(request.lora_slot)
+            request.lora_slot = -1
