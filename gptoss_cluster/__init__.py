@@ -26,6 +26,10 @@ _EXPORTS = {
     "CompletionOutput": "gptoss_cluster.workers.llm",
     "SamplingParams": "gptoss_cluster.workers.sampling",
     "ModelConfig": "gptoss_cluster.workers.config",
+    "EngineConfig": "gptoss_cluster.workers.engine.config",  # LLM(engine_config=...): max_loras, max_lora_rank, ...
+    "AdapterInfo": "gptoss_cluster.workers.lora.adapter",
+    "LoraError": "gptoss_cluster.workers.lora.adapter",  # a bad or unsupported adapter
+    "LoraNotFoundError": "gptoss_cluster.workers.lora.adapter",  # a request named an unregistered adapter
 }
 
 __all__ = list(_EXPORTS)

@@ -48,5 +48,14 @@ class ForwardingExecutor(Executor):
     def expert_counts(self) -> torch.Tensor | None:
         return self.inner.expert_counts()
 
+    def add_lora(self, slot, source) -> None:
+        self.inner.add_lora(slot, source)
+
+    def remove_lora(self, slot) -> None:
+        self.inner.remove_lora(slot)
+
+    def lora_bytes(self) -> int:
+        return self.inner.lora_bytes()
+
     def shutdown(self) -> None:
         self.inner.shutdown()
