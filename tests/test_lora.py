@@ -339,6 +339,38 @@ def test_two_shards_match_one(tinyb):
         torch.testing.assert_close(sharded[r][0], want, rtol=0, atol=1e-4)
 
 
+def test_ray_executor_loads_adapters_on_every_shard(tinyb):
+    """RayExecutor (2 ShardWorkers on a local Ray): add_lora reaches every shard, the mixed step equals G = 1, a bad
+    adapter is a LoraError that leaves the shards serving."""
+    ray = pytest.importorskip("ray")
+    from gptoss_cluster.workers.engine.ray_executor import make_executor
+
+    assert not ray.is_initialized(), "another test left Ray running"
+    model, adapters = tinyb["model"], tinyb["adapters"]
+    executor = local_executor(model, adapters)
+    single = run_mixed(executor, model.config, MIXED, [0, 1, 2, 3], executor.forward_logits)
+    sharded = make_executor(tinyb["path"], 2, dtype="float32", collective_timeout_s=30.0, step_timeout_s=120.0,
+                            torch_threads=1, max_loras=4, max_lora_rank=16)
+    try:
+        for name, slot in SLOTS.items():
+            sharded.add_lora(slot, adapters[name].source)
+        assert 0 < sharded.lora_bytes() < executor.lora_bytes()
+        big = tinyb["root"] / "rank-32"
+        make_adapter(tinyb["path"], big, seed=0, logits=False, r=32, lora_alpha=8, target_modules=["q_proj"])
+        with pytest.raises(LoraError, match="max_lora_rank=16"):
+            sharded.add_lora(1, LoraSource("big", str(big)))
+        sharded.check_health()
+        got = run_mixed(sharded, model.config, MIXED, [0, 1, 2, 3], sharded.forward_logits)
+        for r in range(len(MIXED)):
+            torch.testing.assert_close(got[r][0], single[r][0], rtol=0, atol=2e-5)
+            torch.testing.assert_close(got[r][1], single[r][1], rtol=0, atol=2e-5)
+        sharded.remove_lora(SLOTS["full"])
+        assert sharded.lora_bytes() < executor.lora_bytes() // 2
+    finally:
+        sharded.shutdown()
+    assert not ray.is_initialized()
+
+
 # ---------------------------------------------------------------------------------------------------- refusals
 REFUSED = [
     ("dora", dict(target_modules=["q_proj"], use_dora=True), "DoRA"),

@@ -9,7 +9,8 @@ reduced vocab-parallel; rank 0 alone returns the `SampledTokens`: O(rows) bytes,
 
 A plain class: `workers.engine.ray_executor` applies `ray.remote` to it, so this module imports without Ray. The call
 order is `node_info` -> `free_port` (rank 0) -> `init_process_group` (all ranks together) -> `load` ->
-`initialize_cache` -> `execute` per step.
+`initialize_cache` -> `execute` per step; `add_lora` / `remove_lora` (every rank, between steps) fill and empty the
+LoRA pool slots that `StepPlan.lora_slots` names (each rank holds its heads' and experts' slices).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import torch
 from gptoss_cluster.workers.engine.executor import LocalExecutor, StepPlan
 from gptoss_cluster.workers.engine.kv_cache import KVCacheLayout
 from gptoss_cluster.workers.engine.sampler import SampledTokens, TokenBitmask, map_tensors
+from gptoss_cluster.workers.lora.adapter import LoraError, LoraSource
 from gptoss_cluster.workers.parallel import (
     DEFAULT_TIMEOUT_S,
     TorchDistributedCollective,
@@ -118,8 +120,9 @@ class ShardWorker:
         return backend
 
     def load(self, model_path: str, dtype: torch.dtype = torch.bfloat16, kernels: str | None = None,
-             count_expert_tokens: bool = True) -> dict[str, Any]:
-        """Read this rank's slices of the checkpoint; returns a summary of what it holds."""
+             count_expert_tokens: bool = True, max_loras: int = 4, max_lora_rank: int = 16) -> dict[str, Any]:
+        """Read this rank's slices of the checkpoint; returns a summary of what it holds. `max_loras` LoRA slots
+        (adapters of rank <= `max_lora_rank`) stay empty until `add_lora`."""
         from gptoss_cluster.kernels.dispatch import select_kernels
         from gptoss_cluster.workers.checkpoint import open_checkpoint
         from gptoss_cluster.workers.model import GptOssModel, ShardSpec, SingleProcess
@@ -134,7 +137,8 @@ class ShardWorker:
                                                 kernels=select_kernels(self.device, kernels), collective=collective,
                                                 device=self.device, progress=False)
         # The router is replicated: every rank sees the same routing, so rank 0's counts are the replica's.
-        self.executor = LocalExecutor(model, count_expert_tokens=count_expert_tokens and self.rank == 0)
+        self.executor = LocalExecutor(model, count_expert_tokens=count_expert_tokens and self.rank == 0,
+                                      max_loras=max_loras, max_lora_rank=max_lora_rank)
         return self.memory_report()
 
     # ------------------------------------------------------------------------------------------------ executor
@@ -180,6 +184,21 @@ class ShardWorker:
     def expert_counts(self) -> torch.Tensor | None:
         return self._require().expert_counts()
 
+    def add_lora(self, slot: int, source: LoraSource) -> str | None:
+        """Load this rank's slices of an adapter into pool slot `slot`. A bad adapter is not a shard failure: its
+        LoraError message comes back as the result (None = loaded), and the executor raises it."""
+        try:
+            self._require().add_lora(slot, source)
+        except LoraError as exc:
+            return str(exc)
+        return None
+
+    def remove_lora(self, slot: int) -> None:
+        self._require().remove_lora(slot)
+
+    def lora_bytes(self) -> int:
+        return self._require().lora_bytes()
+
     # ------------------------------------------------------------------------------------------------ reports
     def memory_report(self) -> dict[str, Any]:
         """What this rank holds: expert bytes (MXFP4 blocks alone and all expert tensors), all weights, KV pools,
@@ -202,6 +221,7 @@ class ShardWorker:
             "expert_bytes": expert_bytes,
             "weight_bytes": sum(nbytes(b) for b in model.buffers()),
             "kv_bytes": sum(nbytes(t) for t in executor.key_pools + executor.value_pools),
+            "lora_bytes": executor.lora_bytes(),
             "rss_bytes": rss_bytes(),
         }
 
