@@ -140,11 +140,11 @@ class Scheduler:
             num_new = request.num_tokens - hit_tokens
             fresh_prompt = request.num_preemptions == 0
             if num_new > budget and fresh_prompt and not self.config.enable_chunked_prefill:
-                self._release_lora(request)
+                self.release_lora(request)
                 break
             num_new = min(num_new, budget)
             if not self.kv.allocate_slots(request, num_new, hit):
-                self._release_lora(request)
+                self.release_lora(request)
                 break
             self._pop_waiting(at)
             self.kv.record_prefix_query(request.num_tokens, hit_tokens)
@@ -173,7 +173,7 @@ class Scheduler:
 
     def _preempt(self, request: Request) -> None:
         self.kv.free(request)
-        self._release_lora(request)
+        self.release_lora(request)
         request.status = RequestStatus.PREEMPTED
         request.num_computed_tokens = 0
         request.num_preemptions += 1
@@ -192,7 +192,7 @@ class Scheduler:
         request.status = status
         request.finished_time = time.monotonic()
         self.kv.free(request)
-        self._release_lora(request)
+        self.release_lora(request)
 
     # ------------------------------------------------------------------------------------------------ LoRA slots
     def _acquire_lora(self, request: Request) -> bool:
@@ -206,7 +206,8 @@ class Scheduler:
         request.lora_slot = slot
         return True
 
-    def _release_lora(self, request: Request) -> None:
+    def release_lora(self, request: Request) -> None:
+        """Unpin the request's adapter slot, if it holds one (idempotent)."""
         if request.lora_slot >= 0:
             self.lora.release(request.lora_slot)
             request.lora_slot = -1
