@@ -352,6 +352,7 @@ def _register_chat(sub: Any) -> None:
     shape.add_argument("--regex", default=None, help="the answer fully matches this regular expression")
     p.add_argument("--max-reasoning-tokens", type=_non_negative_int, default=None, metavar="N",
                    help="bound the analysis channel to N tokens (0: no reasoning at all)")
+    p.add_argument("--adapter", default=None, metavar="NAME", help="a LoRA adapter the cluster serves (`lora list`)")
     _add_sampling_args(p, None)
     p.set_defaults(func=_cmd_chat)
 
@@ -390,8 +391,8 @@ def _cmd_chat(args: argparse.Namespace) -> int:
     last = None
     try:
         with _client(args) as client:
-            for delta in client.chat(messages, reasoning_effort=args.reasoning_effort, **structured,
-                                     **_sampling(args)):
+            for delta in client.chat(messages, reasoning_effort=args.reasoning_effort, adapter=args.adapter,
+                                     **structured, **_sampling(args)):
                 channel = CHANNEL_NAMES.get(delta.channel, "")
                 if delta.HasField("tool_call"):
                     call = delta.tool_call
@@ -428,6 +429,8 @@ def _register_generate(sub: Any) -> None:
     p.add_argument("--token-ids", default=None, help="prompt as comma-separated token ids (instead of --prompt)")
     p.add_argument("--chat", action="store_true", help="treat --prompt as a user message (harmony chat)")
     p.add_argument("--dtype", choices=["auto", "bfloat16", "float32"], default="auto", help="offline only")
+    p.add_argument("--adapter", default=None, metavar="NAME",
+                   help="--address: a LoRA adapter the cluster serves (`lora list`)")
     _add_client_args(p)
     _add_sampling_args(p, 16)
     p.set_defaults(func=_cmd_generate)
@@ -450,6 +453,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     if args.chat and args.prompt is None:
         raise UsageError("--chat needs --prompt")
     if args.model is not None:
+        if args.adapter is not None:
+            raise UsageError("--adapter needs --address (offline, use the Python LLM(lora_modules=...))")
         return _generate_offline(args)
     import grpc
 
@@ -459,10 +464,11 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     try:
         with _client(args) as client:
             if args.chat:
-                stream = client.chat(args.prompt, **_sampling(args))
+                stream = client.chat(args.prompt, adapter=args.adapter, **_sampling(args))
             else:
                 ids = _prompt_ids(args)
-                stream = client.generate(ids if ids is not None else args.prompt, **_sampling(args))
+                stream = client.generate(ids if ids is not None else args.prompt, adapter=args.adapter,
+                                         **_sampling(args))
             for delta in stream:
                 if args.chat and delta.text and CHANNEL_NAMES.get(delta.channel) == "analysis":
                     continue

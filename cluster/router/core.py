@@ -411,10 +411,11 @@ class _Call:
         self.trace = trace
 
     def validated(self, prep: Prepared) -> Prepared:
-        """The call's request as validated: its prompt counts in the metrics and its span learns the model."""
+        """The call's request as validated: its prompt counts in the metrics and its span learns the model (its LoRA
+        adapter's name, when it names one, as the OpenAI API reports it)."""
         self.prompt_tokens = len(prep.prompt_token_ids)
         if self.trace is not None:
-            self.trace.validated(prep, self.core.model_name)
+            self.trace.validated(prep, prep.lora or self.core.model_name)
         return prep
 
     def __enter__(self) -> _Call:
