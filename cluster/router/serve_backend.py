@@ -247,15 +247,16 @@ class ServeBackend(Backend):
         return await self._on_every_replica("unload_lora", request)
 
     async def _on_every_replica(self, method: str, request: LoadLora | UnloadLora) -> list[LoraResult]:
-        """`method(request)` broadcast to every replica of the deployment; a replica whose call failed is reported
-        UNAVAILABLE under the id Serve gave no answer for (broadcast results carry no replica id of their own)."""
+        """`method(request)` broadcast to every replica of the deployment. A replica whose call failed is reported
+        UNAVAILABLE as "unreachable #i": a failed broadcast call does not say which replica it went to."""
         try:
             results = await self.handle.broadcast(method, request).results_async(timeout_s=self.stats_timeout_s * 6,
                                                                                  return_exceptions=True)
         except Exception:  # no replica running (DeploymentUnavailableError), timeout, controller away
             return []
-        return [r if isinstance(r, LoraResult) else
-                LoraResult("?", ReplicaError(ErrorCode.UNAVAILABLE, f"{type(r).__name__}: {r}")) for r in results]
+        return [r if isinstance(r, LoraResult) else LoraResult(f"unreachable #{i}", ReplicaError(
+            ErrorCode.UNAVAILABLE, f"{type(r).__name__}: {str(r).splitlines()[0] if str(r) else ''}"))
+            for i, r in enumerate(results)]
 
     async def model_info(self) -> ModelInfo:
         try:
