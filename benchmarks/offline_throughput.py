@@ -13,6 +13,10 @@ seeded with i), float32, all submitted at once.
 
 Mode `engine-serial` is the engine with `EngineConfig(async_scheduling=False)` (the serial step loop): against
 `engine` it measures async scheduling, and the two runs' token digests show whether their outputs are identical.
+Mode `engine-lora4` is the engine with the requests spread round-robin over 4 LoRA adapters of rank 16 (PEFT
+adapters on q/k/v/o and both expert parameters of every layer, written once next to the checkpoint with peft, a test
+extra): against `engine` (every request on the base) it measures the cost of serving adapters, and prints each resident
+adapter's bytes.
 Modes `engine-ray1` / `engine-ray2` run the same engine with its model split over 1 or 2 ShardWorker actors
 (RayExecutor, gloo, a local Ray started by the run). `--trees NAME=PATH,...` runs every mode from each checkout in
 turn (interleaved: each repeat runs every tree and mode once), so a change is measured against the code before it
@@ -39,10 +43,12 @@ import time
 from pathlib import Path
 
 ROOT = Path(os.environ.get("GPTOSS_TREE") or Path(__file__).resolve().parents[1])  # the checkout under test
+# benchmarks/kernels.py would shadow the `kernels` package transformers imports: this folder leaves sys.path.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 sys.path.insert(0, str(ROOT))
 
 DEFAULT_CHECKPOINT = Path(os.environ.get("TMPDIR", "/tmp")) / "gptoss-bench" / "tiny-hf"
-MODES = ("engine", "hf-static", "hf-cb", "engine-ray1", "engine-ray2", "engine-serial")
+MODES = ("engine", "hf-static", "hf-cb", "engine-ray1", "engine-ray2", "engine-serial", "engine-lora4")
 RAY_SHARDS = {"engine-ray1": 1, "engine-ray2": 2}
 DEFAULT_BLOCKS = 4096
 
@@ -54,6 +60,36 @@ def workload(num_requests: int, lo: int, hi: int, seed: int, vocab: int) -> list
         prompt_len, output_len = rng.randint(lo, hi), rng.randint(lo, hi)
         out.append(([rng.randrange(vocab) for _ in range(prompt_len)], output_len))
     return out
+
+
+LORA_ADAPTERS, LORA_RANK = 4, 16
+
+
+def lora_adapter_paths(checkpoint: str) -> list[str]:
+    return [str(Path(checkpoint).with_name(Path(checkpoint).name + f"-lora-r{LORA_RANK}") / f"adapter{i}")
+            for i in range(LORA_ADAPTERS)]
+
+
+def write_lora_adapters(checkpoint: str) -> None:
+    """PEFT's own adapters (rank 16 on q/k/v/o and both expert parameters, every layer, seeded random A and B) for
+    mode engine-lora4, written once."""
+    paths = lora_adapter_paths(checkpoint)
+    if all((Path(p) / "adapter_model.safetensors").exists() for p in paths):
+        return
+    import peft
+    import torch
+
+    for i, path in enumerate(paths):
+        model = peft.get_peft_model(load_hf(checkpoint), peft.LoraConfig(
+            r=LORA_RANK, lora_alpha=2 * LORA_RANK, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+            target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]))
+        g = torch.Generator().manual_seed(i)
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if "lora_" in name:
+                    param.copy_(torch.randn(param.shape, generator=g) * 0.02)
+        model.save_pretrained(path)
+        print(f"wrote LoRA adapter {path}", flush=True)
 
 
 def peak_rss_mib() -> float:
@@ -90,7 +126,8 @@ def run_engine(args, requests) -> dict:
 
     config = EngineConfig(block_size=16, num_blocks=args.num_blocks or None, max_num_seqs=args.num_requests,
                           max_num_batched_tokens=args.max_batched_tokens, enable_prefix_caching=True,
-                          async_scheduling=args.worker != "engine-serial")
+                          async_scheduling=args.worker != "engine-serial", max_loras=LORA_ADAPTERS,
+                          max_lora_rank=LORA_RANK)
     if args.worker in RAY_SHARDS:
         from gptoss_cluster.workers.engine.ray_executor import RayExecutor
 
@@ -101,6 +138,11 @@ def run_engine(args, requests) -> dict:
         engine = Engine.from_checkpoint(args.checkpoint, dtype=torch.float32, config=config, progress=False)
     # warm-up: one short request (first-call allocations, thread pools)
     engine.generate([([1, 2, 3, 4], SamplingParams(temperature=0, max_tokens=2, ignore_eos=True))])
+    loras = None
+    if args.worker == "engine-lora4":
+        for i, path in enumerate(lora_adapter_paths(args.checkpoint)):
+            engine.add_lora(f"adapter{i}", path)
+        loras = [f"adapter{i % LORA_ADAPTERS}" for i in range(len(requests))]
     engine.kv.reset_prefix_cache()
     before = engine.stats()
     if args.sampling == "top-p":
@@ -115,7 +157,7 @@ def run_engine(args, requests) -> dict:
         profiler = cProfile.Profile()
         profiler.enable()
     t, cpu = time.perf_counter(), cpu_seconds()
-    results = engine.generate(batch)
+    results = engine.generate(batch, lora=loras)
     elapsed, cpu = time.perf_counter() - t, cpu_seconds() - cpu
     if profiler is not None:
         profiler.disable()
@@ -134,6 +176,8 @@ def run_engine(args, requests) -> dict:
         "time_sample_s": stats.time_sample_s - before.time_sample_s,
         "time_output_s": stats.time_output_s - before.time_output_s,
         "preemptions": stats.num_preemptions,
+        "lora_resident": stats.lora_resident,
+        "lora_bytes_per_adapter": engine.executor.lora_bytes() / max(stats.lora_resident, 1),
         # the same digest in two modes: the same tokens (async against serial scheduling, say)
         "tokens_digest": hashlib.sha256(json.dumps([r.token_ids for r in results]).encode()).hexdigest()[:16],
     }
@@ -284,6 +328,9 @@ def main() -> None:
         print(f"writing the tiny checkpoint to {args.checkpoint}", flush=True)
         write_checkpoint(ModelConfig.preset("tiny"), args.checkpoint, layout="hf", seed=0, progress=False)
 
+    if "engine-lora4" in modes:
+        write_lora_adapters(args.checkpoint)
+
     runs: list[dict] = []
     passthrough = ["--checkpoint", args.checkpoint, "--num-requests", str(args.num_requests), "--min-len",
                    str(args.min_len), "--max-len", str(args.max_len), "--seed", str(args.seed), "--hf-batch",
@@ -349,6 +396,11 @@ def report(runs: list[dict], modes: list[str]) -> None:
             same = {r.get("tokens_digest") for r in runs if r["mode"] in (label, base)}
             print(f"  {base} (async scheduling) / {label}: {statistics.median(pairs):.2f}x (per rep "
                   f"{', '.join(f'{p:.2f}x' for p in pairs)}); tokens {'identical' if len(same) == 1 else 'DIFFER'}")
+        if mode == "engine-lora4" and pairs:
+            per_adapter = med(label, "lora_bytes_per_adapter")
+            print(f"  {label} / {base}: {statistics.median(pairs):.2f}x (per rep "
+                  f"{', '.join(f'{p:.2f}x' for p in pairs)}); {med(label, 'lora_resident'):.0f} adapters resident, "
+                  f"{per_adapter / 2**20:.2f} MiB each")
         if mode in RAY_SHARDS and pairs:
             print(f"  {label} / {base}: {statistics.median(pairs):.2f}x (per rep "
                   f"{', '.join(f'{p:.2f}x' for p in pairs)})")
