@@ -460,6 +460,7 @@ def test_hand_made_refusals(tinyb, checkpoints, tmp_path):
     cases = [
         (edited("router", target_parameters=["mlp.router.weight"]), "mlp.router.weight"),
         (edited("ia3", peft_type="IA3"), "IA3"),
+        (edited("unlisted", target_parameters=["mlp.experts.down_proj"]), "do not name gate_up_proj"),
         (edited("rank-mismatch", r=5), "rank 4, the adapter config says r=5"),
         (LoraSource("missing", str(tmp_path / "nowhere")), "does not exist"),
     ]

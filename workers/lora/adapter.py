@@ -266,6 +266,10 @@ def _scan(source: LoraSource, config: ModelConfig, max_lora_rank: int
                                 f"down_proj: in {inter}, out {hidden}; rows a multiple of {num_experts} experts)")
             module, rank = found[0], a_shape[0] // num_experts
             key = f"model.layers.{layer}.mlp.experts.{module}"
+            listed = cfg.get("target_parameters") or []
+            if not any(str(t).rpartition(".")[2] == module for t in listed):
+                raise LoraError(f"adapter tensor {ab['A']!r} is a {module} update by its shape, but the config's "
+                                f"target_parameters {listed} do not name {module}")
         else:
             module, rank = ident, a_shape[0]
             if (a_shape[1], b_shape[0]) != features[module]:

@@ -45,24 +45,30 @@ class AdapterRows:
 
 class ExpertHook:
     """`kernels.reference.ExpertLora` for one MoE layer: each token's adapter applied to the experts it was routed
-    to. `token_adapter` [T] int64: index into `adapters` of each row's adapter, -1 = base."""
+    to. `layers`: per adapter of the step (LoraBatch.groups), its LayerLora here (None: no expert LoRA in this
+    layer); `token_adapter` [T] int64: each row's index into them, -1 = base (None: layers[0] on every row)."""
 
     def __init__(self, layers: list[LayerLora | None], token_adapter: torch.Tensor | None) -> None:
-        self.layers = layers  # per adapter of the step: its LayerLora here (None: no experts in this layer)
+        self.layers = layers
         self.token_adapter = token_adapter
+        # add_gate_up and add_down of one expert get the same token_idx: its grouping is worked out once
+        self._grouped: tuple[torch.Tensor, list[tuple[LayerLora, torch.Tensor | None]]] | None = None
 
-    def _groups(self, token_idx: torch.Tensor):
+    def _groups(self, token_idx: torch.Tensor) -> list[tuple[LayerLora, torch.Tensor | None]]:
         """(adapter's LayerLora, positions in token_idx using it) for each adapter present among these tokens."""
         if self.token_adapter is None:  # one adapter on every row
-            yield self.layers[0], None
-            return
+            return [(self.layers[0], None)]
+        if self._grouped is not None and self._grouped[0] is token_idx:
+            return self._grouped[1]
         which = self.token_adapter[token_idx]
+        groups = []
         for index, layer in enumerate(self.layers):
-            if layer is None:
-                continue
-            rows = torch.nonzero(which == index).squeeze(1)
-            if rows.numel():
-                yield layer, rows
+            if layer is not None:
+                rows = torch.nonzero(which == index).squeeze(1)
+                if rows.numel():
+                    groups.append((layer, rows))
+        self._grouped = (token_idx, groups)
+        return groups
 
     def add_gate_up(self, expert: int, token_idx: torch.Tensor, x: torch.Tensor, out: torch.Tensor) -> None:
         for layer, rows in self._groups(token_idx):
