@@ -89,6 +89,10 @@ ADAPTERS = {
                     target_parameters=["model.layers.1.mlp.experts.gate_up_proj"],
                     rank_pattern={"o_proj": 2, "model.layers.1.mlp.experts.gate_up_proj": 6},
                     alpha_pattern={"k_proj": 32, "layers.0.self_attn.q_proj": 3}),
+    # OpenAI's gpt-oss fine-tuning cookbook style: every linear layer, experts of chosen layers by number
+    "cookbook": dict(seed=4, r=8, lora_alpha=16, target_modules="all-linear",
+                     target_parameters=["1.mlp.experts.gate_up_proj", "1.mlp.experts.down_proj",
+                                        "2.mlp.experts.down_proj"]),
 }
 
 
@@ -169,6 +173,11 @@ def test_adapter_info_reads_ranks_scaling_and_layers(tinyb):
     assert [layer.has_experts for layer in weights.layers] == [False, True, False]
     assert weights.layers[1].gate_up_a.shape == (model.config.num_experts, 6, model.config.hidden_size)
     assert weights.layers[0].o_a.shape[0] == 2
+    # "all-linear" (a string in the config): the tensors say q, k, v, o; experts on layers 1 (both) and 2 (down)
+    cookbook = load_adapter(adapters["cookbook"].source, model.config, model.shard, 16, torch.float32, "cpu")
+    assert [(layer.gate_up_a is not None, layer.down_a is not None) for layer in cookbook.layers] == [
+        (False, False), (True, True), (False, True)]
+    assert cookbook.info.target_modules == ("q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj")
     # bf16 counts 2 bytes per parameter, the float32 model 4
     assert pattern.num_bytes * 2 == read_adapter(adapters["pattern"].source, model.config, 16,
                                                  dtype=torch.float32).num_bytes
