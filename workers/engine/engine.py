@@ -5,17 +5,24 @@ tables, slot mappings, the rows to sample and how: a `SamplingBatch`), has the e
 every finished row where the logits are (it returns token ids, and logprobs only for rows that asked), and turns the
 new tokens into per-request deltas (stop tokens, stop strings, max_tokens, incremental text).
 
-Async scheduling (`EngineConfig.async_scheduling`, default on; as vLLM v1): the steps run in order on one worker
-thread; while step N runs, `step()` schedules and lays out step N + 1 (a request that step N samples is planned with
-one pending token, whose input id the worker fills from step N's result), submits it, and processes step N's tokens
-while step N + 1 runs. A request that stops at step N has its step N + 1 row dropped; rows that need step N's token on
-the host (grammar, penalties, min_tokens) make that step wait for step N instead (`step`). Greedy and seeded requests
-get the serial loop's tokens; unseeded random rows draw from the engine's generator in batch order, which may differ.
+Async scheduling (`EngineConfig.async_scheduling`, default on; as vLLM v1): the executor runs the submitted steps in
+order (`Executor.submit`); while step N runs, `step()` schedules and lays out step N + 1 (a request that step N
+samples is planned with one pending token, a placeholder the executor fills with step N's token:
+`StepPlan.fill_rows`), submits it, and processes step N's tokens while step N + 1 runs (behind Ray, step N + 1 is on
+its way to the shards before step N's tokens are back). A request that stops at step N has its step N + 1 row
+dropped; rows that need step N's token on the host (grammar, penalties, min_tokens) make that step wait for step N
+instead (`step`). Greedy and seeded requests get the serial loop's tokens; unseeded random rows draw from the
+engine's generator in batch order, which may differ.
 
 Two ways in, over the same core:
 - synchronous: `submit(...)` then `step()` until idle, or `generate([...])` (the offline LLM);
 - asynchronous: `add_request(...)` returns an async iterator of `RequestOutput` deltas; a background task runs the
   steps in a worker thread, so `abort()` and new requests land while a step executes.
+
+LoRA adapters (`add_lora` / `remove_lora` / `list_loras`; a request names one with `lora=`): a request runs with its
+adapter's pool slot (`LoraSlots`: the scheduler admits it only when one of `max_loras` slots holds, or can take, its
+adapter); the engine has the executor load the adapters newly given a slot before it lays out the step that first
+uses them, and tells it each row's slot (`StepPlan.lora_slots`).
 
 `abort(request_id)` ends a request at once, wherever it is: its blocks return to the pool immediately (a step in
 flight that still writes into them finishes before any block is handed out again), its stream ends with finish
@@ -31,8 +38,9 @@ import threading
 import time
 import uuid
 from collections.abc import Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from concurrent.futures import Future
+from concurrent.futures import wait as wait_futures
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +51,7 @@ from gptoss_cluster.workers.config import ModelConfig
 from gptoss_cluster.workers.engine.config import EngineConfig
 from gptoss_cluster.workers.engine.executor import Executor, LocalExecutor, StepPlan
 from gptoss_cluster.workers.engine.kv_cache import KVCacheLayout, KVCacheManager, kv_pool_blocks
+from gptoss_cluster.workers.engine.lora_slots import LoraRegistration, LoraSlots
 from gptoss_cluster.workers.engine.request import (
     GenerationResult,
     Request,
@@ -51,7 +60,6 @@ from gptoss_cluster.workers.engine.request import (
     TokenLogprob,
 )
 from gptoss_cluster.workers.engine.sampler import (
-    SampledTokens,
     SamplingBatch,
     TokenBitmask,
     build_sampling_batch,
@@ -59,6 +67,7 @@ from gptoss_cluster.workers.engine.sampler import (
 )
 from gptoss_cluster.workers.engine.scheduler import ScheduledRequest, Scheduler, SchedulerOutput
 from gptoss_cluster.workers.engine.structured import CompiledConstraint, Constraint, StructuredDecoding
+from gptoss_cluster.workers.lora.adapter import AdapterInfo, LoraError, LoraSource, read_adapter
 from gptoss_cluster.workers.sampling import SamplingParams
 
 logger = logging.getLogger("gptoss.engine")
@@ -95,6 +104,11 @@ class EngineStats:
     time_sample_s: float  # the host's part of sampling: the SamplingBatch, reading back tokens and logprobs
     time_output_s: float  # stop checks, detokenization, deltas
     expert_counts: torch.Tensor | None = None  # int64 [layers, experts]: routed tokens
+    # by LoRA adapter name (base-model requests are not counted here), counted when a request ends: requests
+    # finished (not aborted), and tokens generated (aborted requests' too)
+    lora_requests: dict[str, int] = field(default_factory=dict)
+    lora_generation_tokens: dict[str, int] = field(default_factory=dict)
+    lora_resident: int = 0  # adapters loaded in the executor's pool slots now
 
     @property
     def overhead_fraction(self) -> float:
@@ -190,7 +204,8 @@ class Engine:
                     num_blocks, self.config.block_size, num_blocks * self.config.block_size,
                     num_blocks * self.kv_block_bytes / 2**20, len(self.layout.groups))
         self.kv = KVCacheManager(self.layout, num_blocks, self.config.enable_prefix_caching)
-        self.scheduler = Scheduler(self.config, self.kv, self.max_model_len)
+        self.lora = LoraSlots(self.config.max_loras)  # registered adapters, and which sit in the executor's slots
+        self.scheduler = Scheduler(self.config, self.kv, self.max_model_len, self.lora)
         self.generator = torch.Generator().manual_seed(self.config.seed)  # draws of random rows without a seed
         self.requests: dict[str, Request] = {}  # live (unfinished) requests by id
         self._lock = threading.RLock()  # guards scheduler / KV / request state
@@ -198,6 +213,8 @@ class Engine:
         self._pending: list[RequestOutput] = []  # outputs of requests without a stream, for the next step()
         self._streams: dict[Request, RequestStream] = {}
         self._timers = _Timers()
+        self._lora_requests: dict[str, int] = {}  # finished requests by adapter name
+        self._lora_tokens: dict[str, int] = {}  # tokens generated by adapter name (at the request's end)
         self._loop_task: asyncio.Task[None] | None = None
         self._wakeup: asyncio.Event | None = None
         self._detokenizers: dict[Request, Any] = {}
@@ -206,14 +223,14 @@ class Engine:
         self._structured: StructuredDecoding | None = None  # built on the first constrained request
         self._structured_lock = threading.Lock()
         self._mask_pool: Any = None  # one thread: fills the next step's token bitmasks while the model runs
-        self._step_pool: ThreadPoolExecutor | None = None  # async scheduling: runs the steps, in order
         self._inflight: _InflightStep | None = None  # the step running while the next one is scheduled
 
     # ------------------------------------------------------------------------------------------------ builders
     @classmethod
     def from_model(cls, model: Any, config: EngineConfig | None = None, tokenizer: Any = None) -> Engine:
         config = config or EngineConfig()
-        executor = LocalExecutor(model, config.count_expert_tokens, config.dequantize_experts)
+        executor = LocalExecutor(model, config.count_expert_tokens, config.dequantize_experts, config.max_loras,
+                                 config.max_lora_rank)
         return cls(executor, model.config, config, tokenizer)
 
     @classmethod
@@ -252,7 +269,7 @@ class Engine:
     # ------------------------------------------------------------------------------------------------ requests
     def _make_request(self, prompt_token_ids: Sequence[int], params: SamplingParams | dict[str, Any] | None,
                       request_id: str | None, priority: int, eos_token_ids: Sequence[int] | None,
-                      constraint: Any = None) -> Request:
+                      constraint: Any = None, lora: str | None = None) -> Request:
         if params is None:
             params = SamplingParams()
         elif isinstance(params, dict):
@@ -283,27 +300,30 @@ class Engine:
         if eos_token_ids is None:
             eos_token_ids = (self.model_config.eos_token_id,)
         self.scheduler.check_request(len(prompt), params.max_tokens)
-        request = Request(request_id, prompt, params, eos_token_ids=tuple(eos_token_ids), priority=priority)
+        request = Request(request_id, prompt, params, eos_token_ids=tuple(eos_token_ids), priority=priority,
+                          lora=self._lookup_lora(lora))
         if constraint is not None:
             request.constraint = self.structured.new_state(self.prepare_constraint(constraint))
         return request
 
     def submit(self, prompt_token_ids: Sequence[int], params: SamplingParams | dict[str, Any] | None = None,
                request_id: str | None = None, *, priority: int = 0,
-               eos_token_ids: Sequence[int] | None = None, constraint: Any = None) -> str:
+               eos_token_ids: Sequence[int] | None = None, constraint: Any = None, lora: str | None = None) -> str:
         """Queue a request (synchronous use: its outputs come back from `step()`); returns its id.
 
         `eos_token_ids` are the tokens that end it unless `params.ignore_eos` (default: the model's EOS; pass
         harmony's stop tokens for chat). `constraint` (a `Constraint`, its dict form, or what
         `prepare_constraint` returned) shapes a harmony chat completion; compiling happens here unless done before.
+        `lora` names a registered LoRA adapter to run it with (None: the base model; unknown: LoraNotFoundError).
         Invalid input raises ValueError and changes nothing.
         """
         return self._add(prompt_token_ids, params, request_id, priority, eos_token_ids, None,
-                         constraint).request_id
+                         constraint, lora).request_id
 
     def add_request(self, prompt_token_ids: Sequence[int], params: SamplingParams | dict[str, Any] | None = None,
                     request_id: str | None = None, *, priority: int = 0,
-                    eos_token_ids: Sequence[int] | None = None, constraint: Any = None) -> RequestStream:
+                    eos_token_ids: Sequence[int] | None = None, constraint: Any = None,
+                    lora: str | None = None) -> RequestStream:
         """Queue a request and return an async iterator of its deltas (call from inside a running event loop).
         Pass a compiled `constraint` (`prepare_constraint`, run in a thread) so no compile blocks the loop."""
         try:
@@ -311,14 +331,14 @@ class Engine:
         except RuntimeError:
             raise RuntimeError("add_request streams to an asyncio event loop; without one use submit() + step() "
                                "or generate()") from None
-        request = self._add(prompt_token_ids, params, request_id, priority, eos_token_ids, loop, constraint)
+        request = self._add(prompt_token_ids, params, request_id, priority, eos_token_ids, loop, constraint, lora)
         self._ensure_loop(loop)
         return self._streams[request]
 
     def _add(self, prompt_token_ids: Sequence[int], params: Any, request_id: str | None, priority: int,
              eos_token_ids: Sequence[int] | None, loop: asyncio.AbstractEventLoop | None,
-             constraint: Any = None) -> Request:
-        request = self._make_request(prompt_token_ids, params, request_id, priority, eos_token_ids, constraint)
+             constraint: Any = None, lora: str | None = None) -> Request:
+        request = self._make_request(prompt_token_ids, params, request_id, priority, eos_token_ids, constraint, lora)
         self._register(request, loop)
         if self._wakeup is not None and loop is not None:
             self._wakeup.set()
@@ -356,17 +376,155 @@ class Engine:
         with self._lock:
             return bool(self.requests)
 
+    # ------------------------------------------------------------------------------------------------ LoRA
+    def add_lora(self, name: str, path: str | Path) -> AdapterInfo:
+        """Register the PEFT adapter at `path` (adapter_config.json + adapter_model.safetensors) under `name`.
+
+        Validated now (its options, target modules, rank against `max_lora_rank`, tensor shapes; LoraError naming
+        what is wrong or unsupported, and an already registered name); its weights load into a pool slot when a
+        request that uses it is first scheduled."""
+        if not isinstance(name, str) or not name:
+            raise LoraError(f"a LoRA adapter needs a non-empty name, got {name!r}")
+        with self._lock:
+            if name in self.lora.registry:
+                raise LoraError(f"a LoRA adapter named {name!r} is already registered")
+        # num_bytes in the model's dtype (LocalExecutor: its model's; RayExecutor: the shards')
+        dtype = getattr(self.executor, "dtype", None) or getattr(getattr(self.executor, "model", None), "dtype",
+                                                                 torch.bfloat16)
+        info = read_adapter(LoraSource(name, str(path)), self.model_config, self.config.max_lora_rank, dtype)
+        with self._lock:
+            self.lora.register(info)
+        logger.info("LoRA adapter %r registered from %s (rank %d, %.1f MiB)", name, info.path, info.rank,
+                    info.num_bytes / 2**20)
+        return info
+
+    def remove_lora(self, name: str) -> bool:
+        """Unregister an adapter (False: no such name). New requests no longer find it; requests already queued or
+        running with it finish with it (as in vLLM), and its slot is freed when the last of them leaves it."""
+        with self._lock:
+            removed = self.lora.unregister(name) is not None
+        if removed:
+            self._apply_lora_work_now()
+        return removed
+
+    def list_loras(self) -> list[AdapterInfo]:
+        """The registered adapters, in registration order."""
+        with self._lock:
+            return self.lora.infos()
+
+    def _lookup_lora(self, name: str | None) -> LoraRegistration | None:
+        if name is None:
+            return None
+        if not isinstance(name, str):
+            raise ValueError(f"a LoRA adapter is named by a string (or None: the base model), got {name!r}")
+        with self._lock:
+            return self.lora.lookup(name)  # LoraNotFoundError
+
+    def _apply_lora_work_now(self) -> None:
+        """Drop freed slots' weights at once when no step runs; otherwise the next step's layout does it."""
+        if not self._step_lock.acquire(blocking=False):
+            return
+        try:
+            inflight = self._inflight
+            if inflight is None or inflight.result is None or inflight.result.done():
+                with self._lock:
+                    self._abort_unloaded(self._apply_lora_work())
+        finally:
+            self._step_lock.release()
+
+    def _apply_lora_work(self) -> list[Request]:
+        """Have the executor drop the weights of freed slots and load the adapters newly given a slot. The caller
+        holds the lock and has made sure that no step runs on the executor meanwhile.
+
+        An adapter that fails to load (its files gone, say) fails only the requests that wanted it: returned, their
+        slots unpinned (a step laid out now runs their rows as the base model), for the caller to end (aborted,
+        `_abort_unloaded`) once nothing reads their block tables any more; the reason goes to the log."""
+        unloads, loads = self.lora.take_work()
+        for slot in unloads:
+            self.executor.remove_lora(slot)
+        failed: list[Request] = []
+        for slot, source in loads:
+            try:
+                self.executor.add_lora(slot, source)
+            except Exception as exc:
+                self.lora.failed(slot)
+                victims = [r for r in self.scheduler.running if r.lora_slot == slot]
+                logger.error("LoRA adapter %r (%s) failed to load: %s; aborting %d request(s)", source.name,
+                             source.path, exc, len(victims))
+                for request in victims:
+                    self.scheduler.release_lora(request)
+                failed += victims
+            else:
+                self.lora.loaded(slot)
+        return failed
+
+    def _abort_unloaded(self, requests: list[Request]) -> None:
+        """End the requests whose adapter failed to load (`_apply_lora_work`)."""
+        for request in requests:
+            if not request.is_finished:
+                self._finish(request, RequestStatus.FINISHED_ABORTED)
+                self._emit(request, self._delta(request, [], None, finished=True))
+
+    # ------------------------------------------------------------------------------------------------ verification
+    def forward_logits(self, token_ids: Sequence[int], lora: str | None = None) -> torch.Tensor:
+        """float32 logits [len, vocab] of one whole sequence run through the executor, with the LoRA adapter `lora`
+        (None: the base model); for verification (the sharded LLM's `forward_logits`, and any with an adapter).
+
+        Borrows ceil(len / block_size) KV blocks per layer group (and a slot for the adapter) for the one forward
+        and gives them back: no request, no sampling, the engine's requests untouched."""
+        token_ids = [int(t) for t in token_ids]
+        registration = self._lookup_lora(lora)
+        n, bs, groups = len(token_ids), self.layout.block_size, len(self.layout.groups)
+        per_group = -(-n // bs)
+        positions = torch.arange(n)
+        with self._step_lock:
+            if self._inflight is not None and self._inflight.result is not None:
+                wait_futures([self._inflight.result])  # a step that may still run on the executor
+            with self._lock:
+                pool = self.kv.pool
+                if per_group * groups > pool.num_free:
+                    raise ValueError(f"{n} tokens need {per_group * groups} free KV blocks; the pool has "
+                                     f"{pool.num_free} free (of {pool.num_blocks})")
+                slot = -1
+                if registration is not None:
+                    slot = self.lora.acquire(registration)
+                    if slot is None:
+                        raise RuntimeError(f"every LoRA slot is pinned by running requests of other adapters; "
+                                           f"{lora!r} cannot run now")
+                blocks = []
+                try:
+                    self._abort_unloaded(self._apply_lora_work())
+                    if slot >= 0 and not self.lora.slots[slot].loaded:
+                        raise LoraError(f"LoRA adapter {lora!r} failed to load (the log has the reason)")
+                    blocks = pool.allocate(per_group * groups)
+                    tables, slot_mappings = [], []
+                    for g in range(groups):
+                        ids = torch.tensor([b.block_id for b in blocks[g * per_group:(g + 1) * per_group]],
+                                           dtype=torch.int32)
+                        tables.append(ids[None, :])
+                        slot_mappings.append(ids[positions // bs].long() * bs + positions % bs)
+                    plan = StepPlan(token_ids=torch.tensor(token_ids, dtype=torch.long), positions=positions,
+                                    query_start_loc=torch.tensor([0, n], dtype=torch.int32),
+                                    seq_lens=torch.tensor([n], dtype=torch.int32), block_tables=tables,
+                                    slot_mappings=slot_mappings, logits_indices=torch.arange(n),
+                                    lora_slots=None if slot < 0 else torch.tensor([slot], dtype=torch.int32))
+                    return self.executor.forward_logits(plan)
+                finally:
+                    pool.release(blocks)
+                    if slot >= 0:
+                        self.lora.release(slot)
+
     # ------------------------------------------------------------------------------------------------ the step
     def step(self) -> list[RequestOutput]:
         """Run one scheduling step; returns the deltas of requests without a stream (submit()-ed).
 
         Serial loop (`EngineConfig.async_scheduling` off): schedule step N, run it, process its tokens. Async: step N
         is still running when this schedules step N + 1 (each request step N samples counts one pending token: its
-        id is a placeholder the executor's worker fills from step N's result), submits it behind step N, and only
-        then processes step N's tokens, while step N + 1 runs. A step whose rows need step N's tokens on the host
+        id is a placeholder the executor fills with step N's token), submits it behind step N, and only then
+        processes step N's tokens, while step N + 1 runs. A step whose rows need step N's tokens on the host
         (a constrained row: its grammar state; penalties: the token counts; a row under min_tokens: its stop mask)
-        waits for step N first, i.e. falls back to the serial order. Steps run one at a time, in order, on one
-        worker thread, so blocks freed meanwhile (a finish, an abort, a preemption) are only reused by later steps.
+        waits for step N first, i.e. falls back to the serial order. The executor runs the steps one at a time, in
+        order, so blocks freed meanwhile (a finish, an abort, a preemption) are only reused by later steps.
         """
         with self._step_lock:
             inflight = self._inflight
@@ -380,7 +538,7 @@ class Engine:
                 self._idle_step = not sched.scheduled and inflight is None
                 if sched.scheduled:
                     plan, sampled = self._build_plan(sched)
-                    fill_rows, fill_from = self._placeholders(plan, sched, inflight)
+                    plan.fill_rows, plan.fill_from = self._placeholders(plan, sched, inflight)
                     masks = self._start_masks(sampled)
                     t_plan = time.perf_counter()
                     requests = [s.request for s in sampled]
@@ -396,12 +554,18 @@ class Engine:
             t1 = time.perf_counter()
             step = _InflightStep(sched, sampled, requests, plan.num_tokens)
             if self.config.async_scheduling:
-                previous = None if inflight is None else inflight.result
-                step.result = self._worker().submit(self._execute, plan, masks, previous, fill_rows, fill_from)
+                refused = None
+                try:
+                    step.result = self.executor.submit(plan, masks)  # queued behind `inflight`, whose tokens it takes
+                except Exception as exc:  # (the executor refused it: its shards are gone, say) a failed step
+                    refused, step.result = exc, Future()
+                    step.result.set_exception(exc)
+                self._timers.execute += time.perf_counter() - t1  # sending it (behind Ray: encoding, the calls)
                 self._inflight = step
                 if inflight is not None:
                     self._complete(inflight)
-                if not self.requests:  # every row in flight is dead: nothing keeps running once the engine is idle
+                # every row in flight is dead: nothing keeps running once the engine is idle; a refused step: raise now
+                if not self.requests or refused is not None:
                     self._inflight = None
                     self._complete(step)
             else:
@@ -431,11 +595,11 @@ class Engine:
         return False
 
     def _placeholders(self, plan: StepPlan, sched: SchedulerOutput, inflight: _InflightStep | None
-                      ) -> tuple[list[int], list[int]]:
+                      ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """The plan's rows whose input is a token the step in flight samples (placeholder 0 in the plan), and that
-        step's sampled row of each."""
+        step's sampled row of each (`StepPlan.fill_rows` / `fill_from`; None, None: no such row)."""
         if inflight is None:
-            return [], []
+            return None, None
         sampled_row = {id(s.request): k for k, s in enumerate(inflight.sampled)}
         fill_rows, fill_from = [], []
         qsl = plan.query_start_loc.tolist()
@@ -443,21 +607,9 @@ class Engine:
             if s.start + s.num_new_tokens > s.request.num_tokens:  # only a decode row: one token pending at most
                 fill_rows.append(qsl[i + 1] - 1)
                 fill_from.append(sampled_row[id(s.request)])
-        return fill_rows, fill_from
-
-    def _worker(self) -> ThreadPoolExecutor:
-        """The one thread that runs the steps, in submission order (the overlap of async scheduling)."""
-        if self._step_pool is None:
-            self._step_pool = ThreadPoolExecutor(1, thread_name_prefix="gptoss-step")
-        return self._step_pool
-
-    def _execute(self, plan: StepPlan, masks: Any, previous: Future | None, fill_rows: list[int],
-                 fill_from: list[int]) -> SampledTokens:
-        """On the step thread: the previous step (submitted before, so done) gives the placeholders' tokens."""
-        if fill_rows:
-            tokens = previous.result().token_ids
-            plan.token_ids[torch.tensor(fill_rows)] = tokens[torch.tensor(fill_from)].to(plan.token_ids.dtype)
-        return self.executor.execute(plan, masks)
+        if not fill_rows:
+            return None, None
+        return torch.tensor(fill_rows, dtype=torch.long), torch.tensor(fill_from, dtype=torch.long)
 
     def _complete(self, step: _InflightStep) -> None:
         """Wait for `step`'s tokens and process them (stop checks, deltas, freeing finished requests)."""
@@ -493,6 +645,11 @@ class Engine:
         tm.tokens += step.num_tokens
 
     def _build_plan(self, sched: SchedulerOutput) -> tuple[StepPlan, list]:
+        unloaded: list[Request] = []
+        if self.lora.has_work():  # adapters given a slot by this schedule: loaded once the step in flight is done
+            if self._inflight is not None and self._inflight.result is not None:
+                wait_futures([self._inflight.result])
+            unloaded = self._apply_lora_work()
         items = sched.scheduled
         bs = self.layout.block_size
         starts = np.fromiter((s.start for s in items), dtype=np.int64, count=len(items))
@@ -533,8 +690,18 @@ class Engine:
             block_tables=block_tables,
             slot_mappings=slot_mappings,
             logits_indices=torch.from_numpy(logits_indices),
+            lora_slots=self._lora_slots(items),
         )
+        self._abort_unloaded(unloaded)  # (their rows run, as the base model, into blocks no later step gets first)
         return plan, sampled
+
+    @staticmethod
+    def _lora_slots(items: list[ScheduledRequest]) -> torch.Tensor | None:
+        """[B] int32: each request's adapter slot (-1: the base model); None when no request uses an adapter."""
+        slots = [s.request.lora_slot for s in items]
+        if all(slot < 0 for slot in slots):
+            return None
+        return torch.tensor(slots, dtype=torch.int32)
 
     def _sampling_batch(self, requests: list[Request]) -> SamplingBatch:
         """How the executor samples each row; draws the random rows' uniforms (so this runs once per step)."""
@@ -639,6 +806,11 @@ class Engine:
             self._timers.aborted += 1
         else:
             self._timers.finished += 1
+        if request.lora is not None:
+            name = request.lora.name
+            self._lora_tokens[name] = self._lora_tokens.get(name, 0) + request.num_output_tokens
+            if status is not RequestStatus.FINISHED_ABORTED:
+                self._lora_requests[name] = self._lora_requests.get(name, 0) + 1
 
     def _delta(self, request: Request, new_tokens: list[int], logprob: TokenLogprob | None,
                finished: bool) -> RequestOutput:
@@ -673,21 +845,25 @@ class Engine:
         return out
 
     # ------------------------------------------------------------------------------------------------ sync API
-    def generate(self, requests: Sequence[tuple], eos_token_ids: Sequence[int] | None = None
-                 ) -> list[GenerationResult]:
+    def generate(self, requests: Sequence[tuple], eos_token_ids: Sequence[int] | None = None,
+                 lora: str | Sequence[str | None] | None = None) -> list[GenerationResult]:
         """Run requests to completion together; results in input order.
 
         Each request is `(prompt_token_ids, params)`, `(prompt_token_ids, params, eos_token_ids)` (overriding
         `eos_token_ids` for that request, e.g. harmony's stop tokens for a chat prompt) or
-        `(prompt_token_ids, params, eos_token_ids, constraint)`. Every request is validated before any runs (a bad
-        one raises ValueError and nothing is queued).
+        `(prompt_token_ids, params, eos_token_ids, constraint)`. `lora`: the LoRA adapter of every request, or a list
+        with one adapter name (or None: the base model) per request. Every request is validated before any runs (a
+        bad one raises ValueError, an unknown adapter LoraNotFoundError, and nothing is queued).
         """
+        requests = list(requests)
+        loras = per_request_lora(lora, len(requests))
         prepared = []
-        for item in requests:
+        for item, adapter in zip(requests, loras, strict=True):
             if not isinstance(item, (tuple, list)) or len(item) not in (2, 3, 4):
                 raise ValueError("each request is (prompt_token_ids, params[, eos_token_ids[, constraint]])")
             eos = item[2] if len(item) >= 3 and item[2] is not None else eos_token_ids
-            prepared.append(self._make_request(item[0], item[1], None, 0, eos, item[3] if len(item) == 4 else None))
+            prepared.append(self._make_request(item[0], item[1], None, 0, eos, item[3] if len(item) == 4 else None,
+                                               adapter))
         for request in prepared:
             self._register(request, None)
         ids = [r.request_id for r in prepared]
@@ -793,4 +969,21 @@ class Engine:
                 time_sample_s=tm.sample,
                 time_output_s=tm.output,
                 expert_counts=self.executor.expert_counts(),
+                # every registered adapter, at 0 until its first request ends, and any removed one that counted
+                lora_requests={**dict.fromkeys(self.lora.registry, 0), **self._lora_requests},
+                lora_generation_tokens={**dict.fromkeys(self.lora.registry, 0), **self._lora_tokens},
+                lora_resident=self.lora.num_resident,
             )
+
+
+def per_request_lora(lora: str | Sequence[str | None] | None, num_requests: int) -> list[str | None]:
+    """`lora` as one adapter name (or None) per request: one name (or None) for all, or a list of them."""
+    if lora is None or isinstance(lora, str):
+        return [lora] * num_requests
+    loras = list(lora)
+    if len(loras) != num_requests:
+        raise ValueError(f"{len(loras)} LoRA adapter names for {num_requests} requests")
+    for name in loras:
+        if name is not None and not isinstance(name, str):
+            raise ValueError(f"a LoRA adapter is named by a string (or None: the base model), got {name!r}")
+    return loras

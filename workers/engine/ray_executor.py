@@ -17,6 +17,9 @@ pickled once (about a kilobyte, numpy arrays) and sent to every rank in one roun
 together (rows that need the whole distribution gathered to rank 0, plain greedy rows vocab-parallel) and rank 0
 alone returns the `SampledTokens` (token ids, logprobs only for rows that asked: O(rows) bytes), the others None.
 A step with constrained rows waits for their token bitmasks before it is sent (they travel with the plan, to rank 0).
+Async scheduling (`submit`): step N + 1 is sent before step N's tokens are back; each shard runs the steps in the
+order sent and fills step N + 1's placeholder rows from the tokens it sampled in step N (rank 0 sends them to the
+other ranks), so the round trip through Ray overlaps the shards' compute.
 `forward_logits` is the separate call that returns rank 0's float32 logits rows instead.
 
 Failure: any shard that dies, raises, or overruns `step_timeout_s` turns the step into a `ShardFailure` naming the
@@ -34,7 +37,7 @@ import os
 import time
 from collections import Counter
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -44,6 +47,7 @@ from gptoss_cluster.workers.config import ModelConfig
 from gptoss_cluster.workers.engine.executor import BitmaskSource, Executor, LocalExecutor, StepPlan
 from gptoss_cluster.workers.engine.kv_cache import KVCacheLayout
 from gptoss_cluster.workers.engine.sampler import SampledTokens
+from gptoss_cluster.workers.lora.adapter import LoraError, LoraSource
 from gptoss_cluster.workers.model import ShardSpec
 from gptoss_cluster.workers.parallel import DEFAULT_TIMEOUT_S, default_backend
 from gptoss_cluster.workers.shard import ShardWorker, decode, encode, encode_plan
@@ -262,7 +266,8 @@ class RayExecutor(Executor):
                  collective_timeout_s: float = DEFAULT_TIMEOUT_S, step_timeout_s: float = 600.0,
                  start_timeout_s: float = 120.0, load_timeout_s: float = 3600.0,
                  placement_timeout_s: float = 60.0, health_timeout_s: float = 10.0,
-                 torch_threads: int | None = None, ray_address: str | None = None) -> None:
+                 torch_threads: int | None = None, ray_address: str | None = None, max_loras: int = 4,
+                 max_lora_rank: int = 16) -> None:
         # Everything that can be refused is refused before any actor or placement group exists.
         self.model_path = str(Path(model_path).absolute())
         self.dtype = as_dtype(dtype)
@@ -289,6 +294,7 @@ class RayExecutor(Executor):
         self.failure: ShardFailure | None = None
         self._closed = False
         self._counting = count_expert_tokens
+        self._waiter: ThreadPoolExecutor | None = None  # collects submitted steps' results, in order (`submit`)
 
         import ray
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
@@ -325,6 +331,7 @@ class RayExecutor(Executor):
                 spec = specs[bundle_offset + r]
                 self.workers.append(actor_cls.options(
                     num_cpus=spec.get("CPU", 0.0), num_gpus=spec.get("GPU", 0.0), max_restarts=0, max_task_retries=0,
+                    allow_out_of_order_execution=False,  # steps run in the order sent: `submit` relies on it
                     scheduling_strategy=PlacementGroupSchedulingStrategy(
                         placement_group, placement_group_bundle_index=bundle_offset + r,
                         placement_group_capture_child_tasks=False),
@@ -338,7 +345,8 @@ class RayExecutor(Executor):
                           for w, info in zip(self.workers, self.node_infos, strict=True)],
                          start_timeout_s, f"joining the {self.backend} process group at {master_addr}:{port}")
             self.load_reports = self._gather(
-                [w.load.remote(self.model_path, self.dtype, kernels, count_expert_tokens) for w in self.workers],
+                [w.load.remote(self.model_path, self.dtype, kernels, count_expert_tokens, max_loras, max_lora_rank)
+                 for w in self.workers],
                 load_timeout_s, f"loading {self.model_path}")
         except BaseException:
             self._teardown()
@@ -459,13 +467,36 @@ class RayExecutor(Executor):
     def execute(self, plan: StepPlan, bitmask: BitmaskSource = None) -> SampledTokens:
         """Every rank runs the step (one round of calls, the plan pickled once); rank 0 samples and its
         SampledTokens come back."""
+        return decode(self._gather(self._send(plan, bitmask), self.step_timeout_s, "running a step")[0])
+
+    def submit(self, plan: StepPlan, bitmask: BitmaskSource = None) -> Future:
+        """Send the step to every rank now, before the steps sent earlier are done, and return a Future of its
+        SampledTokens. Each shard runs its caller's calls in order, so the step queues behind the previous one
+        there and its placeholder rows take the tokens the shards sampled last (`LocalExecutor.run_step`): the
+        previous step's way back and this step's way out overlap the shards' compute. A constrained step's bitmask
+        is awaited here, before it goes. One waiter thread collects the results in order; a step that fails kills
+        the shards (ShardFailure, as `execute`), so every step sent behind it fails too, with the same diagnosis."""
+        refs = self._send(plan, bitmask)
+        if self._waiter is None:
+            self._waiter = ThreadPoolExecutor(1, thread_name_prefix="gptoss-ray-steps")
+        return self._waiter.submit(self._collect, refs)
+
+    def _send(self, plan: StepPlan, bitmask: BitmaskSource) -> list[Any]:
+        """One round of `execute` calls (the plan pickled once; the bitmask to rank 0 only); their refs."""
+        workers = self.workers  # (a failure on the waiter thread empties the list after it sets `failure`)
         self._check_usable()
         if isinstance(bitmask, Future):
             bitmask = bitmask.result()
         payload = encode_plan(plan)
         mask = None if bitmask is None else encode(bitmask)
-        refs = [self.workers[0].execute.remote(payload, mask)]
-        refs += [w.execute.remote(payload) for w in self.workers[1:]]
+        return [workers[0].execute.remote(payload, mask)] + [w.execute.remote(payload) for w in workers[1:]]
+
+    def _collect(self, refs: list[Any]) -> SampledTokens:
+        """On the waiter thread: a submitted step's SampledTokens (rank 0's)."""
+        if self.failure is not None:  # a step before it failed and took the shards with it
+            raise ShardFailure(f"this replica's shards are gone: {self.failure}")
+        if self._closed:
+            raise RuntimeError("the executor was shut down")
         return decode(self._gather(refs, self.step_timeout_s, "running a step")[0])
 
     def forward_logits(self, plan: StepPlan) -> torch.Tensor:
@@ -482,6 +513,32 @@ class RayExecutor(Executor):
             return None
         return self._gather([self.workers[0].expert_counts.remote()], self.health_timeout_s * 6,
                             "reading expert counts")[0]
+
+    # ------------------------------------------------------------------------------------------------ LoRA
+    def add_lora(self, slot: int, source: LoraSource) -> None:
+        """Every shard loads its slices of the adapter into `slot` (queued behind the steps sent before). A bad
+        adapter raises LoraError with the shard's message and leaves the slot empty on every shard; the shards
+        stay up (only a shard that dies or overruns is a ShardFailure)."""
+        self._check_usable()
+        errors = self._gather([w.add_lora.remote(slot, source) for w in self.workers], self.step_timeout_s,
+                              f"loading LoRA adapter {source.name!r}")
+        failed = [(rank, error) for rank, error in enumerate(errors) if error is not None]
+        if failed:
+            self.remove_lora(slot)  # no shard keeps a half-loaded adapter
+            rank, error = failed[0]
+            raise LoraError(error if self.num_shards == 1 else f"{error} (shard {rank} of {self.num_shards})")
+
+    def remove_lora(self, slot: int) -> None:
+        self._check_usable()
+        self._gather([w.remove_lora.remote(slot) for w in self.workers], self.step_timeout_s,
+                     f"unloading LoRA slot {slot}")
+
+    def lora_bytes(self) -> int:
+        """The most loaded shard's resident adapter bytes."""
+        if self.failure is not None or self._closed:
+            return 0
+        return max(self._gather([w.lora_bytes.remote() for w in self.workers], self.health_timeout_s * 6,
+                                "reading LoRA bytes"))
 
     # ------------------------------------------------------------------------------------------------ health
     def check_health(self) -> None:
@@ -517,6 +574,8 @@ class RayExecutor(Executor):
 
         self._closed = True
         self._teardown()
+        if self._waiter is not None:
+            self._waiter.shutdown(wait=False)
         if self.owns_ray and ray.is_initialized():
             self.owns_ray = False
             ray.shutdown()
@@ -614,7 +673,8 @@ def make_executor(model_path: str | os.PathLike[str], num_shards: int = 1, dtype
     """LocalExecutor (the model in this process) for one shard, RayExecutor for more.
 
     Both carry `.model_config` (the checkpoint's ModelConfig, for `Engine(executor, executor.model_config, ...)`).
-    kwargs: `count_expert_tokens`, `kernels` (a GPTOSS_KERNELS name) for both; the RayExecutor keywords
+    kwargs: `count_expert_tokens`, `kernels` (a GPTOSS_KERNELS name), `max_loras`, `max_lora_rank` for both; the
+    RayExecutor keywords
     (`bundle_offset`, `cpus_per_shard`, timeouts, ...) for G > 1, ignored for G = 1.
     """
     if num_shards == 1:
@@ -629,7 +689,8 @@ def make_executor(model_path: str | os.PathLike[str], num_shards: int = 1, dtype
             model = GptOssModel.from_checkpoint(reader, dtype=dtype, kernels=select_kernels(device,
                                                                                             kwargs.get("kernels")),
                                                 device=device, progress=kwargs.get("progress", False))
-        executor = LocalExecutor(model, kwargs.get("count_expert_tokens", True))
+        executor = LocalExecutor(model, kwargs.get("count_expert_tokens", True), max_loras=kwargs.get("max_loras", 4),
+                                 max_lora_rank=kwargs.get("max_lora_rank", 16))
         executor.model_config = model.config
         return executor
     kwargs.pop("progress", None)
