@@ -126,8 +126,10 @@ def run_engine(args, requests) -> dict:
 
     config = EngineConfig(block_size=16, num_blocks=args.num_blocks or None, max_num_seqs=args.num_requests,
                           max_num_batched_tokens=args.max_batched_tokens, enable_prefix_caching=True,
-                          async_scheduling=args.worker != "engine-serial", max_loras=LORA_ADAPTERS,
-                          max_lora_rank=LORA_RANK)
+                          async_scheduling=args.worker != "engine-serial",
+                          # (only when asked: a --trees checkout from before LoRA has no such fields)
+                          **(dict(max_loras=LORA_ADAPTERS, max_lora_rank=LORA_RANK)
+                             if args.worker == "engine-lora4" else {}))
     if args.worker in RAY_SHARDS:
         from gptoss_cluster.workers.engine.ray_executor import RayExecutor
 
@@ -176,8 +178,9 @@ def run_engine(args, requests) -> dict:
         "time_sample_s": stats.time_sample_s - before.time_sample_s,
         "time_output_s": stats.time_output_s - before.time_output_s,
         "preemptions": stats.num_preemptions,
-        "lora_resident": stats.lora_resident,
-        "lora_bytes_per_adapter": engine.executor.lora_bytes() / max(stats.lora_resident, 1),
+        "lora_resident": getattr(stats, "lora_resident", 0),
+        "lora_bytes_per_adapter": (engine.executor.lora_bytes() / stats.lora_resident
+                                   if getattr(stats, "lora_resident", 0) else 0),
         # the same digest in two modes: the same tokens (async against serial scheduling, say)
         "tokens_digest": hashlib.sha256(json.dumps([r.token_ids for r in results]).encode()).hexdigest()[:16],
     }
