@@ -7,8 +7,10 @@ benchmarks) and the Serve deployment `ModelReplica` both drive it.
 
 It speaks `cluster.contract`: `generate(ReplicaRequest)` yields `Accepted` first, then `Delta`s (the last with a
 finish reason and usage) or a `ReplicaError`; `stats()`, `load()` and `model_info()` answer `ReplicaStats`,
-`ReplicaLoad` and `ModelInfo`. The caller going away (asyncio.CancelledError / GeneratorExit in the generator) or the
-deadline passing aborts the engine request at once, which returns its KV blocks to the pool.
+`ReplicaLoad` and `ModelInfo`; `load_lora(LoadLora)` / `unload_lora(UnloadLora)` answer a `LoraResult`. A
+request names its LoRA adapter in `ReplicaRequest.lora`: one the engine does not know is NOT_FOUND. The caller going
+away (asyncio.CancelledError / GeneratorExit in the generator) or the deadline passing aborts the engine request at
+once, which returns its KV blocks to the pool.
 
 With a tracer that is on (`cluster.tracing`, configured by the OTEL_* variables), each request is recorded when it
 ends as spans, children of the router's (its W3C context travels in `ReplicaRequest.trace_context`):
@@ -45,6 +47,9 @@ from gptoss_cluster.cluster.contract import (
     Accepted,
     Delta,
     ErrorCode,
+    LoadLora,
+    LoraAdapter,
+    LoraResult,
     ModelInfo,
     ReplicaError,
     ReplicaEvent,
@@ -53,8 +58,10 @@ from gptoss_cluster.cluster.contract import (
     ReplicaState,
     ReplicaStats,
     TokenLogprob,
+    UnloadLora,
     Usage,
     from_dict,
+    lora_name_problem,
 )
 from gptoss_cluster.cluster.token_channel import ReplicaEndpoints, TokenChannels
 from gptoss_cluster.cluster.tracing import Attr, Tracer, wall_ns
@@ -78,6 +85,9 @@ class ReplicaSettings:
     drain_timeout_s: float = 60.0
     metrics_port: int = 0
     metrics_host: str = "0.0.0.0"
+    lora_modules: dict[str, str] = field(default_factory=dict)  # LoRA adapters registered at start: name -> path
+    max_loras: int = 4  # adapters resident per shard at once (EngineConfig.max_loras)
+    max_lora_rank: int = 16  # the largest adapter rank accepted (EngineConfig.max_lora_rank)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ReplicaSettings:
@@ -124,6 +134,19 @@ def _merged(outs: list[Any]) -> Delta:
     return functools.reduce(Delta.merge, map(_delta, outs))
 
 
+def _refusal_code(exc: Exception) -> ErrorCode | None:
+    """The status of the engine refusing a request or an adapter: NOT_FOUND for an adapter it does not know
+    (LoraNotFoundError), INVALID_ARGUMENT for a bad request or adapter (ValueError, LoraError among them); None when
+    `exc` is no refusal (a failure, raised on)."""
+    from gptoss_cluster.workers.lora.adapter import LoraNotFoundError
+
+    if isinstance(exc, LoraNotFoundError):
+        return ErrorCode.NOT_FOUND
+    if isinstance(exc, (ValueError, TypeError, KeyError)):
+        return ErrorCode.INVALID_ARGUMENT
+    return None
+
+
 def detached(fn: Any, *args: Any, **kwargs: Any) -> Any:
     """Call `fn` in an empty contextvars context. In a Ray async actor the current request's task id lives in a
     contextvar, and Ray tasks submitted under it are that request's children: cancelling the request (a client that
@@ -162,7 +185,10 @@ class ReplicaCore:
             with open_checkpoint(settings.model) as reader:
                 model_config = reader.config
         self.model_config = model_config
-        self.engine = Engine(self.executor, model_config, EngineConfig(**settings.engine))
+        self.engine = Engine(self.executor, model_config, EngineConfig(
+            **settings.engine, max_loras=settings.max_loras, max_lora_rank=settings.max_lora_rank))
+        for name, path in settings.lora_modules.items():  # a bad adapter fails the start, naming it
+            self.add_lora(name, path)
         self._outstanding: dict[str, int] = {}  # request id -> tokens it may still occupy
         self._live: set[str] = set()
         self._idle = asyncio.Event()
@@ -259,8 +285,9 @@ class ReplicaCore:
         end_ns = time.time_ns()
         usage, times = (out.usage, out.times) if out is not None else (None, None)
         span = tracer.start("gptoss.replica.request", request.trace_context, {
-            Attr.MODEL: self.served_name, Attr.RESPONSE_ID: request.request_id, Attr.REPLICA: self.replica_id,
-            Attr.INPUT_TOKENS: len(request.prompt_token_ids), Attr.MAX_TOKENS: request.sampling.max_tokens,
+            Attr.MODEL: request.lora or self.served_name, Attr.RESPONSE_ID: request.request_id,
+            Attr.REPLICA: self.replica_id, Attr.INPUT_TOKENS: len(request.prompt_token_ids),
+            Attr.MAX_TOKENS: request.sampling.max_tokens,
         }, start_time_ns=arrived_ns, kind="server")
         if not span.recording:  # not sampled (the router's decision, carried in the context)
             return
@@ -299,9 +326,13 @@ class ReplicaCore:
                 constraint = await detached_thread(self.engine.prepare_constraint, constraint)
             # detached: the engine's step loop (started by the first request) must not be a child of any request
             stream = detached(self.engine.add_request, request.prompt_token_ids, request.sampling, request_id,
-                              priority=request.priority, eos_token_ids=request.eos_token_ids, constraint=constraint)
-        except (ValueError, TypeError, KeyError) as exc:
-            yield ReplicaError(ErrorCode.INVALID_ARGUMENT, str(exc))
+                              priority=request.priority, eos_token_ids=request.eos_token_ids, constraint=constraint,
+                              lora=request.lora)
+        except Exception as exc:
+            code = _refusal_code(exc)
+            if code is None:
+                raise
+            yield ReplicaError(code, str(exc))
             return
         self.requests_total += 1
         self._live.add(request_id)
@@ -367,6 +398,41 @@ class ReplicaCore:
             if not self._live:
                 self._idle.set()
 
+    # ------------------------------------------------------------------------------------------------ LoRA adapters
+    def add_lora(self, name: str, path: str) -> LoraAdapter:
+        """Register the PEFT adapter at `path` as `name` (the engine reads its config and tensor header only; it loads
+        onto the shards when a request first uses it). Raises ValueError (LoraError) naming the problem."""
+        problem = lora_name_problem(name)
+        if problem is not None:
+            raise ValueError(problem)
+        if name == self.served_name:
+            raise ValueError(f"the adapter name {name!r} is the served model's name")
+        return self._adapter(self.engine.add_lora(name, path))
+
+    def load_lora(self, request: LoadLora) -> LoraResult:
+        """`add_lora` as a `LoraResult` (the Admin service's LoadLoraAdapter, on every replica)."""
+        try:
+            return LoraResult(self.replica_id, adapter=self.add_lora(request.name, request.path))
+        except Exception as exc:
+            code = _refusal_code(exc)
+            if code is None:
+                raise
+            return LoraResult(self.replica_id, ReplicaError(code, str(exc)))
+
+    def unload_lora(self, request: UnloadLora) -> LoraResult:
+        """Forget the adapter (requests running with it finish); NOT_FOUND when this replica does not have it."""
+        if not self.engine.remove_lora(request.name):
+            return LoraResult(self.replica_id, ReplicaError(
+                ErrorCode.NOT_FOUND, f"replica {self.label} serves no LoRA adapter named {request.name!r}"))
+        return LoraResult(self.replica_id)
+
+    def adapters(self) -> tuple[LoraAdapter, ...]:
+        return tuple(self._adapter(info) for info in self.engine.list_loras())
+
+    def _adapter(self, info: Any) -> LoraAdapter:
+        """The engine's AdapterInfo -> the contract's LoraAdapter."""
+        return LoraAdapter(name=info.name, path=str(info.path), rank=int(info.rank), parent=self.served_name)
+
     # ------------------------------------------------------------------------------------------------ views
     @property
     def outstanding_tokens(self) -> int:
@@ -392,7 +458,7 @@ class ReplicaCore:
             kv_blocks_total=engine.kv_blocks_total, kv_blocks_free=engine.kv_blocks_free,
             prefix_cache_queries=engine.prefix_cache_queries, prefix_cache_hits=engine.prefix_cache_hits,
             requests_total=self.requests_total, tokens_total=self.tokens_total, health_error=self.health_error,
-            pid=os.getpid())
+            pid=os.getpid(), adapters=self.adapters())
 
     @property
     def served_name(self) -> str:
@@ -405,7 +471,8 @@ class ReplicaCore:
             experts_per_token=c.experts_per_token, hidden_size=c.hidden_size, vocab_size=c.vocab_size,
             context_length=self.engine.max_model_len, sliding_window=c.sliding_window,
             shards_per_replica=self.settings.shards_per_replica, kv_block_size=self.engine.layout.block_size,
-            eos_token_id=c.eos_token_id, max_ongoing_requests=self.settings.max_ongoing_requests)
+            eos_token_id=c.eos_token_id, max_ongoing_requests=self.settings.max_ongoing_requests,
+            adapters=self.adapters())
 
 
 # ================================================================================================ Serve deployment

@@ -10,6 +10,7 @@ and compares greedy completions over HTTP with the offline `LLM`.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
@@ -174,7 +175,7 @@ def routed(tmp_path):
     try:
         with Client(address, timeout=30) as client:
             yield {"st": st, "client": client, "replicas": (a, b), "http": f"http://127.0.0.1:{st.server.http_port}",
-                   "path": str(tmp_path)}
+                   "path": str(tmp_path), "address": address}
     finally:
         st.stop()
 
@@ -288,6 +289,28 @@ def test_admin_refusals_by_every_replica_fail_the_call(routed, call, code, messa
     assert info.value.code() == code and message in info.value.details(), info.value.details()
 
 
+def test_cli_lora_commands_and_adapter_option(routed, tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("GPTOSS_AUTH_TOKEN", raising=False)
+    address, (a, b) = routed["address"], routed["replicas"]
+    assert cli.main(["lora", "load", "cli-made", str(tmp_path), "--address", address]) == 0
+    assert capsys.readouterr().out.splitlines() == ["replica-a: ok", "replica-b: ok"]
+    assert cli.main(["lora", "list", "--address", address]) == 0
+    listed = capsys.readouterr().out.splitlines()
+    assert listed[0] == f"replica-a: sql (rank 8, {tmp_path}), cli-made (rank 8, {tmp_path})"
+    assert listed[1].startswith("replica-b: sql (rank 8, ") and "only-b (rank 8" in listed[1]
+    assert cli.main(["generate", "--address", address, "--token-ids", "1,2", "--adapter", "cli-made"]) == 0
+    assert [r.lora for r in a.started + b.started] == ["cli-made"]
+    capsys.readouterr()
+    assert cli.main(["lora", "unload", "only-b", "--address", address]) == 1  # replica-a has no only-b: exit 1
+    assert capsys.readouterr().out.splitlines() == [
+        "replica-a: NOT_FOUND: no adapter 'only-b'", "replica-b: ok"]
+    assert cli.main(["lora", "unload", "nope", "--address", address]) == 1
+    assert "NOT_FOUND" in capsys.readouterr().err
+    assert cli.main(["lora", "load", "bad name", "/x", "--address", address]) == 2
+    assert cli.main(["lora", "list"]) == 2 and "needs --address" in capsys.readouterr().err
+    assert cli.main(["generate", "--model", str(tmp_path), "--prompt", "x", "--adapter", "a"]) == 2
+
+
 def test_admin_needs_the_token(tmp_path):
     token = "lora-token"
     st = ServerThread()
@@ -371,6 +394,183 @@ def test_per_adapter_metrics_parse_back(monkeypatch):
     assert samples[("gptoss_lora_generation_tokens_total", "r1", "sql")] == 6
     assert samples[("gptoss_lora_resident_adapters", "r0", None)] == 3
     assert samples[("gptoss_lora_resident_adapters", "r1", None)] == 1
+
+
+
+# ================================================================================================ end to end
+E2E_PROMPTS = ([3, 14, 15, 92, 65, 35, 89, 79, 32, 38, 46, 26], [2718, 28, 1828, 459, 45, 2353, 602, 87, 4713, 526])
+E2E_TOKENS = 8
+TOKEN = "lora-e2e-token"
+TOKEN_ENV = "GPTOSS_LORA_TEST_TOKEN"
+
+
+@pytest.fixture(scope="module")
+def adapters(checkpoints, tmp_path_factory):
+    """Three PEFT adapters on tinyb-hf (tests/test_lora.py's helper and specs): two served from the start, one loaded
+    through the Admin service."""
+    pytest.importorskip("peft")
+    from tests.test_lora import ADAPTERS, make_adapter
+
+    root = tmp_path_factory.mktemp("serving-adapters")
+    return {name: make_adapter(checkpoints["tinyb-hf"], root / name, logits=False, **ADAPTERS[name]).source.path
+            for name in ("full", "rslora", "pattern")}
+
+
+@pytest.fixture(scope="module")
+def offline(checkpoints, adapters):
+    """Greedy tokens of the offline LLM for every prompt with every adapter (None: the base model)."""
+    from gptoss_cluster.workers.llm import LLM
+    from gptoss_cluster.workers.sampling import SamplingParams
+
+    llm = LLM(checkpoints["tinyb-hf"], dtype="float32", progress=False, lora_modules=adapters)
+    try:
+        params = SamplingParams(temperature=0.0, max_tokens=E2E_TOKENS, ignore_eos=True)
+        return {name: [out.token_ids for out in llm.generate(list(E2E_PROMPTS), params, lora=name)]
+                for name in (None, *adapters)}
+    finally:
+        llm.shutdown()
+
+
+@pytest.fixture(scope="module", params=[1, 2], ids=["G1", "G2"])
+def served(request, checkpoints, adapters):
+    """`serve` on loopback (Ray, the Router and one ModelReplica of tinyb-hf on G = 1 or 2 shards: heads and experts
+    split, each shard holding its slices of the adapters) with the adapters full and rslora."""
+    import ray
+
+    from gptoss_cluster.cluster.app import AppConfig, LocalCluster
+
+    if ray.is_initialized():
+        ray.shutdown()
+    grpc_port, http_port = free_port(), free_port()
+    config = AppConfig(model=str(checkpoints["tinyb-hf"]), served_model_name="tinyb", dtype="float32", device="cpu",
+                       num_replicas=1, shards_per_replica=request.param, grpc_port=grpc_port, grpc_host="127.0.0.1",
+                       http_port=http_port,
+                       metrics_port=0, auth_token_env=TOKEN_ENV, health_interval_s=0.2, routing_stats_period_s=0.5,
+                       graceful_shutdown_timeout_s=10, max_loras=2, max_lora_rank=16,
+                       lora_modules={"full": adapters["full"], "rslora": adapters["rslora"]},
+                       engine={"num_blocks": 512, "max_model_len": 512, "max_num_seqs": 16})
+    local = LocalCluster(config, ray_address="", dashboard_port=free_port(), num_cpus=4,
+                         env_vars={TOKEN_ENV: TOKEN, "GPTOSS_NO_PROGRESS": "1"})
+    try:
+        local.start(ready_timeout_s=300)
+        with Client(f"127.0.0.1:{grpc_port}", token=TOKEN, timeout=120) as grpc_client, \
+                openai.OpenAI(base_url=f"http://127.0.0.1:{http_port}/v1", api_key=TOKEN, max_retries=0,
+                              timeout=120) as http_client:
+            yield {"grpc": grpc_client, "openai": http_client, "base_url": f"http://127.0.0.1:{http_port}/v1"}
+    finally:
+        local.close()
+
+
+def test_served_adapters_equal_the_offline_llm(served, offline, adapters):
+    from gptoss_cluster.workers.harmony import get_tokenizer
+
+    tok = get_tokenizer()
+    http, grpc_client = served["openai"], served["grpc"]
+    models = {m.id: m for m in http.models.list().data}
+    assert sorted(models) == ["full", "rslora", "tinyb"] and models["full"].parent == "tinyb"
+    assert models["rslora"].root == adapters["rslora"] and models["tinyb"].parent is None
+    assert any(offline["full"][i] != offline[None][i] for i in range(len(E2E_PROMPTS))), \
+        "the adapter changes nothing: the comparison below could not fail"
+    for name in (None, "full", "rslora", None):  # the base model once more after the adapters: unaffected
+        for i, prompt in enumerate(E2E_PROMPTS):
+            expected = offline[name][i]
+            ids = [t for d in grpc_client.generate(prompt, adapter=name, max_tokens=E2E_TOKENS, temperature=0,
+                                                   ignore_eos=True) for t in d.token_ids]
+            assert ids == expected, (name, i)
+            done = http.completions.create(model=name or "tinyb", prompt=prompt, max_tokens=E2E_TOKENS,
+                                           temperature=0, extra_body={"ignore_eos": True})
+            assert done.model == (name or "tinyb")
+            assert done.choices[0].text == tok.decode(expected) and done.usage.completion_tokens == E2E_TOKENS
+    with pytest.raises(openai.NotFoundError) as info:
+        http.completions.create(model="pattern", prompt=E2E_PROMPTS[0], max_tokens=2)
+    assert info.value.body["code"] == "model_not_found"
+    with pytest.raises(grpc.RpcError) as err:
+        list(grpc_client.generate(E2E_PROMPTS[0], adapter="pattern", max_tokens=2))
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_admin_load_then_use_then_unload(served, offline, adapters):
+    from gptoss_cluster.workers.harmony import get_tokenizer
+
+    http, grpc_client = served["openai"], served["grpc"]
+    with pytest.raises(grpc.RpcError) as refused:  # a directory that is no PEFT adapter: refused by name
+        grpc_client.load_lora("broken", str(Path(adapters["pattern"]).parent))
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    loaded = grpc_client.load_lora("pattern", adapters["pattern"])
+    assert loaded.adapter.name == "pattern" and loaded.adapter.parent == "tinyb" and loaded.adapter.rank == 6
+    assert len(loaded.replicas) == 1 and loaded.replicas[0].ok
+    assert [a.name for a in grpc_client.list_loras().adapters] == ["full", "pattern", "rslora"]
+
+    # every adapter and the base at once: three adapters for max_loras = 2 slots, so one waits for a slot
+    async def all_at_once() -> list:
+        async with openai.AsyncOpenAI(base_url=served["base_url"], api_key=TOKEN, max_retries=0,
+                                      timeout=300) as client:
+            return await asyncio.gather(*(
+                client.completions.create(model=name or "tinyb", prompt=prompt, max_tokens=E2E_TOKENS,
+                                          temperature=0, extra_body={"ignore_eos": True})
+                for name in (None, "full", "rslora", "pattern") for prompt in E2E_PROMPTS))
+
+    answers = iter(asyncio.run(all_at_once()))
+    for name in (None, "full", "rslora", "pattern"):
+        for i in range(len(E2E_PROMPTS)):
+            assert next(answers).choices[0].text == get_tokenizer().decode(offline[name][i]), (name, i)
+    assert grpc_client.unload_lora("pattern").replicas[0].ok
+    with pytest.raises(openai.NotFoundError):
+        http.completions.create(model="pattern", prompt=E2E_PROMPTS[0], max_tokens=2)
+    assert sorted(m.id for m in http.models.list().data) == ["full", "rslora", "tinyb"]
+
+
+
+def test_in_process_replicas_route_by_adapter_and_count_it_in_the_metrics(checkpoints, adapters, offline,
+                                                                          monkeypatch):
+    """Two real replica cores behind one router, in this process: `full` registered on r0 only, `rslora` loaded
+    through the Admin service on both; then the per-adapter counters of r0's engine, through the metrics."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from gptoss_cluster.cluster.replica import ReplicaCore, ReplicaSettings
+
+    monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR", raising=False)
+    engine = {"num_blocks": 256, "max_model_len": 256, "max_num_seqs": 8}
+    common = dict(model=str(checkpoints["tinyb-hf"]), dtype="float32", served_model_name="tinyb", engine=engine,
+                  max_loras=2)
+    r0 = ReplicaCore(ReplicaSettings(**common, lora_modules={"full": adapters["full"]}), replica_id="app#r0")
+    r1 = ReplicaCore(ReplicaSettings(**common), replica_id="app#r1")
+    st = ServerThread()
+    address = st.start([r0, r1], RouterSettings(host="127.0.0.1", port=0, health_interval_s=0.05))
+    try:
+        with Client(address, timeout=120) as client:
+            for i, prompt in enumerate(E2E_PROMPTS * 2):
+                ids = [t for d in client.generate(prompt, adapter="full", max_tokens=E2E_TOKENS, temperature=0,
+                                                  ignore_eos=True) for t in d.token_ids]
+                assert ids == offline["full"][i % len(E2E_PROMPTS)]
+            assert r0.requests_total == 2 * len(E2E_PROMPTS) and r1.requests_total == 0  # only r0 serves `full`
+            with pytest.raises(grpc.RpcError) as refused:
+                client.load_lora("broken", str(checkpoints["tinyb-hf"]))  # a checkpoint, not an adapter
+            assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "adapter_config.json" in refused.value.details(), refused.value.details()
+            partly = client.load_lora("full", adapters["full"])  # r0 has it already, r1 takes it: partly done
+            assert sorted((r.replica_id, r.ok, r.error_code) for r in partly.replicas) == [
+                ("app#r0", False, "INVALID_ARGUMENT"), ("app#r1", True, "")]
+            assert "already registered" in partly.replicas[0].error + partly.replicas[1].error
+            loaded = client.load_lora("rslora", adapters["rslora"])
+            assert sorted((r.replica_id, r.ok) for r in loaded.replicas) == [("app#r0", True), ("app#r1", True)]
+            assert loaded.adapter.rank == 8
+            for i, prompt in enumerate(E2E_PROMPTS):
+                ids = [t for d in client.generate(prompt, adapter="rslora", max_tokens=E2E_TOKENS, temperature=0,
+                                                  ignore_eos=True) for t in d.token_ids]
+                assert ids == offline["rslora"][i]
+        metrics = Metrics()
+        metrics.record_engine_stats(r0.engine.stats(), replica="r0")
+        samples = {(s.name, s.labels.get("lora_adapter")): s.value
+                   for f in text_string_to_metric_families(metrics.render().decode()) for s in f.samples
+                   if s.labels.get("replica") == "r0"}
+        assert samples[("gptoss_lora_requests_total", "full")] == 2 * len(E2E_PROMPTS)
+        assert samples[("gptoss_lora_generation_tokens_total", "full")] == 2 * len(E2E_PROMPTS) * E2E_TOKENS
+        assert 1 <= samples[("gptoss_lora_resident_adapters", None)] <= 2
+    finally:
+        for core in (r0, r1):
+            st.run(core.shutdown())
+        st.stop()
 
 
 if __name__ == "__main__":
