@@ -314,6 +314,8 @@ class ReplicaCore:
     async def _generate(self, request: ReplicaRequest,
                         on_finished: Callable[[Any], None] | None) -> AsyncIterator[ReplicaEvent]:
         """The events of `generate`; `on_finished` is given the engine's last output when the request finishes."""
+        from gptoss_cluster.workers.lora.adapter import LoraError  # (the engine's module: imported with it)
+
         yield Accepted(self.replica_id)
         if self.state is not ReplicaState.RUNNING:
             yield ReplicaError(ErrorCode.UNAVAILABLE, f"replica {self.label} is {self.state.value.lower()}")
@@ -358,6 +360,10 @@ class ReplicaCore:
                 except StopAsyncIteration:
                     finished = True
                     return
+                except LoraError as exc:  # its adapter failed to load on the shards: this request fails alone
+                    finished = True
+                    yield ReplicaError(ErrorCode.INVALID_ARGUMENT, str(exc))
+                    return
                 except RuntimeError as exc:  # the engine step failed (e.g. a shard died): fail, never hang
                     finished = True
                     self.health_error = str(exc)
@@ -366,11 +372,11 @@ class ReplicaCore:
                 # Coalesce: every output the engine already queued for this request goes out in this one delta
                 # (each costs a Serve/Ray message; a consumer that fell behind catches up in one). Nothing waits for
                 # more, so the first token and a consumer that keeps up see no delay.
-                failed: RuntimeError | None = None
+                failed: RuntimeError | LoraError | None = None
                 while not outs[-1].finished and stream.ready():
                     try:
                         outs.append(await anext(stream))  # returns at once: the output is queued
-                    except RuntimeError as exc:
+                    except (RuntimeError, LoraError) as exc:
                         failed = exc
                         break
                 delta = _merged(outs)
@@ -384,6 +390,10 @@ class ReplicaCore:
                         on_finished(outs[-1])
                 yield delta
                 if finished:
+                    return
+                if isinstance(failed, LoraError):
+                    finished = True
+                    yield ReplicaError(ErrorCode.INVALID_ARGUMENT, str(failed))
                     return
                 if failed is not None:
                     finished = True

@@ -451,3 +451,31 @@ def test_add_lora_validates_and_a_failed_load_ends_only_its_requests(peft_adapte
     assert llm.engine.executor.lora_bytes() == info.num_bytes  # "full" alone is resident (float32)
     assert llm.remove_lora("copy") and llm.remove_lora("full")
     assert llm.engine.executor.lora_bytes() == 0 and llm.list_loras() == []
+
+
+def test_a_failed_load_fails_a_stream_with_the_reason(peft_adapters, tmp_path):
+    """A streamed request whose adapter cannot load raises LoraError naming the adapter (the replica answers
+    INVALID_ARGUMENT with it); a base request in the same steps finishes."""
+    import shutil
+
+    from gptoss_cluster import LLM
+
+    shutil.copytree(peft_adapters["modules"]["full"], tmp_path / "copy")
+    with LLM(peft_adapters["path"], dtype="float32", progress=False, lora_modules={"copy": str(tmp_path / "copy")},
+             engine_config=EngineConfig(num_blocks=32, max_lora_rank=8)) as llm:
+        shutil.rmtree(tmp_path / "copy")
+        prompt = peft_adapters["prompts"][0]
+
+        async def run():
+            broken = llm.engine.add_request(prompt, E2E_GREEDY, lora="copy")
+            base = llm.engine.add_request(prompt, E2E_GREEDY)
+            base_outs = [out async for out in base]
+            with pytest.raises(LoraError, match="'copy' failed to load"):
+                async for _ in broken:
+                    pass
+            await llm.engine.shutdown()
+            return base_outs
+
+        outs = asyncio.run(run())
+    assert outs[-1].finished and sum(len(o.new_token_ids) for o in outs) == 6
+    assert not llm.engine.has_unfinished_requests()

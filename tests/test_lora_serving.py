@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -522,7 +523,7 @@ def test_admin_load_then_use_then_unload(served, offline, adapters):
 
 
 def test_in_process_replicas_route_by_adapter_and_count_it_in_the_metrics(checkpoints, adapters, offline,
-                                                                          monkeypatch):
+                                                                          monkeypatch, tmp_path):
     """Two real replica cores behind one router, in this process: `full` registered on r0 only, `rslora` loaded
     through the Admin service on both; then the per-adapter counters of r0's engine, through the metrics."""
     from prometheus_client.parser import text_string_to_metric_families
@@ -559,6 +560,19 @@ def test_in_process_replicas_route_by_adapter_and_count_it_in_the_metrics(checkp
                 ids = [t for d in client.generate(prompt, adapter="rslora", max_tokens=E2E_TOKENS, temperature=0,
                                                   ignore_eos=True) for t in d.token_ids]
                 assert ids == offline["rslora"][i]
+            # an adapter whose files vanish after it was registered: its request fails with the reason, INVALID_ARGUMENT
+            # (not a replica failure: the replicas stay healthy and serve the next request)
+            shutil.copytree(adapters["full"], tmp_path / "vanishing")
+            client.load_lora("vanishing", str(tmp_path / "vanishing"))
+            shutil.rmtree(tmp_path / "vanishing")
+            with pytest.raises(grpc.RpcError) as failed:
+                list(client.generate(E2E_PROMPTS[0], adapter="vanishing", max_tokens=E2E_TOKENS, temperature=0))
+            assert failed.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "'vanishing' failed to load" in failed.value.details(), failed.value.details()
+            assert r0.health_error is None and r1.health_error is None
+            ids = [t for d in client.generate(E2E_PROMPTS[0], adapter="rslora", max_tokens=E2E_TOKENS,
+                                              temperature=0, ignore_eos=True) for t in d.token_ids]
+            assert ids == offline["rslora"][0]
         metrics = Metrics()
         metrics.record_engine_stats(r0.engine.stats(), replica="r0")
         samples = {(s.name, s.labels.get("lora_adapter")): s.value

@@ -432,17 +432,17 @@ class Engine:
         finally:
             self._step_lock.release()
 
-    def _apply_lora_work(self) -> list[Request]:
+    def _apply_lora_work(self) -> list[tuple[Request, str]]:
         """Have the executor drop the weights of freed slots and load the adapters newly given a slot. The caller
         holds the lock and has made sure that no step runs on the executor meanwhile.
 
         An adapter that fails to load (its files gone, say) fails only the requests that wanted it: returned, their
-        slots unpinned (a step laid out now runs their rows as the base model), for the caller to end (aborted,
-        `_abort_unloaded`) once nothing reads their block tables any more; the reason goes to the log."""
+        slots unpinned (a step laid out now runs their rows as the base model), with the reason, for the caller to
+        end (`_abort_unloaded`) once nothing reads their block tables any more; the reason also goes to the log."""
         unloads, loads = self.lora.take_work()
         for slot in unloads:
             self.executor.remove_lora(slot)
-        failed: list[Request] = []
+        failed: list[tuple[Request, str]] = []
         for slot, source in loads:
             try:
                 self.executor.add_lora(slot, source)
@@ -451,18 +451,25 @@ class Engine:
                 victims = [r for r in self.scheduler.running if r.lora_slot == slot]
                 logger.error("LoRA adapter %r (%s) failed to load: %s; aborting %d request(s)", source.name,
                              source.path, exc, len(victims))
+                reason = f"LoRA adapter {source.name!r} failed to load: {exc}"
                 for request in victims:
                     self.scheduler.release_lora(request)
-                failed += victims
+                    failed.append((request, reason))
             else:
                 self.lora.loaded(slot)
         return failed
 
-    def _abort_unloaded(self, requests: list[Request]) -> None:
-        """End the requests whose adapter failed to load (`_apply_lora_work`)."""
-        for request in requests:
-            if not request.is_finished:
-                self._finish(request, RequestStatus.FINISHED_ABORTED)
+    def _abort_unloaded(self, failed: list[tuple[Request, str]]) -> None:
+        """End the requests whose adapter failed to load (`_apply_lora_work`): a stream raises LoraError with the
+        reason (the replica answers with it), a submit()-ed request ends "aborted"."""
+        for request, reason in failed:
+            if request.is_finished:
+                continue
+            stream = self._streams.pop(request, None)
+            self._finish(request, RequestStatus.FINISHED_ABORTED)
+            if stream is not None:
+                stream._put(LoraError(reason))
+            else:
                 self._emit(request, self._delta(request, [], None, finished=True))
 
     # ------------------------------------------------------------------------------------------------ verification
@@ -645,7 +652,7 @@ class Engine:
         tm.tokens += step.num_tokens
 
     def _build_plan(self, sched: SchedulerOutput) -> tuple[StepPlan, list]:
-        unloaded: list[Request] = []
+        unloaded: list[tuple[Request, str]] = []
         if self.lora.has_work():  # adapters given a slot by this schedule: loaded once the step in flight is done
             if self._inflight is not None and self._inflight.result is not None:
                 wait_futures([self._inflight.result])
