@@ -159,7 +159,7 @@ def run_engine(args, requests) -> dict:
         profiler = cProfile.Profile()
         profiler.enable()
     t, cpu = time.perf_counter(), cpu_seconds()
-    results = engine.generate(batch, lora=loras)
+    results = engine.generate(batch, lora=loras) if loras else engine.generate(batch)
     elapsed, cpu = time.perf_counter() - t, cpu_seconds() - cpu
     if profiler is not None:
         profiler.disable()
