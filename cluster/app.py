@@ -19,6 +19,7 @@ docs/scaling.md).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -706,6 +707,11 @@ class LocalCluster:
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.5)
+        if self.app_name not in (self.client.details().get("applications") or {}):
+            # a new deploy starts with no run-time LoRA changes (one deleted by other means left its registry)
+            from gptoss_cluster.cluster.lora_registry import kill_registry
+
+            kill_registry(self.app_name)
         app = app_config(self.config, app_name=self.app_name, env_vars=self.env_vars)
         self.client.deploy_app(app)
         self.deployed = True
@@ -754,6 +760,10 @@ class LocalCluster:
             except DashboardError:
                 pass
             self.deployed = False
+            with contextlib.suppress(Exception):  # its run-time LoRA adapter changes end with it
+                from gptoss_cluster.cluster.lora_registry import kill_registry
+
+                kill_registry(self.app_name)
         if self.started_ray:
             import ray
             from ray import serve

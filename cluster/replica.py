@@ -8,9 +8,11 @@ benchmarks) and the Serve deployment `ModelReplica` both drive it.
 It speaks `cluster.contract`: `generate(ReplicaRequest)` yields `Accepted` first, then `Delta`s (the last with a
 finish reason and usage) or a `ReplicaError`; `stats()`, `load()` and `model_info()` answer `ReplicaStats`,
 `ReplicaLoad` and `ModelInfo`; `load_lora(LoadLora)` / `unload_lora(UnloadLora)` answer a `LoraResult`. A
-request names its LoRA adapter in `ReplicaRequest.lora`: one the engine does not know is NOT_FOUND. The caller going
-away (asyncio.CancelledError / GeneratorExit in the generator) or the deadline passing aborts the engine request at
-once, which returns its KV blocks to the pool.
+request names its LoRA adapter in `ReplicaRequest.lora`: one the engine does not know is NOT_FOUND. A replica serves
+its start-up `lora_modules` with the Admin service's run-time loads and unloads applied (`cluster.lora_registry`:
+read before it registers its adapters, then polled), so one that starts later serves the same adapters as the others.
+The caller going away (asyncio.CancelledError / GeneratorExit in the generator) or the deadline passing aborts the
+engine request at once, which returns its KV blocks to the pool.
 
 With a tracer that is on (`cluster.tracing`, configured by the OTEL_* variables), each request is recorded when it
 ends as spans, children of the router's (its W3C context travels in `ReplicaRequest.trace_context`):
@@ -63,6 +65,7 @@ from gptoss_cluster.cluster.contract import (
     from_dict,
     lora_name_problem,
 )
+from gptoss_cluster.cluster.lora_registry import AdapterChanges, RayAdapterRegistry
 from gptoss_cluster.cluster.token_channel import ReplicaEndpoints, TokenChannels
 from gptoss_cluster.cluster.tracing import Attr, Tracer, wall_ns
 
@@ -88,6 +91,7 @@ class ReplicaSettings:
     lora_modules: dict[str, str] = field(default_factory=dict)  # LoRA adapters registered at start: name -> path
     max_loras: int = 4  # adapters resident per shard at once (EngineConfig.max_loras)
     max_lora_rank: int = 16  # the largest adapter rank accepted (EngineConfig.max_lora_rank)
+    lora_sync_interval_s: float = 2.0  # how often a Serve replica polls the run-time adapter changes (lora_registry)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ReplicaSettings:
@@ -166,7 +170,9 @@ class ReplicaCore:
 
     def __init__(self, settings: ReplicaSettings, *, replica_id: str | None = None, metrics: Any = None,
                  executor: Any = None, model_config: Any = None, placement_group: Any = None,
-                 tracer: Tracer | None = None) -> None:
+                 tracer: Tracer | None = None, adapter_changes: AdapterChanges | None = None) -> None:
+        """`adapter_changes`: what the Admin service loaded and unloaded since the application started
+        (`cluster.lora_registry`), applied over `settings.lora_modules`."""
         from gptoss_cluster.workers.engine import Engine, EngineConfig
 
         self.settings = settings
@@ -187,8 +193,13 @@ class ReplicaCore:
         self.model_config = model_config
         self.engine = Engine(self.executor, model_config, EngineConfig(
             **settings.engine, max_loras=settings.max_loras, max_lora_rank=settings.max_lora_rank))
+        changes = adapter_changes or AdapterChanges()
         for name, path in settings.lora_modules.items():  # a bad adapter fails the start, naming it
-            self.add_lora(name, path)
+            if name not in changes.entries:  # unloaded or replaced at run time: the change decides
+                self.add_lora(name, path)
+        self.adapter_version = -1  # the version of the run-time changes applied (sync_adapters)
+        self._applied_changes: Mapping[str, str | None] = {}
+        self.sync_adapters(changes)
         self._outstanding: dict[str, int] = {}  # request id -> tokens it may still occupy
         self._live: set[str] = set()
         self._idle = asyncio.Event()
@@ -436,6 +447,35 @@ class ReplicaCore:
                 ErrorCode.NOT_FOUND, f"replica {self.label} serves no LoRA adapter named {request.name!r}"))
         return LoraResult(self.replica_id)
 
+    def sync_adapters(self, changes: AdapterChanges) -> list[str]:
+        """Apply the run-time adapter changes (`cluster.lora_registry`) that differ from those applied before: load
+        an adapter this replica lacks (or holds from another directory), unload one it holds that was unloaded. Only
+        entries that changed are acted on, so a broadcast that reached this replica first is left alone. An adapter
+        that fails here is logged and skipped (another replica validated it; the router routes by what each replica
+        serves): returns those problems."""
+        problems: list[str] = []
+        held = {a.name: a.path for a in self.adapters()}
+        for name, path in changes.entries.items():
+            if name in self._applied_changes and self._applied_changes[name] == path:
+                continue
+            try:
+                if path is None:
+                    if name in held:
+                        self.engine.remove_lora(name)
+                    continue
+                if name in held and os.path.realpath(held[name]) == os.path.realpath(path):
+                    continue
+                if name in held:
+                    self.engine.remove_lora(name)
+                self.add_lora(name, path)
+            except Exception as exc:
+                problems.append(f"{name} ({path}): {exc}")
+                logger.warning("replica %s could not load the LoRA adapter %r from %s: %s", self.label, name, path,
+                               exc)
+        self._applied_changes = dict(changes.entries)
+        self.adapter_version = changes.version
+        return problems
+
     def adapters(self) -> tuple[LoraAdapter, ...]:
         return tuple(self._adapter(info) for info in self.engine.list_loras())
 
@@ -506,13 +546,37 @@ class ModelReplicaImpl(ReplicaEndpoints):
         # spans over OTLP when this process's OTEL_* variables configure an endpoint (cluster.app copies them into
         # the deployment's runtime_env); off and free otherwise
         self.tracer = Tracer.from_env("replica")
+        # the adapters the Admin service loaded / unloaded since the application started (cluster.lora_registry)
+        self.adapter_registry = await asyncio.to_thread(RayAdapterRegistry, serve.get_replica_context().app_name)
+        changes = await self._adapter_changes(-1)
         # Loading weights is long and blocking: keep the replica's event loop free meanwhile.
         self.core = await asyncio.to_thread(ReplicaCore, self.settings, replica_id=replica_id, metrics=self.metrics,
-                                            placement_group=placement_group, tracer=self.tracer)
+                                            placement_group=placement_group, tracer=self.tracer,
+                                            adapter_changes=changes)
         self.core.start_background()
+        # changes made while this replica loaded (a broadcast it missed) and later: polled, applied in order
+        self._adapter_sync = detached(asyncio.get_running_loop().create_task, self._sync_adapters_loop())
         self.channels = TokenChannels(replica_id)
         logger.info("replica %s ready: %s on %s x%d", replica_id, self.settings.model, self.settings.device,
                     self.settings.shards_per_replica)
+
+    async def _adapter_changes(self, since: int) -> AdapterChanges | None:
+        """The registry's changes after version `since` (None: none, or the registry did not answer: logged)."""
+        try:
+            return await self.adapter_registry.changes(since)
+        except Exception as exc:
+            logger.warning("the LoRA adapter registry did not answer: %s", exc)
+            return None
+
+    async def _sync_adapters_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.lora_sync_interval_s)
+            changes = await self._adapter_changes(self.core.adapter_version)
+            if changes is not None:
+                try:
+                    await detached_thread(self.core.sync_adapters, changes)
+                except Exception:  # never take the replica down
+                    logger.exception("applying the LoRA adapter changes failed")
 
     async def stats(self) -> ReplicaStats:
         # engine.stats() asks the shard actors for expert counts (a blocking Ray call): keep it off the loop
@@ -527,6 +591,9 @@ class ModelReplicaImpl(ReplicaEndpoints):
 
     async def __del__(self) -> None:
         # Serve has already let in-flight requests finish (graceful_shutdown_timeout_s); stragglers are aborted.
+        sync = getattr(self, "_adapter_sync", None)
+        if sync is not None:
+            sync.cancel()
         core = getattr(self, "core", None)
         if core is not None:
             await core.drain()

@@ -29,6 +29,7 @@ from gptoss_cluster.cluster.contract import (
     ReplicaStats,
     UnloadLora,
 )
+from gptoss_cluster.cluster.lora_registry import AdapterStore
 from gptoss_cluster.cluster.router.policies import PrefixAffinity, RouteRequest, RoutingPolicy
 
 __all__ = ["Backend", "BackendError", "LocalBackend"]
@@ -39,6 +40,10 @@ class BackendError(Exception):
 
 
 class Backend(abc.ABC):
+    # Where the router records what its `load_lora` / `unload_lora` did, for the replicas that start later
+    # (cluster.lora_registry); None: not recorded (a later replica serves its start-up adapters only).
+    adapter_registry: AdapterStore | None = None
+
     @abc.abstractmethod
     def stream(self, request: ReplicaRequest) -> AsyncIterator[ReplicaEvent]:
         """The replica's events for `request` (first `Accepted`); closing it cancels the request."""
@@ -66,8 +71,10 @@ class Backend(abc.ABC):
 class LocalBackend(Backend):
     """Replica cores in this process (no Ray), chosen by `policy` (default: prefix affinity bounded by load)."""
 
-    def __init__(self, cores: Sequence[Any], policy: RoutingPolicy | None = None) -> None:
+    def __init__(self, cores: Sequence[Any], policy: RoutingPolicy | None = None,
+                 adapter_registry: AdapterStore | None = None) -> None:
         self.cores = list(cores)
+        self.adapter_registry = adapter_registry  # a core added later starts with its changes (adapter_changes=)
         self.policy = policy or PrefixAffinity()
         self.failing: set[str] = set()  # replica ids whose next stream fails (tests of the retry path)
         self._keys = itertools.count()  # the policy's key of each routed request (unique in this backend)

@@ -19,11 +19,11 @@ adapters each one serves; each poll tells `on_ready` whether a replica is ready 
 
 LoRA adapters: a request names one (`adapter`; the served model's name or nothing: the base model). The router knows
 which ready replica serves which adapter (from the last poll, and at once from its own `load_lora` / `unload_lora`,
-which apply to every replica): an adapter none serves is NOT_FOUND, and a request is routed among the replicas that
-serve its adapter (the others are excluded, `ReplicaRequest.exclude_replicas`). Its prompt's prefix hashes are salted
-with the adapter (`workers.block_hash.lora_salt`), as the engine's prefix cache keys them, so prefix affinity sends
-it where its own cached blocks are. `drain()` refuses new calls
-(UNAVAILABLE) and waits, bounded, for the running ones.
+which apply to every replica and are recorded for the replicas that start later, `Backend.adapter_registry`): an
+adapter none serves is NOT_FOUND, and a request is routed among the replicas that serve its adapter (the others are
+excluded, `ReplicaRequest.exclude_replicas`). Its prompt's prefix hashes are salted with the adapter
+(`workers.block_hash.lora_salt`), as the engine's prefix cache keys them, so prefix affinity sends it where its own
+cached blocks are. `drain()` refuses new calls (UNAVAILABLE) and waits, bounded, for the running ones.
 """
 
 from __future__ import annotations
@@ -254,6 +254,7 @@ class RouterCore:
             adapter = next((r.adapter for r in results if r.ok and r.adapter is not None), None)
             _raise_if_none_did(results, "load the adapter")
             assert adapter is not None  # a replica that loaded it says what it loaded
+            await self._record_adapter(name, path)  # after the broadcast: a replica syncing meanwhile never races it
             for r in results:
                 if r.ok:
                     self._adapter_replicas.setdefault(name, set()).add(r.replica_id)
@@ -265,10 +266,24 @@ class RouterCore:
         it), UNAVAILABLE (no replica answered)."""
         with self.call():
             results = await self.backend.unload_lora(UnloadLora(name))
+            if any(r.ok or (r.error is not None and r.error.code is ErrorCode.NOT_FOUND) for r in results):
+                await self._record_adapter(name, None)  # the replicas answered: none shall have it, later ones too
             _raise_if_none_did(results, "unload the adapter")
             self.adapters.pop(name, None)  # requests that arrive from now on are NOT_FOUND, whatever the next poll
             self._adapter_replicas.pop(name, None)
             return results
+
+    async def _record_adapter(self, name: str, path: str | None) -> None:
+        """Record an adapter change for the replicas that start later (`Backend.adapter_registry`); a registry that
+        fails is logged: the replicas running now already have the change."""
+        registry = self.backend.adapter_registry
+        if registry is None:
+            return
+        try:
+            await registry.record(name, path)
+        except Exception as exc:
+            logger.warning("the LoRA adapter registry did not record %s of %r: %s",
+                           "the unload" if path is None else "the load", name, exc)
 
     async def generate_events(self, request: pb.GenerateRequest, *, timeout: float | None = None,
                               protocol: str = "grpc", trace_context: Mapping[str, str] | None = None

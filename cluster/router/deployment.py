@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import contextlib
+import asyncio
 import os
 from typing import Any
 
+from gptoss_cluster.cluster.lora_registry import RayAdapterRegistry
 from gptoss_cluster.cluster.router.serve_backend import ServeBackend
 from gptoss_cluster.cluster.router.server import GptossServer
 from gptoss_cluster.cluster.router.settings import RouterSettings
@@ -24,12 +25,14 @@ class RouterImpl:
         # spans over OTLP when this process's OTEL_* variables configure an endpoint (cluster.app copies them into
         # the deployment's runtime_env); off and free otherwise
         self.tracer = Tracer.from_env("router")
-        with contextlib.suppress(Exception):
-            from ray import serve
+        from ray import serve
 
-            self.settings.router_name = serve.get_replica_context().replica_id.unique_id
-        self.server = GptossServer(ServeBackend(replica_handle, transport=self.settings.replica_transport),
-                                   self.settings, Metrics.for_process(), self.tracer)
+        context = serve.get_replica_context()
+        self.settings.router_name = context.replica_id.unique_id
+        # the Admin service's adapter changes, for ModelReplicas that start later (cluster.lora_registry)
+        registry = await asyncio.to_thread(RayAdapterRegistry, context.app_name)
+        backend = ServeBackend(replica_handle, transport=self.settings.replica_transport, adapter_registry=registry)
+        self.server = GptossServer(backend, self.settings, Metrics.for_process(), self.tracer)
         await self.server.start()
 
     async def info(self) -> dict[str, Any]:

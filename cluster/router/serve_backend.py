@@ -32,6 +32,7 @@ from gptoss_cluster.cluster.contract import (
     ReplicaStats,
     UnloadLora,
 )
+from gptoss_cluster.cluster.lora_registry import AdapterStore
 from gptoss_cluster.cluster.router.backend import Backend, BackendError
 
 __all__ = ["ServeBackend"]
@@ -80,13 +81,14 @@ class ServeBackend(Backend):
     """
 
     def __init__(self, handle: Any, *, transport: str = "grpc", stats_timeout_s: float = 5.0,
-                 channel_open_timeout_s: float = 30.0) -> None:
+                 channel_open_timeout_s: float = 30.0, adapter_registry: AdapterStore | None = None) -> None:
         if transport not in REPLICA_TRANSPORTS:
             raise ValueError(f"transport must be one of {REPLICA_TRANSPORTS}, got {transport!r}")
         self.handle = handle
         self.transport = transport
         self.stats_timeout_s = stats_timeout_s
         self.channel_open_timeout_s = channel_open_timeout_s
+        self.adapter_registry = adapter_registry  # the application's RayAdapterRegistry (cluster.lora_registry)
         self.router_id = f"{os.getpid()}-{uuid.uuid4().hex[:12]}"
         self._streaming = handle.options(stream=True, _by_reference=transport == "ray")
         self._submit = self._streaming.submit
