@@ -271,7 +271,7 @@ class AdminServicer:
 
     def LoadLoraAdapter(self, request, context):
         """LoRA adapters at run time, applied to every replica of the deployment (each replica's result is reported).
-        A replica started later loads only the adapters of its start-up configuration (serve --lora-modules).
+        A replica started later (scaling up, a restart) loads its start-up adapters with these changes applied.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
