@@ -636,36 +636,6 @@ def _first_line(err: BaseException) -> str:
     return line if len(line) <= 300 else line[:297] + "..."
 
 
-# ---------------------------------------------------------------------------------------------------- verification
-def engine_forward_logits(engine: Any, token_ids: list[int]) -> torch.Tensor:
-    """float32 logits [len, vocab] of one whole sequence run through `engine`'s executor (any executor: for the
-    sharded LLM's `forward_logits`). Borrows ceil(len / block_size) KV blocks per layer group from the engine's pool
-    for the one forward and gives them back; no request, no sampling, the engine's requests untouched."""
-    bs = engine.layout.block_size
-    n = len(token_ids)
-    per_group, groups = -(-n // bs), len(engine.layout.groups)
-    positions = torch.arange(n)
-    with engine._step_lock, engine._lock:
-        pool = engine.kv.pool
-        if per_group * groups > pool.num_free:
-            raise ValueError(f"{n} tokens need {per_group * groups} free KV blocks; the pool has {pool.num_free} "
-                             f"free (of {pool.num_blocks})")
-        blocks = pool.allocate(per_group * groups)
-        try:
-            tables, slots = [], []
-            for g in range(groups):
-                ids = torch.tensor([b.block_id for b in blocks[g * per_group:(g + 1) * per_group]], dtype=torch.int32)
-                tables.append(ids[None, :])
-                slots.append(ids[positions // bs].long() * bs + positions % bs)
-            plan = StepPlan(token_ids=torch.tensor(token_ids, dtype=torch.long), positions=positions,
-                            query_start_loc=torch.tensor([0, n], dtype=torch.int32),
-                            seq_lens=torch.tensor([n], dtype=torch.int32), block_tables=tables,
-                            slot_mappings=slots, logits_indices=torch.arange(n))
-            return engine.executor.forward_logits(plan)
-        finally:
-            pool.release(blocks)
-
-
 # ---------------------------------------------------------------------------------------------------- factory
 def make_executor(model_path: str | os.PathLike[str], num_shards: int = 1, dtype: str | torch.dtype = torch.bfloat16,
                   device: str = "cpu", placement_group: Any = None, placement_strategy: str = "PACK",
