@@ -459,6 +459,12 @@ class Engine:
                 self.lora.loaded(slot)
         return failed
 
+    def _wait_inflight(self) -> None:
+        """Let the step in flight, if any, finish on the executor (its tokens are processed later, as usual): before
+        the executor's LoRA slots change, or a verification forward borrows the executor."""
+        if self._inflight is not None and self._inflight.result is not None:
+            wait_futures([self._inflight.result])
+
     def _abort_unloaded(self, failed: list[tuple[Request, str]]) -> None:
         """End the requests whose adapter failed to load (`_apply_lora_work`): a stream raises LoraError with the
         reason (the replica answers with it), a submit()-ed request ends "aborted"."""
@@ -485,8 +491,7 @@ class Engine:
         per_group = -(-n // bs)
         positions = torch.arange(n)
         with self._step_lock:
-            if self._inflight is not None and self._inflight.result is not None:
-                wait_futures([self._inflight.result])  # a step that may still run on the executor
+            self._wait_inflight()
             with self._lock:
                 pool = self.kv.pool
                 if per_group * groups > pool.num_free:
@@ -654,8 +659,7 @@ class Engine:
     def _build_plan(self, sched: SchedulerOutput) -> tuple[StepPlan, list]:
         unloaded: list[tuple[Request, str]] = []
         if self.lora.has_work():  # adapters given a slot by this schedule: loaded once the step in flight is done
-            if self._inflight is not None and self._inflight.result is not None:
-                wait_futures([self._inflight.result])
+            self._wait_inflight()
             unloaded = self._apply_lora_work()
         items = sched.scheduled
         bs = self.layout.block_size

@@ -81,6 +81,12 @@ class StepPlan:
     def num_sampled(self) -> int:
         return int(self.logits_indices.shape[0])
 
+    def with_placeholders(self, tokens: torch.Tensor) -> StepPlan:
+        """This plan with its placeholder rows set: `tokens` [F] are the previous step's sampled ids, already picked
+        in `fill_from` order."""
+        token_ids = self.token_ids.index_put((self.fill_rows,), tokens.to(self.token_ids.dtype))
+        return replace(self, token_ids=token_ids, fill_rows=None, fill_from=None)
+
     def sampling_batch(self) -> SamplingBatch:
         return self.sampling if self.sampling is not None else SamplingBatch.greedy(self.num_sampled)
 
@@ -157,8 +163,7 @@ class Executor(abc.ABC):
             if plan.fill_rows is None:
                 return self.execute(plan, bitmask)
             tokens = previous.result().token_ids  # done: submitted before, on this thread
-            token_ids = plan.token_ids.index_put((plan.fill_rows,), tokens[plan.fill_from].to(plan.token_ids.dtype))
-            return self.execute(replace(plan, token_ids=token_ids, fill_rows=None, fill_from=None), bitmask)
+            return self.execute(plan.with_placeholders(tokens[plan.fill_from]), bitmask)
 
         future = self._step_thread.submit(run)
         self._last_submitted = future
@@ -277,8 +282,7 @@ class LocalExecutor(Executor):
             tokens = torch.zeros(plan.fill_from.shape[0], dtype=torch.long, device=self.device)
         if shard.world_size > 1:
             tokens = self.model.collective.all_reduce(tokens)
-        token_ids = plan.token_ids.index_put((plan.fill_rows,), tokens.to(plan.token_ids.dtype))
-        return replace(plan, token_ids=token_ids, fill_rows=None, fill_from=None)
+        return plan.with_placeholders(tokens)
 
     def forward_logits(self, plan: StepPlan) -> torch.Tensor:
         return self.run_forward(plan).cpu()
