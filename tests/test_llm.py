@@ -148,12 +148,16 @@ def test_cli_generate_offline(checkpoints, capsys, tmp_path):
     assert main(["generate", "--model", str(checkpoints["tiny-hf"]), "--prompt", "x", "--temperature", "-1"]) == 2
 
 
+# The child's own peak: VmHWM (this process image's high-water mark). Not ru_maxrss, which Linux carries over from
+# the forked parent across exec, so a large pytest process (after the transformers / PEFT tests) would show as the
+# child's peak.
 PEAK_RSS_SCRIPT = """
-import resource, sys
+import sys
 from gptoss_cluster import LLM, SamplingParams
 llm = LLM(sys.argv[1], progress=False)
 llm.generate(["Hello", "The capital of France is"], SamplingParams(temperature=0, max_tokens=16, ignore_eos=True))
-print(llm.engine.num_kv_blocks, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+hwm_kib = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+print(llm.engine.num_kv_blocks, hwm_kib * 1024)
 """
 
 
